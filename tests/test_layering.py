@@ -1,0 +1,57 @@
+"""DESIGN.md's layering: imports point downward only; only vllm_haq/vllm imports vllm."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# package -> top-level project packages (and vllm) it must not import
+FORBIDDEN = {
+    "vllm_haq/quant": {"vllm", "vllm_haq.format", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
+    "vllm_haq/format.py": {"vllm", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
+    "vllm_haq/kernels": {"vllm_haq.format", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
+    "vllm_haq/offload": {"vllm", "vllm_haq.vllm", "offline"},
+    "offline": {"vllm", "vllm_haq.vllm"},
+}
+
+
+def _imports(path):
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def _files(rel):
+    full = os.path.join(REPO, rel)
+    if full.endswith(".py"):
+        return [full]
+    return [os.path.join(dp, f) for dp, _, fs in os.walk(full) for f in fs if f.endswith(".py")]
+
+
+@pytest.mark.parametrize("rel", sorted(FORBIDDEN))
+def test_no_upward_imports(rel):
+    bad = []
+    for path in _files(rel):
+        for mod in _imports(path):
+            for forbidden in FORBIDDEN[rel]:
+                if mod == forbidden or mod.startswith(forbidden + "."):
+                    # kernels may use vLLM's compiled ops, optionally (DESIGN.md)
+                    if not (rel == "vllm_haq/kernels" and mod == "vllm._custom_ops"):
+                        bad.append(f"{os.path.relpath(path, REPO)} imports {mod}")
+    # The one sanctioned crossing: `haq eval --backend vllm` calls the adapter lazily.
+    bad = [b for b in bad if b != "offline/cli.py imports vllm_haq.vllm.evaluate"]
+    assert not bad, bad
+
+
+def test_converting_and_hf_eval_never_load_vllm():
+    code = ("import sys, offline.cli, offline.convert, offline.evaluate, vllm_haq.format, vllm_haq.quant; "
+            "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules), "
+            "[m for m in sys.modules if m.startswith('vllm')]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,0 +1,110 @@
+"""The int8 numerics (vllm_haq.quant) and the CPU kernels (vllm_haq.kernels) against float64 references."""
+
+import pytest
+import torch
+
+from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+from vllm_haq.kernels.int8_gemm import _onednn_is_exact, exact_int8_mm, torch_scaled_int8_mm
+from vllm_haq.quant import (
+    dequantize,
+    int8_matmul_reference,
+    quantize_per_token,
+    quantize_weight_per_channel,
+    w8a8_linear_reference,
+)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_weight_quantization_is_symmetric_per_channel_and_within_half_step():
+    w = torch.randn(64, 96) * torch.logspace(-2, 1, 64).unsqueeze(1)  # channels of very different ranges
+    q, s = quantize_weight_per_channel(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (64, 1)
+    assert int(q.abs().max(dim=1).values.min()) == 127  # every channel uses the full range
+    assert int(q.min()) >= -127  # symmetric: -128 never used
+    err = (dequantize(q, s) - w).abs()
+    assert bool((err <= s / 2 + 1e-7).all())  # round to nearest
+
+
+def test_zero_channel_gets_a_finite_positive_scale():
+    w = torch.randn(4, 8)
+    w[2] = 0
+    q, s = quantize_weight_per_channel(w)
+    assert bool(torch.isfinite(s).all()) and bool((s > 0).all()) and int(q[2].abs().max()) == 0
+
+
+def test_per_token_quantization_with_smoothing():
+    x = torch.randn(5, 32) * 3
+    smooth = torch.rand(32) + 0.5
+    q, s = quantize_per_token(x, smooth)
+    assert s.shape == (5, 1)
+    assert bool(((dequantize(q, s) - x / smooth).abs() <= s / 2 + 1e-6).all())
+
+
+def test_exact_int8_mm_matches_integer_math_across_k_chunks():
+    a = torch.randint(-127, 128, (7, 3000), dtype=torch.int8)
+    b = torch.randint(-127, 128, (3000, 33), dtype=torch.int8)
+    # all-extreme rows exceed 2**24 partial sums in one fp32 matmul: chunking must keep them exact
+    a[0] = 127
+    b[:, 0] = 127
+    got = exact_int8_mm(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), (a.long() @ b.long()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onednn"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_scaled_int8_gemm_backends_match_reference(backend, out_dtype):
+    if backend == "onednn" and not _onednn_is_exact():
+        pytest.skip("oneDNN int8 is inexact on this CPU (no VNNI/AMX): the backend is not selected here")
+    torch.manual_seed(0)
+    w = torch.randn(80, 200)
+    q, s = quantize_weight_per_channel(w)
+    x = torch.randn(9, 200) * 2
+    bias = torch.randn(80)
+    out = torch.full((9, 80), float("nan"))
+    out[:] = ScaledInt8Gemm(q, s, out_dtype, backend=backend)(x.to(out_dtype), bias.to(out_dtype)).float()
+    ref = w8a8_linear_reference(x.to(out_dtype).float(), q, s, bias.to(out_dtype).float())
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    assert _rel(out, ref) <= tol
+
+
+def test_reference_matmul_is_exact_integer_product_times_scales():
+    xq = torch.randint(-127, 128, (3, 50), dtype=torch.int8)
+    xq[:, 0] = 127  # so that re-quantizing dequantize(xq, xs) gives back xq exactly
+    wq = torch.randint(-127, 128, (4, 50), dtype=torch.int8)
+    xs, ws = torch.rand(3, 1) + 0.1, torch.rand(4, 1) + 0.1
+    ref = int8_matmul_reference(xq, xs, wq, ws)
+    manual = torch.tensor([[sum(int(xq[i, k]) * int(wq[j, k]) for k in range(50)) * float(xs[i]) * float(ws[j])
+                            for j in range(4)] for i in range(3)], dtype=torch.float64)
+    assert torch.allclose(ref, manual, rtol=1e-6)
+    y = torch_scaled_int8_mm(dequantize(xq, xs), wq.t(), ws, None, torch.float32)
+    assert _rel(y, ref) < 1e-5
+
+
+def test_int8_moe_forward_matches_per_token_loop_with_empty_and_ragged_experts():
+    torch.manual_seed(1)
+    e, h, inter, m, k = 6, 32, 24, 11, 2
+    w13 = [quantize_weight_per_channel(torch.randn(2 * inter, h)) for _ in range(e)]
+    w2 = [quantize_weight_per_channel(torch.randn(h, inter)) for _ in range(e)]
+    x = torch.randn(m, h)
+    ids = torch.randint(0, 4, (m, k))  # experts 4 and 5 get no tokens
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    weights = torch.softmax(torch.randn(m, k), -1)
+    g13 = [ScaledInt8Gemm(q, s, torch.float32, backend="torch") for q, s in w13]
+    g2 = [ScaledInt8Gemm(q, s, torch.float32, backend="torch") for q, s in w2]
+    got = int8_moe_forward(x, weights, ids.int(), g13, g2)
+    ref = torch.zeros(m, h, dtype=torch.float64)
+    for t in range(m):
+        for j in range(k):
+            ex = int(ids[t, j])
+            gu = w8a8_linear_reference(x[t : t + 1], *w13[ex])
+            act = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+            ref[t] += float(weights[t, j]) * w8a8_linear_reference(act, *w2[ex])[0].double()
+    assert _rel(got, ref) <= 1e-5
+    # non-resident experts with routed tokens are an error, not a silent zero
+    g13[0] = None
+    with pytest.raises(RuntimeError, match="expert 0"):
+        int8_moe_forward(x, weights, torch.zeros(m, k, dtype=torch.int32), g13, g2)

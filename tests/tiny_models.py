@@ -1,0 +1,71 @@
+"""Tiny random models of every supported family, built with transformers and saved
+as bf16 safetensors checkpoints (hidden 128, head_dim 64: vLLM's CPU attention
+needs head_dim 64), plus a tiny byte-level BPE tokenizer so servers can run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+VOCAB = 512
+FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A model converts weights to int8 and "
+    "serves them. Experts are routed by a gate; some are hot, some are cold. "
+) * 20
+
+
+def _config(family: str):
+    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, max_position_embeddings=512,
+                  num_hidden_layers=2, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if family == "opt":
+        return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
+    if family == "llama":
+        return LlamaConfig(intermediate_size=256, num_key_value_heads=1, tie_word_embeddings=False, **common)
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=192, num_key_value_heads=1, num_local_experts=8,
+                             num_experts_per_tok=2, tie_word_embeddings=False, **common)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(intermediate_size=256, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                              num_key_value_heads=1, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
+                              tie_word_embeddings=False, **common)
+    raise ValueError(family)
+
+
+def build_tokenizer(out_dir: str) -> None:
+    """A small byte-level BPE tokenizer trained on CORPUS, saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 16, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+
+
+def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
+    """Random-initialized bf16 checkpoint of ``family`` in ``out_dir`` (returned)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _config(family)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Larger-than-init weights give logits with real spread (random init is near-uniform).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    build_tokenizer(out_dir)
+    assert os.path.exists(os.path.join(out_dir, "config.json"))
+    return out_dir

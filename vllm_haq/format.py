@@ -1,0 +1,404 @@
+"""HAQ checkpoint format, version 1: schema, names and validation.
+
+A HAQ checkpoint is an ordinary Hugging Face model directory whose
+``config.json`` carries ``quantization_config = {"quant_method": "haq",
+"format_version": 1, ...}``. Per quantized linear (or expert projection) ``P``:
+
+* ``P.weight``        int8    [out, in]
+* ``P.weight_scale``  float32 [out, 1]   (per output channel, > 0, finite)
+* ``P.input_smooth``  float32 [in]       optional: activations are divided by it
+                                          before per-token quantization
+* ``P.bias``          unchanged (model dtype)
+
+Routing statistics of MoE models live in ``haq_routing.safetensors``:
+``expert_counts`` int64 [L, E], ``transition_counts`` int64 [L-1, E, E]
+(routes of a token at MoE layer l → its routes at MoE layer l+1) and
+``layer_indices`` int64 [L] (decoder-layer index of each MoE layer); the file's
+metadata key ``haq_routing`` holds JSON ``{"tokens": N, "corpus": [...]}``.
+
+Everything a loader must reject is checked here, with errors that name the
+file and tensor, because vLLM's own loaders copy tensors without checking
+dtypes (a bf16 tensor is silently truncated into an int8 parameter).
+"""
+
+from __future__ import annotations
+
+import json
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+QUANT_METHOD = "haq"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+ROUTING_FILE = "haq_routing.safetensors"
+ROUTING_METADATA_KEY = "haq_routing"  # safetensors metadata: JSON {"tokens": int, "corpus": [names]}
+CONFIG_FILE = "config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+WEIGHT = "weight"
+WEIGHT_SCALE = "weight_scale"
+INPUT_SMOOTH = "input_smooth"
+
+WEIGHT_DTYPE = torch.int8
+SCALE_DTYPE = torch.float32
+
+# compressed-tensors' QuantizationArgs vocabulary for the two schemes.
+WEIGHT_SCHEME = {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "strategy": "channel",
+    "dynamic": False,
+}
+ACTIVATION_SCHEME = {
+    "num_bits": 8,
+    "type": "int",
+    "symmetric": True,
+    "strategy": "token",
+    "dynamic": True,
+}
+
+# Modules kept in the model dtype unless the user says otherwise: embeddings,
+# the LM head, MoE routers (and Qwen2-MoE's shared-expert gate). Patterns use
+# compressed-tensors' syntax: a plain name matches a module-name suffix,
+# "re:" prefixes a regular expression matched against the full module name.
+DEFAULT_IGNORE = [
+    "lm_head",
+    "re:.*embed_tokens$",
+    "re:.*embed_positions$",
+    "re:.*block_sparse_moe\\.gate$",
+    "re:.*mlp\\.gate$",
+    "re:.*shared_expert_gate$",
+]
+
+
+class CheckpointError(ValueError):
+    """A HAQ checkpoint (or its config) is malformed; the message names what and where."""
+
+
+@dataclass
+class HAQQuantConfig:
+    """Parsed and validated ``quantization_config`` of a HAQ checkpoint."""
+
+    format_version: int = FORMAT_VERSION
+    weights: dict = field(default_factory=lambda: dict(WEIGHT_SCHEME))
+    input_activations: dict = field(default_factory=lambda: dict(ACTIVATION_SCHEME))
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    smoothing: dict = field(default_factory=dict)
+    routing_statistics: str | None = None
+    producer: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": dict(self.weights),
+                    "input_activations": dict(self.input_activations),
+                }
+            },
+            "ignore": list(self.ignore),
+            "smoothing": dict(self.smoothing),
+            "routing_statistics": self.routing_statistics,
+            "producer": dict(self.producer),
+        }
+
+    def is_ignored(self, module_name: str) -> bool:
+        return is_ignored(module_name, self.ignore)
+
+
+def is_ignored(module_name: str, patterns: Iterable[str]) -> bool:
+    """True if ``module_name`` matches one of compressed-tensors-style ``patterns``."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.match(pat[3:], module_name):
+                return True
+        elif module_name == pat or module_name.endswith("." + pat):
+            return True
+    return False
+
+
+def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> HAQQuantConfig:
+    """Validate a ``quantization_config`` dict; raise CheckpointError naming ``source``."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    method = cfg.get("quant_method")
+    if method != QUANT_METHOD:
+        raise CheckpointError(f"{source}: quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    version = cfg.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"{source}: unknown format_version {version!r}; this vllm-haq reads "
+            f"{list(SUPPORTED_FORMAT_VERSIONS)} (upgrade vllm-haq or re-convert the model)"
+        )
+    groups = cfg.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise CheckpointError(f"{source}: config_groups must hold exactly one group, got {groups!r}")
+    (group,) = groups.values()
+    weights = group.get("weights") or {}
+    acts = group.get("input_activations") or {}
+    for name, got, want in (("weights", weights, WEIGHT_SCHEME), ("input_activations", acts, ACTIVATION_SCHEME)):
+        for key, value in want.items():
+            if got.get(key) != value:
+                raise CheckpointError(
+                    f"{source}: config_groups.{name}.{key} is {got.get(key)!r}; "
+                    f"HAQ format v1 supports only {value!r}"
+                )
+    ignore = cfg.get("ignore", list(DEFAULT_IGNORE))
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise CheckpointError(f"{source}: ignore must be a list of strings, got {ignore!r}")
+    for pat in ignore:
+        if pat.startswith("re:"):
+            try:
+                re.compile(pat[3:])
+            except re.error as exc:
+                raise CheckpointError(f"{source}: ignore pattern {pat!r} is not a valid regex: {exc}")
+    routing = cfg.get("routing_statistics")
+    if routing is not None and not isinstance(routing, str):
+        raise CheckpointError(f"{source}: routing_statistics must be a file name or null, got {routing!r}")
+    return HAQQuantConfig(
+        format_version=version,
+        weights=dict(weights),
+        input_activations=dict(acts),
+        ignore=list(ignore),
+        smoothing=dict(cfg.get("smoothing") or {}),
+        routing_statistics=routing,
+        producer=dict(cfg.get("producer") or {}),
+    )
+
+
+# --------------------------------------------------------------------------- model facts
+
+
+def moe_layout(hf_config: dict) -> tuple[list[int], int] | None:
+    """(decoder-layer indices that are MoE layers, experts per layer), or None for dense models."""
+    n_layers = int(hf_config.get("num_hidden_layers", 0))
+    if "num_local_experts" in hf_config:  # Mixtral
+        return list(range(n_layers)), int(hf_config["num_local_experts"])
+    if hf_config.get("num_experts"):  # Qwen2-MoE family
+        step = int(hf_config.get("decoder_sparse_step", 1) or 1)
+        dense = set(hf_config.get("mlp_only_layers") or [])
+        layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
+        return layers, int(hf_config["num_experts"])
+    return None
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _shard_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, SAFETENSORS_INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index}: unreadable safetensors index ({exc})") from exc
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.exists(os.path.join(model_dir, name)):
+                holders = [t for t, f in weight_map.items() if f == name][:3]
+                raise CheckpointError(
+                    f"{index}: shard {name!r} (holding e.g. {holders}) does not exist in {model_dir}"
+                )
+        return files
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f != ROUTING_FILE)
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight files")
+    return files
+
+
+def read_tensor_headers(model_dir: str) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
+    """name → (file, dtype, shape) for every tensor of the checkpoint, reading headers only."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+    for fname in _shard_files(model_dir):
+        path = os.path.join(model_dir, fname)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                    if name in out:
+                        raise CheckpointError(f"{path}: tensor {name!r} also stored in {out[name][0]}")
+                    out[name] = (fname, dtype, tuple(sl.get_shape()))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        _check_file_size(path)
+    return out
+
+
+def _check_file_size(path: str) -> None:
+    """Catch truncated shards, which safe_open maps lazily and would fail only on read."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: file is {size} bytes but its header describes {8 + n + end} (truncated or padded)")
+
+
+_ST_DTYPES = {
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def load_tensor(model_dir: str, headers: dict, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, headers[name][0]), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def check_scale_values(scale: torch.Tensor, where: str) -> None:
+    """Scales must be finite and > 0: a zero or NaN scale silently zeroes or poisons a layer."""
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        raise CheckpointError(
+            f"{where}: {int(bad.sum())} of {scale.numel()} scales are non-finite or <= 0 "
+            f"(first at flat index {idx}: {float(scale.flatten()[idx])})"
+        )
+
+
+def validate_tensors(model_dir: str, qcfg: HAQQuantConfig, headers: dict | None = None) -> dict:
+    """Check every quantized tensor group of the checkpoint; return the headers."""
+    headers = read_tensor_headers(model_dir) if headers is None else headers
+
+    def where(name: str) -> str:
+        return f"{os.path.join(model_dir, headers[name][0])}: tensor {name!r}"
+
+    for name, (_, dtype, shape) in headers.items():
+        if name.endswith("." + WEIGHT_SCALE):
+            module = name[: -len(WEIGHT_SCALE) - 1]
+            wname = f"{module}.{WEIGHT}"
+            if wname not in headers:
+                raise CheckpointError(f"{where(name)} has no matching {wname!r}")
+            if dtype != SCALE_DTYPE:
+                raise CheckpointError(f"{where(name)} has dtype {dtype}, expected {SCALE_DTYPE}")
+            out = headers[wname][2][0] if headers[wname][2] else None
+            if shape != (out, 1):
+                raise CheckpointError(f"{where(name)} has shape {list(shape)}, expected [{out}, 1]")
+            check_scale_values(load_tensor(model_dir, headers, name), where(name))
+        elif name.endswith("." + INPUT_SMOOTH):
+            module = name[: -len(INPUT_SMOOTH) - 1]
+            wname = f"{module}.{WEIGHT}"
+            if wname not in headers or headers[wname][1] != WEIGHT_DTYPE:
+                raise CheckpointError(f"{where(name)} belongs to no int8 weight {wname!r}")
+            if dtype != SCALE_DTYPE or shape != (headers[wname][2][1],):
+                raise CheckpointError(
+                    f"{where(name)} is {dtype} {list(shape)}, expected {SCALE_DTYPE} [{headers[wname][2][1]}]"
+                )
+            check_scale_values(load_tensor(model_dir, headers, name), where(name))
+        elif name.endswith("." + WEIGHT):
+            module = name[: -len(WEIGHT) - 1]
+            has_scale = f"{module}.{WEIGHT_SCALE}" in headers
+            if dtype == WEIGHT_DTYPE:
+                if not has_scale:
+                    raise CheckpointError(f"{where(name)} is int8 but {module}.{WEIGHT_SCALE!s} is missing")
+                if len(shape) != 2:
+                    raise CheckpointError(f"{where(name)} has shape {list(shape)}, expected 2-D [out, in]")
+            elif has_scale:
+                raise CheckpointError(f"{where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE} (it has a weight_scale)")
+            elif _looks_quantizable(module) and not qcfg.is_ignored(module) and len(shape) == 2:
+                raise CheckpointError(
+                    f"{where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE}: the module is not in "
+                    f"quantization_config.ignore, so the runtime would read it as int8"
+                )
+    return headers
+
+
+# Linear modules of the supported families; anything else (norms, embeddings) is never quantized.
+_LINEAR_NAME = re.compile(
+    r".*\.(q_proj|k_proj|v_proj|o_proj|out_proj|qkv_proj|gate_proj|up_proj|down_proj|fc1|fc2|w1|w2|w3|"
+    r"gate_up_proj)$"
+)
+
+
+def _looks_quantizable(module: str) -> bool:
+    return bool(_LINEAR_NAME.match(module))
+
+
+def validate_routing_stats(path: str, hf_config: dict) -> dict[str, torch.Tensor]:
+    """Load ``haq_routing.safetensors`` and check it against the model's MoE layout."""
+    from safetensors.torch import load_file
+
+    layout = moe_layout(hf_config)
+    if layout is None:
+        raise CheckpointError(f"{path}: routing statistics given for a dense model (no experts in config.json)")
+    layers, n_exp = layout
+    try:
+        stats = load_file(path)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    n_moe = len(layers)
+    want = {
+        "expert_counts": (n_moe, n_exp),
+        "transition_counts": (max(n_moe - 1, 0), n_exp, n_exp),
+        "layer_indices": (n_moe,),
+    }
+    for key, shape in want.items():
+        if key not in stats:
+            raise CheckpointError(f"{path}: tensor {key!r} is missing")
+        t = stats[key]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {list(t.shape)}, but the model has {n_moe} MoE layers "
+                f"of {n_exp} experts, so expected {list(shape)}"
+            )
+        if t.dtype != torch.int64:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected torch.int64")
+        if bool((t < 0).any()):
+            raise CheckpointError(f"{path}: tensor {key!r} has negative counts")
+    if stats["layer_indices"].tolist() != layers:
+        raise CheckpointError(
+            f"{path}: layer_indices {stats['layer_indices'].tolist()} do not match the model's MoE layers {layers}"
+        )
+    return stats
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def validate_checkpoint(model_dir: str) -> HAQQuantConfig:
+    """Full structural check of a HAQ checkpoint directory (headers, scale values, routing stats)."""
+    config = read_config(model_dir)
+    if "quantization_config" not in config:
+        raise CheckpointError(f"{os.path.join(model_dir, CONFIG_FILE)}: no quantization_config (not a HAQ checkpoint)")
+    qcfg = parse_quantization_config(
+        config["quantization_config"], f"{os.path.join(model_dir, CONFIG_FILE)}: quantization_config"
+    )
+    validate_tensors(model_dir, qcfg)
+    if qcfg.routing_statistics:
+        path = os.path.join(model_dir, qcfg.routing_statistics)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: routing statistics named in config.json are missing")
+        validate_routing_stats(path, config)
+    return qcfg
+
+

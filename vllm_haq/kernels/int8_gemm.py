@@ -1,0 +1,155 @@
+"""Scaled int8 GEMM with dynamic per-token activation quantization, per backend.
+
+``y = (q(x) @ W_q^T) * x_scale * w_scale + bias`` where ``q`` is the per-token
+symmetric int8 quantization of ``x`` (optionally divided by a smoothing vector
+first) — the arithmetic defined in :mod:`vllm_haq.quant`.
+
+Backends (chosen in one place, :func:`select_backend`):
+
+* ``onednn``  — CPU, vLLM's oneDNN int8 ops (prepacked weights; what vLLM's own
+  W8A8 uses on CPU). Used only where a start-up self-check finds it exact:
+  on CPUs without VNNI/AMX (AVX2 only) oneDNN's int8 path saturates its int16
+  intermediates and was measured 14–23% off on full-range int8 data.
+* ``cutlass`` — CUDA, vLLM's CUTLASS ``cutlass_scaled_mm`` + ``scaled_int8_quant``.
+* ``torch``   — exact int32 products without vLLM: ``torch._int_mm`` on CUDA; on
+  CPU (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
+  integers via float32 BLAS in K-chunks of 1024, each chunk exact because
+  1024 * 127**2 < 2**24. Weights stay int8 in memory either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from vllm_haq.quant import quantize_per_token
+
+log = logging.getLogger("vllm_haq.kernels")
+
+BACKENDS = ("onednn", "cutlass", "torch")
+_ENV_BACKEND = "HAQ_INT8_BACKEND"
+
+
+def _vllm_ops():
+    try:
+        import vllm._custom_ops as ops  # noqa: PLC0415 (optional dependency)
+
+        return ops
+    except Exception:  # vLLM absent or built without its C extension
+        return None
+
+
+def select_backend(device: torch.device | str, requested: str | None = None) -> str:
+    """The int8 GEMM backend for ``device``: ``requested``, ``$HAQ_INT8_BACKEND``, or the best available."""
+    device = torch.device(device)
+    requested = requested or os.environ.get(_ENV_BACKEND) or "auto"
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"{_ENV_BACKEND}/backend {requested!r} is not one of {BACKENDS + ('auto',)}")
+        return requested
+    ops = _vllm_ops()
+    if device.type == "cpu" and ops is not None and hasattr(ops, "create_onednn_scaled_mm"):
+        if _onednn_is_exact():
+            return "onednn"
+        log.info("vllm-haq: oneDNN int8 GEMM is inexact on this CPU (no VNNI); using exact fp32-BLAS int8 GEMM")
+        return "torch"
+    if device.type == "cuda" and ops is not None and hasattr(ops, "cutlass_scaled_mm"):
+        return "cutlass"
+    log.warning("vllm-haq: no vLLM int8 ops for %s; using torch._int_mm (slow on CPU)", device)
+    return "torch"
+
+
+_ONEDNN_EXACT: bool | None = None
+
+
+def _onednn_is_exact() -> bool:
+    """Run one full-range int8 GEMM through oneDNN and compare it with exact integer math (cached)."""
+    global _ONEDNN_EXACT
+    if _ONEDNN_EXACT is None:
+        ops = _vllm_ops()
+        try:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randint(-127, 128, (64, 512), generator=gen, dtype=torch.int8)
+            x = torch.randint(-127, 128, (16, 512), generator=gen).float()
+            x[:, 0] = 127.0  # pin each row's amax so quantization is the identity
+            handler = ops.create_onednn_scaled_mm(w.t(), torch.ones(64, 1), torch.float32, True, False, 32)
+            x_q, x_s, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+            out = torch.empty(16, 64)
+            ops.onednn_scaled_mm(handler, x_q, out, x_s, None, None, None)
+            exact = (x_q.double() @ w.double().t()) * x_s.double()
+            _ONEDNN_EXACT = bool(torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-3))
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+            log.info("vllm-haq: oneDNN int8 self-check failed (%s)", exc)
+            _ONEDNN_EXACT = False
+    return _ONEDNN_EXACT
+
+
+class ScaledInt8Gemm:
+    """One prepared int8 weight matrix ``w_q`` [N, K] with scales [N, 1], callable on activations."""
+
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                 smooth: torch.Tensor | None = None, backend: str | None = None):
+        if w_q.dtype != torch.int8 or w_q.dim() != 2:
+            raise ValueError(f"expected int8 [N, K] weight, got {w_q.dtype} {tuple(w_q.shape)}")
+        self.n, self.k = w_q.shape
+        self.out_dtype = out_dtype
+        self.smooth = None if smooth is None else smooth.float()
+        self.w_scale = w_scale.float().reshape(self.n, 1).contiguous()
+        self.backend = select_backend(w_q.device, backend)
+        ops = _vllm_ops()
+        if self.backend == "onednn":
+            # oneDNN prepacks the weight: the handler owns it, w_q can be freed by the caller.
+            self._ops = ops
+            self._handler = ops.create_onednn_scaled_mm(w_q.t(), self.w_scale, out_dtype, True, False, 32)
+        elif self.backend == "cutlass":
+            self._ops = ops
+            self.w_t = w_q.t()  # column-major [K, N] as CUTLASS expects
+        else:
+            self.w_t = w_q.t().contiguous()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.smooth is not None:
+            x = x.float() / self.smooth
+        if self.backend == "onednn":
+            x_q, x_s, _ = self._ops.onednn_scaled_int8_quant(x, None, None, True)
+            out = torch.empty((x.shape[0], self.n), dtype=self.out_dtype, device=x.device)
+            self._ops.onednn_scaled_mm(self._handler, x_q, out, x_s, None, None, bias)
+        elif self.backend == "cutlass":
+            x_q, x_s, _ = self._ops.scaled_int8_quant(x.contiguous())
+            out = self._ops.cutlass_scaled_mm(x_q, self.w_t, scale_a=x_s, scale_b=self.w_scale,
+                                              out_dtype=self.out_dtype, bias=bias)
+        else:
+            out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype)
+        return out.reshape(*shape[:-1], self.n)
+
+
+def torch_scaled_int8_mm(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-token quantize ``x`` [M, K], exact int32 ``torch._int_mm`` with ``w_t`` [K, N], scale, bias."""
+    x_q, x_s = quantize_per_token(x)
+    y = exact_int8_mm(x_q, w_t).float() * x_s * w_scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+_EXACT_K_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: every fp32 partial sum is an exact integer
+
+
+def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA."""
+    m = x_q.shape[0]
+    if x_q.is_cuda:
+        if m <= 16:  # cuBLASLt int8 needs M > 16
+            x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - m))
+        return torch._int_mm(x_q, w_t)[:m]
+    k = x_q.shape[1]
+    acc = None
+    for k0 in range(0, k, _EXACT_K_CHUNK):
+        part = (x_q[:, k0 : k0 + _EXACT_K_CHUNK].float() @ w_t[k0 : k0 + _EXACT_K_CHUNK].float()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc

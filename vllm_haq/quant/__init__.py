@@ -1,0 +1,23 @@
+"""Numerics shared by the converter and the runtime (imports torch only)."""
+
+from vllm_haq.quant.int8 import (
+    INT8_MAX,
+    dequantize,
+    int8_matmul_reference,
+    quantize_per_token,
+    quantize_weight_per_channel,
+    quantize_with_scale,
+    w8a8_linear_reference,
+    weight_scale_from_amax,
+)
+
+__all__ = [
+    "INT8_MAX",
+    "dequantize",
+    "int8_matmul_reference",
+    "quantize_per_token",
+    "quantize_weight_per_channel",
+    "quantize_with_scale",
+    "w8a8_linear_reference",
+    "weight_scale_from_amax",
+]

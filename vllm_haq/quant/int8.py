@@ -1,0 +1,98 @@
+"""Symmetric int8 quantization: the one definition of HAQ's W8A8 arithmetic.
+
+Both the offline converter and the runtime import these functions, so a
+checkpoint is produced and consumed with exactly the same conventions:
+
+* weights: int8, symmetric, one float32 scale per output channel,
+  ``w ≈ weight.float() * weight_scale`` with ``weight_scale`` of shape [out, 1];
+* activations: int8, symmetric, dynamic, one float32 scale per token
+  (row), computed at run time from the row's absolute maximum;
+* products: int8 × int8 accumulated exactly in int32, then scaled by
+  ``act_scale[m] * weight_scale[n]`` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127
+# A zero row (or channel) would give scale 0 and 0/0 = NaN; clamp the amax.
+_MIN_AMAX = 1e-8
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int8 quantization of ``weight`` [out, in] per output channel.
+
+    Returns ``(qweight int8 [out, in], scale float32 [out, 1])``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    w = weight.float()
+    scale = weight_scale_from_amax(w.abs().amax(dim=1, keepdim=True))
+    return quantize_with_scale(w, scale), scale
+
+
+def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """float32 symmetric scale that maps ``amax`` to 127."""
+    return (amax.float().clamp(min=_MIN_AMAX) / INT8_MAX).to(torch.float32)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round(x / scale)`` clamped to [-127, 127] as int8 (round half to even, like torch.round)."""
+    return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values represented by an int8 tensor and its broadcastable scale."""
+    return qweight.float() * scale.float()
+
+
+def quantize_per_token(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token int8 quantization of activations ``x`` [..., in].
+
+    ``smooth`` (float32 [in]), when given, divides the activations channel-wise
+    before quantization (the explicit ``input_smooth`` of a checkpoint: the
+    matching weight columns were multiplied by it).
+    Returns ``(q int8 [..., in], scale float32 [..., 1])``.
+    """
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth
+    scale = weight_scale_from_amax(xf.abs().amax(dim=-1, keepdim=True))
+    return quantize_with_scale(xf, scale), scale
+
+
+def int8_matmul_reference(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """Reference W8A8 product in float64: exact integer dot products, then both scales.
+
+    ``x_q`` int8 [M, K], ``x_scale`` [M, 1], ``w_q`` int8 [N, K], ``w_scale`` [N, 1].
+    Integer sums of int8 products with K < 2**37 are exact in float64.
+    """
+    acc = x_q.double() @ w_q.double().t()
+    return acc * x_scale.double() * w_scale.double().t()
+
+
+def w8a8_linear_reference(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 output of a W8A8 linear layer computed the way the runtime does.
+
+    int32-exact accumulation via float64, then scales, then bias. This is the
+    pure-PyTorch path the converter uses to run quantized layers and tests use
+    as the reference for the served model.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x_q, x_s = quantize_per_token(x2, smooth)
+    y = int8_matmul_reference(x_q, x_s, w_q, w_scale).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], w_q.shape[0])

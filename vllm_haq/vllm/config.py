@@ -1,0 +1,99 @@
+"""``HAQConfig``: the ``haq`` quantization method as vLLM sees it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from vllm_haq.format import QUANT_METHOD, CheckpointError, HAQQuantConfig, parse_quantization_config, validate_checkpoint
+
+log = logging.getLogger("vllm_haq")
+
+
+@register_quantization_config(QUANT_METHOD)
+class HAQConfig(QuantizationConfig):
+    """W8A8 int8 (per-channel weights, dynamic per-token activations) from a HAQ checkpoint."""
+
+    def __init__(self, qcfg: HAQQuantConfig):
+        super().__init__()
+        self.qcfg = qcfg
+
+    def __repr__(self) -> str:
+        return f"HAQConfig(format_version={self.qcfg.format_version}, ignore={self.qcfg.ignore})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # int8 tensor cores (Turing and newer)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "HAQConfig":
+        if not config:
+            raise CheckpointError(
+                "quantization='haq' needs a HAQ checkpoint: this model's config.json has no "
+                "quantization_config. Convert it first: haq convert MODEL_DIR OUT_DIR"
+            )
+        return cls(parse_quantization_config(config, "config.json: quantization_config"))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        if user_quant == QUANT_METHOD and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
+            return QUANT_METHOD
+        return None
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Validate the whole checkpoint once, before any weight is loaded into the model."""
+        import os
+
+        if os.path.isdir(model_name):
+            validate_checkpoint(model_name)
+        else:
+            log.warning("vllm-haq: %s is not a local directory; skipping checkpoint validation", model_name)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm_haq.vllm.linear import HAQLinearMethod
+        from vllm_haq.vllm.moe import HAQMoEMethod
+
+        if isinstance(layer, LinearBase):
+            if self._skipped(prefix):
+                return UnquantizedLinearMethod()
+            return HAQLinearMethod(self, prefix)
+        if isinstance(layer, RoutedExperts):
+            return HAQMoEMethod(self, layer.moe_config, prefix)
+        return None
+
+    def _skipped(self, prefix: str) -> bool:
+        """True if the module (or, for fused modules, its checkpoint shards) is in ``ignore``."""
+        shards = self._checkpoint_names(prefix)
+        skipped = [self.qcfg.is_ignored(s) for s in shards]
+        if any(skipped) and not all(skipped):
+            raise CheckpointError(
+                f"quantization_config.ignore covers only some of {shards}, which vLLM fuses into one "
+                f"layer {prefix!r}; ignore all of them or none"
+            )
+        return all(skipped)
+
+    def _checkpoint_names(self, prefix: str) -> list[str]:
+        last = prefix.rsplit(".", 1)[-1]
+        parts = self.packed_modules_mapping.get(last)
+        if not parts:
+            return [prefix]
+        base = prefix[: -len(last)]
+        return [base + p for p in parts]

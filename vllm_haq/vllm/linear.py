@@ -1,0 +1,74 @@
+"""W8A8 linear method: int8 weights, per-channel scales, dynamic per-token int8 activations."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
+
+from vllm_haq.format import SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values
+from vllm_haq.kernels import ScaledInt8Gemm
+
+
+def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype, width: int | None) -> Callable:
+    """Wrap a vLLM weight loader with the checks vLLM's loaders skip.
+
+    vLLM copies tensors into parameters without checking dtypes, so a bf16 weight
+    would be silently truncated into int8; scales are checked for finite, > 0 values.
+    ``width`` is the expected size of the last (input) dimension, when known.
+    """
+
+    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+        shard = f" (shard {args[0]!r})" if args and args[0] is not None else ""
+        what = f"{where}.{name}{shard}"
+        if loaded_weight.dtype != dtype:
+            raise CheckpointError(f"checkpoint tensor for {what} has dtype {loaded_weight.dtype}, expected {dtype}")
+        if width is not None and (loaded_weight.dim() < 2 or loaded_weight.shape[-1] != width):
+            raise CheckpointError(
+                f"checkpoint tensor for {what} has shape {list(loaded_weight.shape)}, expected [*, {width}]"
+            )
+        if dtype == SCALE_DTYPE:
+            check_scale_values(loaded_weight, f"checkpoint tensor for {what}")
+        return inner(param, loaded_weight, *args, **kwargs)
+
+    return load
+
+
+@register_weight_loader_v2_supported_method
+class HAQLinearMethod(LinearMethodBase):
+    """Linear layer of a HAQ checkpoint (``weight`` int8 [N, K], ``weight_scale`` float32 [N, 1])."""
+
+    def __init__(self, quant_config, prefix: str):
+        self.quant_config = quant_config
+        self.prefix = prefix
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        loader = extra_weight_attrs["weight_loader"]
+        layer.logical_widths = output_partition_sizes
+        n = sum(output_partition_sizes)
+        weight = ModelWeightParameter(
+            data=torch.empty(n, input_size_per_partition, dtype=WEIGHT_DTYPE),
+            input_dim=1, output_dim=0,
+            weight_loader=checked_loader(loader, self.prefix, "weight", WEIGHT_DTYPE, input_size),
+        )
+        scale = ChannelQuantScaleParameter(
+            data=torch.empty(n, 1, dtype=SCALE_DTYPE),
+            output_dim=0,
+            weight_loader=checked_loader(loader, self.prefix, "weight_scale", SCALE_DTYPE, 1),
+        )
+        layer.register_parameter("weight", weight)
+        layer.register_parameter("weight_scale", scale)
+        layer.haq_out_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Plain Parameters from here on: the vLLM parameter subclasses only matter for loading.
+        layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
+        layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
+        self.gemm = ScaledInt8Gemm(layer.weight.data, layer.weight_scale.data, layer.haq_out_dtype)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.gemm(x, bias)

@@ -1,0 +1,89 @@
+"""W8A8 int8 fused-MoE method (all experts resident; offloading plugs in here later)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_haq.format import SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values
+from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+
+# Layer key → method, so the opaque custom op can find its layer. The op hides the
+# data-dependent expert loop from torch.compile (which traces into `apply` on CPU).
+_LAYERS: dict[str, "HAQMoEMethod"] = {}
+_ids = itertools.count()
+
+
+def _haq_moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return _LAYERS[layer_key].forward(x, topk_weights, topk_ids)
+
+
+def _haq_moe_forward_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+direct_register_custom_op("haq_moe_forward", _haq_moe_forward, mutates_args=[], fake_impl=_haq_moe_forward_fake)
+
+
+def _checked_moe_loader(inner, where: str, name: str, dtype: torch.dtype):
+    """vLLM's expert loader with dtype and scale-value checks (it truncates bf16 into int8 silently)."""
+
+    def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        what = f"{where}: checkpoint tensor {weight_name!r} (expert {expert_id}, {shard_id}) for {name}"
+        if loaded_weight.dtype != dtype:
+            raise CheckpointError(f"{what} has dtype {loaded_weight.dtype}, expected {dtype}")
+        if dtype == SCALE_DTYPE:
+            check_scale_values(loaded_weight, what)
+        return inner(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+
+    return load
+
+
+class HAQMoEMethod(FusedMoEMethodBase):
+    """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales."""
+
+    def __init__(self, quant_config, moe, prefix: str):
+        super().__init__(moe)
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.layer_key = f"{prefix}#{next(_ids)}"
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        loader = extra_weight_attrs.pop("weight_loader")
+        inter = intermediate_size_per_partition
+        shapes = {
+            "w13_weight": ((num_experts, 2 * inter, hidden_size), WEIGHT_DTYPE),
+            "w2_weight": ((num_experts, hidden_size, inter), WEIGHT_DTYPE),
+            "w13_weight_scale": ((num_experts, 2 * inter, 1), SCALE_DTYPE),
+            "w2_weight_scale": ((num_experts, hidden_size, 1), SCALE_DTYPE),
+        }
+        for name, (shape, dtype) in shapes.items():
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            layer.register_parameter(name, param)
+            attrs = {"weight_loader": _checked_moe_loader(loader, self.prefix, name, dtype)}
+            if dtype == SCALE_DTYPE:
+                attrs["quant_method"] = "channel"
+            set_weight_attrs(param, attrs)
+        self.out_dtype = params_dtype
+
+    def get_fused_moe_quant_config(self, layer):
+        return None  # not a vLLM modular kernel
+
+    def process_weights_after_loading(self, layer) -> None:
+        e = layer.w13_weight.shape[0]
+        self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype)
+                    for i in range(e)]
+        self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype)
+                   for i in range(e)]
+        _LAYERS[self.layer_key] = self
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2).to(x.dtype)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        return torch.ops.vllm.haq_moe_forward(x, topk_weights, topk_ids, self.layer_key)
