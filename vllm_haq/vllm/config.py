@@ -15,13 +15,20 @@ from vllm_haq.format import QUANT_METHOD, CheckpointError, HAQQuantConfig, parse
 
 log = logging.getLogger("vllm_haq")
 
+_NOT_A_HAQ_CHECKPOINT = (
+    "quantization='haq' needs a HAQ checkpoint: this model's config.json has no quantization_config. "
+    "Convert it first: haq convert MODEL_DIR OUT_DIR"
+)
+
 
 @register_quantization_config(QUANT_METHOD)
 class HAQConfig(QuantizationConfig):
     """W8A8 int8 (per-channel weights, dynamic per-token activations) from a HAQ checkpoint."""
 
-    def __init__(self, qcfg: HAQQuantConfig):
+    def __init__(self, qcfg: HAQQuantConfig | None = None):
         super().__init__()
+        if qcfg is None:  # vLLM builds the class without arguments when config.json has no quantization_config
+            raise CheckpointError(_NOT_A_HAQ_CHECKPOINT)
         self.qcfg = qcfg
 
     def __repr__(self) -> str:
@@ -46,10 +53,7 @@ class HAQConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HAQConfig":
         if not config:
-            raise CheckpointError(
-                "quantization='haq' needs a HAQ checkpoint: this model's config.json has no "
-                "quantization_config. Convert it first: haq convert MODEL_DIR OUT_DIR"
-            )
+            raise CheckpointError(_NOT_A_HAQ_CHECKPOINT)
         return cls(parse_quantization_config(config, "config.json: quantization_config"))
 
     @classmethod
