@@ -79,41 +79,139 @@ class LayerReport:
 
 
 def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None) -> list[LayerReport]:
-    """Convert ``model_dir`` into a HAQ checkpoint at ``out_dir``; returns per-layer reports."""
-    if opts.method not in METHODS:
-        raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
-    config = _read_json(os.path.join(model_dir, "config.json"), "model config")
-    if "quantization_config" in config:
-        raise ConvertError(f"{model_dir}/config.json: the model is already quantized "
-                           f"({config['quantization_config'].get('quant_method')!r}); convert the original model")
-    spec = spec_for(config, os.path.join(model_dir, "config.json"))
-    src = SafetensorsCheckpoint(model_dir)
-    out_dir = os.path.abspath(out_dir.rstrip("/"))
-    if os.path.exists(out_dir):
-        if not opts.overwrite:
-            raise ConvertError(f"{out_dir} already exists; pass --overwrite to replace it")
-    work = out_dir + ".partial"
-    fingerprint = _fingerprint(model_dir, opts)
+    """Convert ``model_dir`` into a HAQ checkpoint at ``out_dir``; returns per-layer reports.
 
-    moe_layers = [i for i in range(spec.num_layers) if spec.is_moe_layer(i)]
-    want_stats = bool(moe_layers) and opts.routing_stats
-    need_calib = want_stats  # RTN needs activations only for routing statistics
-    if need_calib and not opts.calib:
-        raise ConvertError(
-            "this is an MoE model: routing statistics need calibration text. Pass --calib FILE.txt "
-            "(or wikitext2/c4/pile with network access), or --no-routing-stats"
+    ``progress(report, num_layers)`` is called after each layer is committed.
+    """
+    return _Conversion(model_dir, out_dir, opts).run(progress)
+
+
+class _Conversion:
+    """State of one conversion: source, work directory, calibration activations, routing statistics."""
+
+    def __init__(self, model_dir: str, out_dir: str, opts: ConvertOptions):
+        if opts.method not in METHODS:
+            raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
+        self.model_dir, self.opts = model_dir, opts
+        self.config = _read_json(os.path.join(model_dir, "config.json"), "model config")
+        if "quantization_config" in self.config:
+            raise ConvertError(
+                f"{model_dir}/config.json: the model is already quantized "
+                f"({self.config['quantization_config'].get('quant_method')!r}); convert the original model"
+            )
+        self.spec = spec_for(self.config, os.path.join(model_dir, "config.json"))
+        self.src = SafetensorsCheckpoint(model_dir)
+        self.out_dir = os.path.abspath(out_dir.rstrip("/"))
+        if os.path.exists(self.out_dir) and not opts.overwrite:
+            raise ConvertError(f"{self.out_dir} already exists; pass --overwrite to replace it")
+        self.work = self.out_dir + ".partial"
+        self.fingerprint = _fingerprint(model_dir, opts)
+
+        moe_layers = [i for i in range(self.spec.num_layers) if self.spec.is_moe_layer(i)]
+        want_stats = bool(moe_layers) and opts.routing_stats
+        self.stats = RoutingStats(moe_layers, self.spec.num_experts) if want_stats else None
+        self.needs_calibration = want_stats  # RTN needs activations only for routing statistics
+        if self.needs_calibration and not opts.calib:
+            raise ConvertError(
+                "this is an MoE model: routing statistics need calibration text. Pass --calib FILE.txt "
+                "(or wikitext2/c4/pile with network access), or --no-routing-stats"
+            )
+        n = self.spec.num_layers + 1  # shard 1: embeddings, final norm, LM head; shard i + 2: layer i
+        self.shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    def run(self, progress) -> list[LayerReport]:
+        done = _prepare_workdir(self.work, self.fingerprint, self.opts)
+        try:
+            hidden = self._start(done)
+            reports = []
+            for i in range(done, self.spec.num_layers):
+                t0 = time.time()
+                hidden, n_quantized, err = self._convert_layer(i, hidden)
+                self._commit(i, hidden)
+                reports.append(LayerReport(i, time.time() - t0, n_quantized, err))
+                if progress is not None:
+                    progress(reports[-1], self.spec.num_layers)
+            self._finish()
+            return reports
+        except BaseException:
+            if done == 0:
+                _discard_if_empty(self.work)
+            raise
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.work, name)
+
+    def _start(self, done: int) -> torch.Tensor | None:
+        """Write the non-layer shard (fresh start) and return the calibration activations, if needed."""
+        if done > 0:
+            if not self.needs_calibration:
+                return None
+            if self.stats is not None:
+                state = torch.load(self._path(ROUTING_PARTIAL), weights_only=True)
+                self.stats.load_state_dict(state, int(state.pop("_tokens").item()))
+            return torch.load(self._path(HIDDEN), weights_only=True)
+        globals_ = {n: self.src.get(n) for n in global_tensor_names(self.spec, self.src.names())}
+        hidden = self.spec.embed(globals_, _calibration_ids(self.model_dir, self.opts)) if self.needs_calibration else None
+        _save_atomic(globals_, self._path(self.shard_names[0]))
+        return hidden
+
+    def _convert_layer(self, i: int, hidden: torch.Tensor | None):
+        prefix = self.spec.layer_prefix(i)
+        tensors = self.src.load_prefix(prefix)
+        if not tensors:
+            raise SourceError(f"{self.model_dir}: no tensors for decoder layer {i} ({prefix}*)")
+        qtensors, n_quantized, err = quantize_layer(self.spec, i, prefix, tensors, self.opts)
+        if hidden is not None:
+            hidden = _run_layer(self.spec, i, LayerTensors(qtensors), hidden, self.stats, self.opts.chunk)
+        _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))
+        return hidden, n_quantized, err
+
+    def _commit(self, i: int, hidden: torch.Tensor | None) -> None:
+        """Persist what resuming after layer ``i`` needs, then mark the layer done (each write atomic)."""
+        if hidden is not None:
+            _torch_save_atomic(hidden, self._path(HIDDEN))
+        if self.stats is not None:
+            state = self.stats.state_dict()
+            state["_tokens"] = torch.tensor(self.stats.tokens)
+            _torch_save_atomic(state, self._path(ROUTING_PARTIAL))
+        _write_json(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1})
+
+    def _finish(self) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        weight_map, total = {}, 0
+        for name in self.shard_names:
+            total += os.path.getsize(self._path(name))
+            with safe_open(self._path(name), framework="pt") as f:
+                weight_map.update({t: name for t in f.keys()})
+        _write_json(self._path(SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        opts = self.opts
+        if self.stats is not None:
+            info = {"tokens": self.stats.tokens, "corpus": [os.path.basename(c) for c in opts.calib]}
+            # One metadata key: safetensors writes several in hash order, which would make files differ run to run.
+            save_file(self.stats.export(), self._path(ROUTING_FILE),
+                      metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
+        qcfg = HAQQuantConfig(
+            ignore=list(opts.ignore),
+            smoothing={"method": "none", "folded": [], "explicit": []},
+            routing_statistics=ROUTING_FILE if self.stats is not None else None,
+            producer={
+                "tool": "vllm-haq", "version": __version__, "method": opts.method,
+                "calibration": [os.path.basename(c) for c in opts.calib], "samples": opts.samples,
+                "seq_len": opts.seq_len, "seed": opts.seed,
+            },
         )
-
-    done = _prepare_workdir(work, fingerprint, opts)
-    reports: list[LayerReport] = []
-    try:
-        _convert_layers(model_dir, work, out_dir, config, spec, src, opts, done, fingerprint, moe_layers,
-                        want_stats, need_calib, progress, reports)
-    except BaseException:
-        if done == 0:
-            _discard_if_empty(work)
-        raise
-    return reports
+        _write_json(self._path("config.json"), {**self.config, "quantization_config": qcfg.to_dict()})
+        for fname in COPIED_FILES:
+            if os.path.exists(os.path.join(self.model_dir, fname)):
+                shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
+        for fname in (PROGRESS, HIDDEN, ROUTING_PARTIAL):
+            if os.path.exists(self._path(fname)):
+                os.remove(self._path(fname))
+        if os.path.exists(self.out_dir):  # --overwrite: replace only now that the new one is complete
+            shutil.rmtree(self.out_dir)
+        os.replace(self.work, self.out_dir)
 
 
 def _discard_if_empty(work: str) -> None:
@@ -124,56 +222,6 @@ def _discard_if_empty(work: str) -> None:
                 shutil.rmtree(work, ignore_errors=True)
     except (OSError, ValueError):
         pass
-
-
-def _convert_layers(model_dir, work, out_dir, config, spec, src, opts, done, fingerprint, moe_layers,
-                    want_stats, need_calib, progress, reports) -> None:
-    n_shards = spec.num_layers + 1
-    shard_name = [f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors" for k in range(n_shards)]
-    stats = RoutingStats(moe_layers, spec.num_experts) if want_stats else None
-
-    names = src.names()
-    globals_ = {n: src.get(n) for n in global_tensor_names(spec, names)}
-    hidden = None
-    if need_calib:
-        if done > 0:
-            hidden = torch.load(os.path.join(work, HIDDEN), weights_only=True)
-            if stats is not None:
-                st = torch.load(os.path.join(work, ROUTING_PARTIAL), weights_only=True)
-                stats.load_state_dict(st, int(st.pop("_tokens").item()))
-        else:
-            ids = _calibration_ids(model_dir, opts)
-            hidden = spec.embed(globals_, ids)
-    if done == 0:
-        _save_atomic(globals_, os.path.join(work, shard_name[0]))
-    del globals_
-
-    for i in range(done, spec.num_layers):
-        t0 = time.time()
-        prefix = spec.layer_prefix(i)
-        tensors = src.load_prefix(prefix)
-        if not tensors:
-            raise SourceError(f"{model_dir}: no tensors for decoder layer {i} ({prefix}*)")
-        qtensors, n_q, err = quantize_layer(spec, i, prefix, tensors, opts)
-        if hidden is not None:
-            hidden = _run_layer(spec, i, LayerTensors(qtensors), hidden, stats, opts.chunk)
-        _save_atomic({prefix + k: v for k, v in qtensors.items()}, os.path.join(work, shard_name[i + 1]))
-        if hidden is not None:
-            torch.save(hidden, os.path.join(work, HIDDEN + ".tmp"))
-            os.replace(os.path.join(work, HIDDEN + ".tmp"), os.path.join(work, HIDDEN))
-        if stats is not None:
-            st = stats.state_dict()
-            st["_tokens"] = torch.tensor(stats.tokens)
-            torch.save(st, os.path.join(work, ROUTING_PARTIAL + ".tmp"))
-            os.replace(os.path.join(work, ROUTING_PARTIAL + ".tmp"), os.path.join(work, ROUTING_PARTIAL))
-        _write_json(os.path.join(work, PROGRESS), {"fingerprint": fingerprint, "done_layers": i + 1})
-        rep = LayerReport(i, time.time() - t0, n_q, err)
-        reports.append(rep)
-        if progress is not None:
-            progress(rep, spec.num_layers)
-        del tensors, qtensors
-
-    _finish(model_dir, work, out_dir, config, spec, shard_name, stats, opts)
 
 
 def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torch.Tensor], opts: ConvertOptions):
@@ -225,48 +273,6 @@ def _calibration_ids(model_dir: str, opts: ConvertOptions) -> torch.Tensor:
     return calibration_batch(tokens, opts.samples, opts.seq_len, opts.seed, ", ".join(opts.calib))
 
 
-def _finish(model_dir, work, out_dir, config, spec, shard_name, stats, opts) -> None:
-    weight_map, total = {}, 0
-    from safetensors import safe_open
-
-    for name in shard_name:
-        path = os.path.join(work, name)
-        total += os.path.getsize(path)
-        with safe_open(path, framework="pt") as f:
-            for t in f.keys():
-                weight_map[t] = name
-    _write_json(os.path.join(work, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    if stats is not None:
-        from safetensors.torch import save_file
-
-        info = {"tokens": stats.tokens, "corpus": [os.path.basename(c) for c in opts.calib]}
-        # One metadata key: safetensors writes several in hash order, which would make files differ run to run.
-        save_file(stats.export(), os.path.join(work, ROUTING_FILE),
-                  metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
-    qcfg = HAQQuantConfig(
-        ignore=list(opts.ignore),
-        smoothing={"method": "none", "folded": [], "explicit": []},
-        routing_statistics=ROUTING_FILE if stats is not None else None,
-        producer={
-            "tool": "vllm-haq", "version": __version__, "method": opts.method,
-            "calibration": [os.path.basename(c) for c in opts.calib], "samples": opts.samples,
-            "seq_len": opts.seq_len, "seed": opts.seed,
-        },
-    )
-    new_config = dict(config)
-    new_config["quantization_config"] = qcfg.to_dict()
-    _write_json(os.path.join(work, "config.json"), new_config)
-    for fname in COPIED_FILES:
-        if os.path.exists(os.path.join(model_dir, fname)):
-            shutil.copy2(os.path.join(model_dir, fname), os.path.join(work, fname))
-    for fname in (PROGRESS, HIDDEN, ROUTING_PARTIAL):
-        if os.path.exists(os.path.join(work, fname)):
-            os.remove(os.path.join(work, fname))
-    if os.path.exists(out_dir):  # --overwrite: replace only now that the new one is complete
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
-
-
 def _prepare_workdir(work: str, fingerprint: str, opts: ConvertOptions) -> int:
     """Create or reopen ``work``; return the number of layers already done."""
     progress_file = os.path.join(work, PROGRESS)
@@ -300,6 +306,11 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
     h.update(json.dumps(d, sort_keys=True).encode())
     h.update(__version__.encode())
     return h.hexdigest()
+
+
+def _torch_save_atomic(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
