@@ -34,7 +34,10 @@ from vllm_haq.format import (
     is_ignored,
 )
 from vllm_haq.quant import quantize_weight_per_channel
+from vllm_haq.quant.gptq import GPTQConfig
 
+from offline.calibrated import METHODS as CALIBRATED_METHODS
+from offline.calibrated import MIN_EXPERT_TOKENS, InputStats, quantize_calibrated
 from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
@@ -42,7 +45,7 @@ from offline.source import SafetensorsCheckpoint, SourceError
 
 log = logging.getLogger("haq.convert")
 
-METHODS = ("rtn",)
+METHODS = tuple(CALIBRATED_METHODS)
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json",
@@ -67,6 +70,10 @@ class ConvertOptions:
     routing_stats: bool = True
     resume: bool = False
     overwrite: bool = False
+    alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
+    gptq_block_size: int = 128
+    gptq_dampening: float = 0.01
+    act_order: bool = True
     chunk: int = 8  # calibration samples per forward chunk (bounds attention memory)
 
 
@@ -110,12 +117,16 @@ class _Conversion:
         moe_layers = [i for i in range(self.spec.num_layers) if self.spec.is_moe_layer(i)]
         want_stats = bool(moe_layers) and opts.routing_stats
         self.stats = RoutingStats(moe_layers, self.spec.num_experts) if want_stats else None
-        self.needs_calibration = want_stats  # RTN needs activations only for routing statistics
+        # RTN needs activations only for routing statistics; every other method calibrates.
+        self.needs_calibration = want_stats or opts.method != "rtn"
         if self.needs_calibration and not opts.calib:
+            why = (f"--method {opts.method} calibrates on text" if opts.method != "rtn"
+                   else "this is an MoE model: routing statistics need calibration text")
             raise ConvertError(
-                "this is an MoE model: routing statistics need calibration text. Pass --calib FILE.txt "
-                "(or wikitext2/c4/pile with network access), or --no-routing-stats"
+                f"{why}. Pass --calib FILE.txt (or wikitext2/c4/pile with network access)"
+                + ("" if opts.method != "rtn" else ", or --no-routing-stats")
             )
+        self.smoothing: dict[str, dict] = {}
         n = self.spec.num_layers + 1  # shard 1: embeddings, final norm, LM head; shard i + 2: layer i
         self.shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
@@ -144,6 +155,7 @@ class _Conversion:
     def _start(self, done: int) -> torch.Tensor | None:
         """Write the non-layer shard (fresh start) and return the calibration activations, if needed."""
         if done > 0:
+            self.smoothing = _read_json(self._path(PROGRESS), "conversion progress").get("smoothing", {})
             if not self.needs_calibration:
                 return None
             if self.stats is not None:
@@ -160,7 +172,9 @@ class _Conversion:
         tensors = self.src.load_prefix(prefix)
         if not tensors:
             raise SourceError(f"{self.model_dir}: no tensors for decoder layer {i} ({prefix}*)")
-        qtensors, n_quantized, err = quantize_layer(self.spec, i, prefix, tensors, self.opts)
+        qtensors, n_quantized, err, record = quantize_layer(self.spec, i, prefix, tensors, self.opts, hidden)
+        if record:
+            self.smoothing[str(i)] = record
         if hidden is not None:
             hidden = _run_layer(self.spec, i, LayerTensors(qtensors), hidden, self.stats, self.opts.chunk)
         _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))
@@ -174,7 +188,8 @@ class _Conversion:
             state = self.stats.state_dict()
             state["_tokens"] = torch.tensor(self.stats.tokens)
             _torch_save_atomic(state, self._path(ROUTING_PARTIAL))
-        _write_json(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1})
+        _write_json(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1,
+                                           "smoothing": self.smoothing})
 
     def _finish(self) -> None:
         from safetensors import safe_open
@@ -194,7 +209,12 @@ class _Conversion:
                       metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
         qcfg = HAQQuantConfig(
             ignore=list(opts.ignore),
-            smoothing={"method": "none", "folded": [], "explicit": []},
+            smoothing={
+                "method": "none" if not CALIBRATED_METHODS[opts.method].smooth else
+                ("searched" if CALIBRATED_METHODS[opts.method].search_alpha else "fixed"),
+                # layer -> first consumer of each producer -> alpha (null: left unsmoothed)
+                "alpha": self.smoothing, "folded": bool(self.smoothing), "explicit": [],
+            },
             routing_statistics=ROUTING_FILE if self.stats is not None else None,
             producer={
                 "tool": "vllm-haq", "version": __version__, "method": opts.method,
@@ -224,27 +244,53 @@ def _discard_if_empty(work: str) -> None:
         pass
 
 
-def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torch.Tensor], opts: ConvertOptions):
-    """Replace every quantization target of layer ``i`` by int8 weight + per-channel scale."""
-    out = dict(tensors)
-    n, worst = 0, 0.0
+def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torch.Tensor], opts: ConvertOptions,
+                   hidden: torch.Tensor | None = None):
+    """Quantize every target of layer ``i``; returns (tensors, #quantized, worst weight error, smoothing record).
+
+    Calibrated methods first run the float layer on ``hidden`` to collect input statistics.
+    """
+    targets = []
     for module in spec.linear_modules(i):
         full = prefix + module
         if is_ignored(full, opts.ignore):
             continue
-        wname = f"{module}.weight"
-        if wname not in tensors:
+        w = tensors.get(f"{module}.weight")
+        if w is None:
             raise SourceError(f"tensor {full}.weight is missing from the checkpoint")
-        w = tensors[wname]
         if not torch.isfinite(w).all():
             raise SourceError(f"tensor {full}.weight has non-finite values (NaN/inf); the source model is damaged")
-        q, scale = quantize_weight_per_channel(w)
-        rel = ((q.float() * scale - w.float()).norm() / w.float().norm().clamp(min=1e-12)).item()
-        worst = max(worst, rel)
-        out[wname] = q
-        out[f"{module}.{WEIGHT_SCALE}"] = scale
-        n += 1
-    return out, n, worst
+        targets.append(module)
+    method = CALIBRATED_METHODS[opts.method]
+    record: dict = {}
+    if opts.method == "rtn":
+        reference = tensors
+        out = dict(tensors)
+        for module in targets:
+            out[f"{module}.weight"], out[f"{module}.{WEIGHT_SCALE}"] = quantize_weight_per_channel(tensors[f"{module}.weight"])
+    else:
+        # float32 while smoothing and rounding; untouched and folded tensors go back to their dtype after
+        work = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        stats = InputStats()
+        lt = LayerTensors(work, observer=stats)
+        with torch.no_grad():
+            for c in range(0, hidden.shape[0], opts.chunk):
+                spec.layer_forward(i, lt, hidden[c : c + opts.chunk])
+        gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
+        out, record, fallbacks = quantize_calibrated(spec, i, work, targets, stats, method, opts.alpha, gcfg)
+        if fallbacks:
+            log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(fallbacks),
+                     MIN_EXPERT_TOKENS)
+        reference = work
+        for k, v in out.items():
+            if v.is_floating_point() and k in tensors and not k.endswith(WEIGHT_SCALE):
+                out[k] = v.to(tensors[k].dtype)
+    worst = 0.0
+    for module in targets:
+        w = reference[f"{module}.weight"].float()
+        deq = out[f"{module}.weight"].float() * out[f"{module}.{WEIGHT_SCALE}"]
+        worst = max(worst, float((deq - w).norm() / w.norm().clamp(min=1e-12)))
+    return out, len(targets), worst, record
 
 
 def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, stats, chunk: int) -> torch.Tensor:

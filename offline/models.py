@@ -14,7 +14,7 @@ Supported: OPT (pre-LayerNorm), Llama (incl. SmolLM2), Mixtral, Qwen2-MoE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,8 +32,9 @@ class UnsupportedModelError(ValueError):
 class LayerTensors:
     """The tensors of one decoder layer, by name relative to the layer prefix."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], observer: Callable[[str, torch.Tensor], None] | None = None):
         self.t = tensors
+        self.observer = observer  # sees every linear's input (calibration statistics)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.t.get(name)
@@ -43,6 +44,8 @@ class LayerTensors:
 
     def linear(self, module: str, x: torch.Tensor) -> torch.Tensor:
         """Apply linear ``module`` to float32 ``x``: W8A8 if its weight is int8, else float."""
+        if self.observer is not None:
+            self.observer(module, x)
         w = self.t[f"{module}.weight"]
         bias = self.t.get(f"{module}.bias")
         if w.dtype == torch.int8:
@@ -50,6 +53,30 @@ class LayerTensors:
                 x, w, self.t[f"{module}.weight_scale"], bias, self.t.get(f"{module}.input_smooth")
             )
         return F.linear(x, w.float(), None if bias is None else bias.float())
+
+
+@dataclass
+class SmoothGroup:
+    """Linears fed by one producer, whose input channels can share smoothing factors s.
+
+    The producer is a norm (``norm``: its weight/bias are divided by s) or a linear
+    (``producer``: its output rows are divided by s). ``observed`` is the module
+    whose input statistics define s (default: the first consumer); ``also_scaled``
+    are unquantized consumers (MoE routers) whose weights absorb s to stay exact.
+    ``heads`` = (kv heads, query heads per kv head, head dim) when the producer is
+    v_proj under grouped-query attention: s must repeat across a kv head's query heads.
+    """
+
+    consumers: list[str]
+    norm: str | None = None
+    producer: str | None = None
+    observed: str | None = None
+    also_scaled: list[str] = field(default_factory=list)
+    heads: tuple[int, int, int] | None = None
+
+    @property
+    def observed_module(self) -> str:
+        return self.observed or self.consumers[0]
 
 
 @dataclass
@@ -101,6 +128,40 @@ class ModelSpec:
         else:
             names += [f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
         return names
+
+    def smoothing_groups(self, i: int) -> list["SmoothGroup"]:
+        """Where activation smoothing of layer ``i`` can be folded exactly into the producer."""
+        if self.family == "opt":
+            attn = SmoothGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                               norm="self_attn_layer_norm")
+            vo = SmoothGroup(["self_attn.out_proj"], producer="self_attn.v_proj")
+            ffn = SmoothGroup(["fc1"], norm="final_layer_norm")
+            # relu(x / s) = relu(x) / s for s > 0, so fc1's rows can absorb fc2's factors
+            return [attn, vo, ffn, SmoothGroup(["fc2"], producer="fc1")]
+        c = self.config
+        nh, hd = int(c["num_attention_heads"]), self.head_dim
+        nkv = int(c.get("num_key_value_heads") or nh)
+        groups = [
+            SmoothGroup(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], norm="input_layernorm"),
+            SmoothGroup(["self_attn.o_proj"], producer="self_attn.v_proj", heads=(nkv, nh // nkv, hd)),
+        ]
+        if self.family == "mixtral":
+            experts = [f"block_sparse_moe.experts.{e}" for e in range(self.num_experts)]
+            groups.append(SmoothGroup([f"{x}.{w}" for x in experts for w in ("w1", "w3")],
+                                      norm="post_attention_layernorm", observed="block_sparse_moe.gate",
+                                      also_scaled=["block_sparse_moe.gate"]))
+            groups += [SmoothGroup([f"{x}.w2"], producer=f"{x}.w3") for x in experts]
+        elif self.family == "qwen2_moe" and self.is_moe_layer(i):
+            experts = [f"mlp.experts.{e}" for e in range(self.num_experts)]
+            shared = ["mlp.shared_expert"] if c.get("shared_expert_intermediate_size", 0) else []
+            consumers = [f"{x}.{p}" for x in experts + shared for p in ("gate_proj", "up_proj")]
+            also = ["mlp.gate"] + (["mlp.shared_expert_gate"] if shared else [])
+            groups.append(SmoothGroup(consumers, norm="post_attention_layernorm", observed="mlp.gate", also_scaled=also))
+            groups += [SmoothGroup([f"{x}.down_proj"], producer=f"{x}.up_proj") for x in experts + shared]
+        else:
+            groups += [SmoothGroup(["mlp.gate_proj", "mlp.up_proj"], norm="post_attention_layernorm"),
+                       SmoothGroup(["mlp.down_proj"], producer="mlp.up_proj")]
+        return groups
 
     # ------------------------------------------------------------------ pieces
     @property

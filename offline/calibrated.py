@@ -1,0 +1,173 @@
+"""Calibration-driven quantization of one decoder layer: smoothing, then GPTQ or round-to-nearest.
+
+Methods (``haq convert --method``):
+
+* ``rtn``          round to nearest, no calibration;
+* ``gptq``         GPTQ on the original weights;
+* ``smoothquant``  smoothing with one fixed α (``--alpha``), then round to nearest;
+* ``haq``          smoothing with α searched per layer and producer (none, or a grid),
+                   by the output error of the quantized W8A8 consumers on calibration
+                   rows, then GPTQ with the Hessians of the *smoothed* activations.
+
+All smoothing is folded exactly into the producers (norms, v_proj, up_proj/w3,
+OPT's fc1 through ReLU); MoE layers share one vector across router and experts.
+Experts that saw fewer than ``MIN_EXPERT_TOKENS`` calibration tokens are
+rounded to nearest (their Hessian is too low-rank to steer GPTQ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
+from vllm_haq.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
+
+from offline.models import ModelSpec, SmoothGroup
+
+
+@dataclass(frozen=True)
+class Method:
+    smooth: bool
+    search_alpha: bool
+    gptq: bool
+
+
+METHODS = {
+    "rtn": Method(smooth=False, search_alpha=False, gptq=False),
+    "gptq": Method(smooth=False, search_alpha=False, gptq=True),
+    "smoothquant": Method(smooth=True, search_alpha=False, gptq=False),
+    "haq": Method(smooth=True, search_alpha=True, gptq=True),
+}
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SEARCH_ROWS = 1024  # calibration rows kept per observed input for the α search
+MIN_EXPERT_TOKENS = 16
+# Linears that always see exactly the same input as another one: one set of statistics serves both.
+_SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
+
+
+def input_key(module: str) -> str:
+    """The module whose statistics describe ``module``'s input."""
+    head, _, last = module.rpartition(".")
+    twin = _SAME_INPUT_AS.get(last)
+    return f"{head}.{twin}" if twin else module
+
+
+class InputStats:
+    """Observer for LayerTensors: Hessian, channel max and a row sample of every distinct linear input."""
+
+    def __init__(self, keep_rows_every: int = 4):
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.every = keep_rows_every
+
+    def __call__(self, module: str, x: torch.Tensor) -> None:
+        if input_key(module) != module:
+            return
+        x2 = x.reshape(-1, x.shape[-1])
+        if module not in self.acc:
+            self.acc[module] = HessianAccumulator(x2.shape[-1])
+            self.rows[module] = []
+        self.acc[module].add(x2)
+        kept = sum(r.shape[0] for r in self.rows[module])
+        if kept < SEARCH_ROWS:
+            self.rows[module].append(x2[:: self.every][: SEARCH_ROWS - kept].float().clone())
+
+    def sample(self, module: str) -> torch.Tensor:
+        return torch.cat(self.rows[input_key(module)])
+
+    def rescale(self, module: str, s: torch.Tensor) -> None:
+        """The input of ``module`` is now x / s: update its statistics exactly."""
+        key = input_key(module)
+        if key not in self.acc:
+            return
+        sd = s.double()
+        acc = self.acc[key]
+        acc.h /= torch.outer(sd, sd)
+        acc.absmax /= sd
+        self.rows[key] = [r / s for r in self.rows[key]]
+
+
+def quantize_calibrated(spec: ModelSpec, i: int, t: dict[str, torch.Tensor], targets: list[str],
+                        stats: InputStats, method: Method, alpha: float, gptq_cfg: GPTQConfig):
+    """Smooth (in place in ``t``) and quantize ``targets``; returns (tensors, smoothing record, fallbacks)."""
+    record: dict[str, float | None] = {}
+    if method.smooth:
+        for g in spec.smoothing_groups(i):
+            consumers = [c for c in g.consumers if c in targets]
+            if not consumers or input_key(g.observed_module) not in stats.acc:
+                continue
+            a = alpha
+            if method.search_alpha:
+                a = _search_alpha(t, g, consumers, stats)
+            record[g.consumers[0]] = a
+            if a is not None:
+                _apply_smoothing(t, g, _factors(t, g, consumers, stats, a), stats)
+    out = dict(t)
+    fallbacks = []
+    for module in targets:
+        w = t[f"{module}.weight"]
+        acc = stats.acc.get(input_key(module))
+        if method.gptq and acc is not None and acc.n >= MIN_EXPERT_TOKENS:
+            q, s = gptq_quantize(w, acc.h, gptq_cfg)
+        else:
+            if method.gptq:
+                fallbacks.append(module)
+            q, s = quantize_weight_per_channel(w)
+        out[f"{module}.weight"], out[f"{module}.weight_scale"] = q, s
+    return out, record, fallbacks
+
+
+def _factors(t, g: SmoothGroup, consumers: list[str], stats: InputStats, alpha: float) -> torch.Tensor:
+    a = stats.acc[input_key(g.observed_module)].absmax
+    w = torch.stack([t[f"{c}.weight"].float().abs().amax(0) for c in consumers]).amax(0)
+    if g.heads is None:
+        return smoothing_factors(a, w, alpha)
+    nkv, rep, hd = g.heads  # one factor per v channel, repeated over the query heads that read it
+    s = smoothing_factors(a.view(nkv, rep, hd).amax(1).flatten(), w.view(nkv, rep, hd).amax(1).flatten(), alpha)
+    return s.view(nkv, 1, hd).expand(nkv, rep, hd).reshape(-1)
+
+
+def _apply_smoothing(t, g: SmoothGroup, s: torch.Tensor, stats: InputStats) -> None:
+    if g.norm is not None:
+        w, b = fold_into_norm(t[f"{g.norm}.weight"], t.get(f"{g.norm}.bias"), s)
+        t[f"{g.norm}.weight"] = w
+        if b is not None:
+            t[f"{g.norm}.bias"] = b
+    else:
+        rows = s if g.heads is None else s.view(g.heads).amax(1).flatten()  # producer has kv channels only
+        w, b = fold_into_producer_rows(t[f"{g.producer}.weight"], t.get(f"{g.producer}.bias"), rows)
+        t[f"{g.producer}.weight"] = w
+        if b is not None:
+            t[f"{g.producer}.bias"] = b
+    for c in g.consumers + g.also_scaled:
+        t[f"{c}.weight"] = smooth_weight(t[f"{c}.weight"], s)
+    for c in {input_key(c) for c in g.consumers} | {g.observed_module}:
+        stats.rescale(c, s)
+
+
+def _search_alpha(t, g: SmoothGroup, consumers: list[str], stats: InputStats) -> float | None:
+    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers."""
+    x = stats.sample(g.observed_module)
+    weights = [t[f"{c}.weight"].float() for c in consumers]
+    ref = [x @ w.t() for w in weights]
+
+    def error(s: torch.Tensor | None) -> float:
+        xs = x if s is None else x / s
+        xq, xsc = quantize_per_token(xs)
+        total = 0.0
+        for w, y in zip(weights, ref):
+            ws = w if s is None else w * s
+            wq, wsc = quantize_weight_per_channel(ws)
+            y_hat = (xq.float() @ wq.float().t()) * xsc * wsc.t()
+            total += float((y_hat - y).pow(2).sum())
+        return total
+
+    best_alpha, best = None, error(None)
+    for alpha in ALPHA_GRID:
+        e = error(_factors(t, g, consumers, stats, alpha))
+        if e < best:
+            best_alpha, best = alpha, e
+    return best_alpha
