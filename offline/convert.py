@@ -219,7 +219,9 @@ class _Conversion:
             producer={
                 "tool": "vllm-haq", "version": __version__, "method": opts.method,
                 "calibration": [os.path.basename(c) for c in opts.calib], "samples": opts.samples,
-                "seq_len": opts.seq_len, "seed": opts.seed,
+                "seq_len": opts.seq_len, "seed": opts.seed, "alpha": opts.alpha,
+                "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
+                         "act_order": opts.act_order},
             },
         )
         _write_json(self._path("config.json"), {**self.config, "quantization_config": qcfg.to_dict()})

@@ -138,3 +138,12 @@ def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     assert line["windows"] == 3 and line["tokens"] == 3 * 31 and 1 < line["ppl"] < 1e5
     assert main(["convert", tiny_dir("llama"), out]) == 1  # exists -> one-line error, exit 1
     assert "already exists" in capsys.readouterr().err
+    out2 = str(tmp_path / "cli-haq")
+    assert main(["convert", tiny_dir("llama"), out2, "--calib", calib_file, "--samples", "2", "--seq-len", "32",
+                 "--method", "haq", "--alpha", "0.6", "--gptq-block-size", "64", "--gptq-dampening", "0.02",
+                 "--no-act-order"]) == 0
+    producer = json.load(open(os.path.join(out2, "config.json")))["quantization_config"]["producer"]
+    assert producer["method"] == "haq" and producer["alpha"] == 0.6
+    assert producer["gptq"] == {"block_size": 64, "dampening": 0.02, "act_order": False}
+    assert main(["convert", tiny_dir("llama"), str(tmp_path / "x"), "--method", "gptq"]) == 1
+    assert "--method gptq calibrates on text" in capsys.readouterr().err
