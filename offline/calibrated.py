@@ -9,8 +9,13 @@ Methods (``haq convert --method``):
                    by the output error of the quantized W8A8 consumers on calibration
                    rows, then GPTQ with the Hessians of the *smoothed* activations.
 
-All smoothing is folded exactly into the producers (norms, v_proj, up_proj/w3,
-OPT's fc1 through ReLU); MoE layers share one vector across router and experts.
+Smoothing is folded exactly into the producers (norms, v_proj, up_proj/w3,
+OPT's fc1 through ReLU). For the experts of an MoE layer, which share one input
+norm with the router, two options (``--moe-smoothing``): ``shared`` folds one
+vector into that norm (router and shared expert absorb it too); ``per-expert``
+gives every expert its own vector from the tokens routed to it, kept explicit as
+``input_smooth`` of its w1/w3 (gate/up) and applied by the runtime during that
+expert's per-token quantization; the shared expert then stays unsmoothed.
 Experts that saw fewer than ``MIN_EXPERT_TOKENS`` calibration tokens are
 rounded to nearest (their Hessian is too low-rank to steer GPTQ).
 """
@@ -90,13 +95,27 @@ class InputStats:
         self.rows[key] = [r / s for r in self.rows[key]]
 
 
+MOE_SMOOTHING = ("shared", "per-expert")
+
+
 def quantize_calibrated(spec: ModelSpec, i: int, t: dict[str, torch.Tensor], targets: list[str],
-                        stats: InputStats, method: Method, alpha: float, gptq_cfg: GPTQConfig):
-    """Smooth (in place in ``t``) and quantize ``targets``; returns (tensors, smoothing record, fallbacks)."""
+                        stats: InputStats, method: Method, alpha: float, gptq_cfg: GPTQConfig,
+                        moe_smoothing: str = "shared"):
+    """Smooth (in place in ``t``) and quantize ``targets``.
+
+    Returns (tensors, smoothing record, explicit-smoothing expert blocks, GPTQ fallbacks).
+    """
     record: dict[str, float | None] = {}
+    explicit: dict[str, torch.Tensor] = {}
+    explicit_blocks: list[str] = []
     if method.smooth:
         for g in spec.smoothing_groups(i):
             consumers = [c for c in g.consumers if c in targets]
+            if g.experts and moe_smoothing == "per-expert":
+                for e_in in g.experts:
+                    record[e_in] = _smooth_expert_explicitly(t, e_in, targets, stats, method, alpha, explicit)
+                explicit_blocks.append(g.experts[0].rsplit(".", 2)[0])
+                continue
             if not consumers or input_key(g.observed_module) not in stats.acc:
                 continue
             a = alpha
@@ -117,7 +136,27 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: dict[str, torch.Tensor], tar
                 fallbacks.append(module)
             q, s = quantize_weight_per_channel(w)
         out[f"{module}.weight"], out[f"{module}.weight_scale"] = q, s
-    return out, record, fallbacks
+    out.update(explicit)
+    return out, record, explicit_blocks, fallbacks
+
+
+def _smooth_expert_explicitly(t, e_in: str, targets: list[str], stats: InputStats, method: Method, alpha: float,
+                              explicit: dict[str, torch.Tensor]) -> float | None:
+    """Smooth one expert's gate/up by its own tokens; the factors become its ``input_smooth``."""
+    head, _, last = e_in.rpartition(".")
+    twin = next(k for k, v in _SAME_INPUT_AS.items() if v == last)
+    consumers = [c for c in (e_in, f"{head}.{twin}") if c in targets]
+    acc = stats.acc.get(e_in)
+    a = None
+    if consumers and acc is not None and acc.n >= MIN_EXPERT_TOKENS:
+        g = SmoothGroup(consumers, observed=e_in)
+        a = _search_alpha(t, g, consumers, stats) if method.search_alpha else alpha
+    s = torch.ones(t[f"{consumers[0]}.weight"].shape[1]) if a is None else _factors(t, g, consumers, stats, a)
+    for c in consumers:
+        t[f"{c}.weight"] = smooth_weight(t[f"{c}.weight"], s)
+        explicit[f"{c}.input_smooth"] = s.float().clone()  # one tensor per name: safetensors refuses shared storage
+    stats.rescale(e_in, s)
+    return a
 
 
 def _factors(t, g: SmoothGroup, consumers: list[str], stats: InputStats, alpha: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ def _convert(args) -> int:
         method=args.method, calib=args.calib or [], samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         ignore=args.ignore if args.ignore is not None else list(DEFAULT_IGNORE),
         routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
-        alpha=args.alpha, gptq_block_size=args.gptq_block_size, gptq_dampening=args.gptq_dampening,
+        alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size, gptq_dampening=args.gptq_dampening,
         act_order=not args.no_act_order,
     )
     t0 = time.time()
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rtn: round to nearest; gptq: Hessian-aware rounding; smoothquant: smoothing (--alpha) + "
                         "rtn; haq: smoothing with alpha searched per layer + GPTQ (all but rtn need --calib)")
     c.add_argument("--alpha", type=float, default=0.5, help="smoothing strength for --method smoothquant")
+    c.add_argument("--moe-smoothing", choices=("shared", "per-expert"), default="shared",
+                   help="MoE experts: one smoothing vector folded into the shared input norm, or one per expert "
+                        "kept explicit (input_smooth) and applied at run time")
     c.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-update block size")
     c.add_argument("--gptq-dampening", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of activation order")

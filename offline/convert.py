@@ -30,6 +30,7 @@ from vllm_haq.format import (
     ROUTING_METADATA_KEY,
     SAFETENSORS_INDEX,
     WEIGHT_SCALE,
+    INPUT_SMOOTH,
     HAQQuantConfig,
     is_ignored,
 )
@@ -37,7 +38,7 @@ from vllm_haq.quant import quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.calibrated import METHODS as CALIBRATED_METHODS
-from offline.calibrated import MIN_EXPERT_TOKENS, InputStats, quantize_calibrated
+from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, InputStats, quantize_calibrated
 from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
@@ -71,6 +72,7 @@ class ConvertOptions:
     resume: bool = False
     overwrite: bool = False
     alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
+    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.calibrated)
     gptq_block_size: int = 128
     gptq_dampening: float = 0.01
     act_order: bool = True
@@ -99,6 +101,8 @@ class _Conversion:
     def __init__(self, model_dir: str, out_dir: str, opts: ConvertOptions):
         if opts.method not in METHODS:
             raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
+        if opts.moe_smoothing not in MOE_SMOOTHING:
+            raise ConvertError(f"--moe-smoothing {opts.moe_smoothing!r} is not one of {list(MOE_SMOOTHING)}")
         self.model_dir, self.opts = model_dir, opts
         self.config = _read_json(os.path.join(model_dir, "config.json"), "model config")
         if "quantization_config" in self.config:
@@ -213,7 +217,8 @@ class _Conversion:
                 "method": "none" if not CALIBRATED_METHODS[opts.method].smooth else
                 ("searched" if CALIBRATED_METHODS[opts.method].search_alpha else "fixed"),
                 # layer -> first consumer of each producer -> alpha (null: left unsmoothed)
-                "alpha": self.smoothing, "folded": bool(self.smoothing), "explicit": [],
+                "alpha": self.smoothing, "folded": bool(self.smoothing),
+                "explicit": sorted(b for rec in self.smoothing.values() for b in rec.get("explicit", [])),
             },
             routing_statistics=ROUTING_FILE if self.stats is not None else None,
             producer={
@@ -279,13 +284,16 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
             for c in range(0, hidden.shape[0], opts.chunk):
                 spec.layer_forward(i, lt, hidden[c : c + opts.chunk])
         gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
-        out, record, fallbacks = quantize_calibrated(spec, i, work, targets, stats, method, opts.alpha, gcfg)
+        out, record, explicit, fallbacks = quantize_calibrated(spec, i, work, targets, stats, method, opts.alpha,
+                                                               gcfg, opts.moe_smoothing)
+        if explicit:
+            record["explicit"] = [prefix + block for block in explicit]
         if fallbacks:
             log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(fallbacks),
                      MIN_EXPERT_TOKENS)
         reference = work
         for k, v in out.items():
-            if v.is_floating_point() and k in tensors and not k.endswith(WEIGHT_SCALE):
+            if v.is_floating_point() and k in tensors and not k.endswith((WEIGHT_SCALE, INPUT_SMOOTH)):
                 out[k] = v.to(tensors[k].dtype)
     worst = 0.0
     for module in targets:

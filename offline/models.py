@@ -73,6 +73,7 @@ class SmoothGroup:
     observed: str | None = None
     also_scaled: list[str] = field(default_factory=list)
     heads: tuple[int, int, int] | None = None
+    experts: list[str] = field(default_factory=list)  # MoE: each expert's first input linear (w1/gate_proj)
 
     @property
     def observed_module(self) -> str:
@@ -149,14 +150,15 @@ class ModelSpec:
             experts = [f"block_sparse_moe.experts.{e}" for e in range(self.num_experts)]
             groups.append(SmoothGroup([f"{x}.{w}" for x in experts for w in ("w1", "w3")],
                                       norm="post_attention_layernorm", observed="block_sparse_moe.gate",
-                                      also_scaled=["block_sparse_moe.gate"]))
+                                      also_scaled=["block_sparse_moe.gate"], experts=[f"{x}.w1" for x in experts]))
             groups += [SmoothGroup([f"{x}.w2"], producer=f"{x}.w3") for x in experts]
         elif self.family == "qwen2_moe" and self.is_moe_layer(i):
             experts = [f"mlp.experts.{e}" for e in range(self.num_experts)]
             shared = ["mlp.shared_expert"] if c.get("shared_expert_intermediate_size", 0) else []
             consumers = [f"{x}.{p}" for x in experts + shared for p in ("gate_proj", "up_proj")]
             also = ["mlp.gate"] + (["mlp.shared_expert_gate"] if shared else [])
-            groups.append(SmoothGroup(consumers, norm="post_attention_layernorm", observed="mlp.gate", also_scaled=also))
+            groups.append(SmoothGroup(consumers, norm="post_attention_layernorm", observed="mlp.gate", also_scaled=also,
+                                      experts=[f"{x}.gate_proj" for x in experts]))
             groups += [SmoothGroup([f"{x}.down_proj"], producer=f"{x}.up_proj") for x in experts + shared]
         else:
             groups += [SmoothGroup(["mlp.gate_proj", "mlp.up_proj"], norm="post_attention_layernorm"),

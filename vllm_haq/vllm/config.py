@@ -30,6 +30,8 @@ class HAQConfig(QuantizationConfig):
         if qcfg is None:  # vLLM builds the class without arguments when config.json has no quantization_config
             raise CheckpointError(_NOT_A_HAQ_CHECKPOINT)
         self.qcfg = qcfg
+        # MoE expert blocks (vLLM prefixes) whose experts carry explicit per-expert input_smooth
+        self.explicit_smoothing = set(qcfg.smoothing.get("explicit") or [])
 
     def __repr__(self) -> str:
         return f"HAQConfig(format_version={self.qcfg.format_version}, ignore={self.qcfg.ignore})"

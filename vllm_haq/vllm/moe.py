@@ -69,15 +69,43 @@ class HAQMoEMethod(FusedMoEMethodBase):
             if dtype == SCALE_DTYPE:
                 attrs["quant_method"] = "channel"
             set_weight_attrs(param, attrs)
+        self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
+        if self.explicit_smoothing:
+            # Per-expert smoothing of the experts' input (checkpoint: experts.{e}.w1/w3.input_smooth).
+            param = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=SCALE_DTYPE), requires_grad=False)
+            layer.register_parameter("w13_input_smooth", param)
+            set_weight_attrs(param, {"weight_loader": self._input_smooth_loader(layer)})
         self.out_dtype = params_dtype
 
     def get_fused_moe_quant_config(self, layer):
         return None  # not a vLLM modular kernel
 
+    def _input_smooth_loader(self, layer):
+        loaded_from: dict[int, torch.Tensor] = {}
+
+        def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+            what = f"{self.prefix}: checkpoint tensor {weight_name!r} (expert {expert_id}, {shard_id})"
+            if loaded_weight.dtype != SCALE_DTYPE or tuple(loaded_weight.shape) != tuple(param.shape[1:]):
+                raise CheckpointError(f"{what} is {loaded_weight.dtype} {list(loaded_weight.shape)}, "
+                                      f"expected {SCALE_DTYPE} {list(param.shape[1:])}")
+            check_scale_values(loaded_weight, what)
+            if expert_id in loaded_from and not torch.equal(loaded_from[expert_id], loaded_weight):
+                raise CheckpointError(f"{what} differs from the same expert's other input_smooth: w1 and w3 "
+                                      f"read the same input, so they must share one smoothing vector")
+            loaded_from[expert_id] = loaded_weight.clone()
+            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if local == -1:
+                return False if return_success else None
+            param.data[local].copy_(loaded_weight)
+            return True if return_success else None
+
+        return load
+
     def process_weights_after_loading(self, layer) -> None:
         e = layer.w13_weight.shape[0]
-        self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype)
-                    for i in range(e)]
+        smooth = layer.w13_input_smooth.data if self.explicit_smoothing else [None] * e
+        self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
+                                   smooth=smooth[i]) for i in range(e)]
         self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype)
                    for i in range(e)]
         _LAYERS[self.layer_key] = self
