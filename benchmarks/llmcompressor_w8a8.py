@@ -49,8 +49,13 @@ def main() -> int:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     ignore = ["lm_head", "re:.*block_sparse_moe.gate$", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
+    # llm-compressor has no built-in SmoothQuant mappings for OPT; these are the ones its OPT examples use.
+    mappings = None
+    if model.config.model_type == "opt":
+        mappings = [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*self_attn_layer_norm"],
+                    [["re:.*fc1"], "re:.*layers\\.\\d+\\.final_layer_norm"]]
     recipe = [
-        SmoothQuantModifier(smoothing_strength=0.8),
+        SmoothQuantModifier(smoothing_strength=0.8, mappings=mappings),
         GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore, block_size=128, dampening_frac=0.01),
     ]
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seq_len,

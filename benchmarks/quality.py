@@ -52,13 +52,13 @@ def timed_subprocess(cmd: list[str]) -> dict:
     return out
 
 
-def models() -> dict[str, str]:
+def models() -> dict:
     from offline.smollm2 import export_smollm2
 
-    return {
-        "SmolLM2-135M-Instruct": export_smollm2(),
-        "tiny-opt": os.path.join(SHARED, "models", "tiny-opt"),
-        "tiny-mixtral": os.path.join(SHARED, "models", "tiny-mixtral"),
+    return {  # smallest first, so a partial run still yields whole rows
+        "tiny-opt": lambda: os.path.join(SHARED, "models", "tiny-opt"),
+        "tiny-mixtral": lambda: os.path.join(SHARED, "models", "tiny-mixtral"),
+        "SmolLM2-135M-Instruct": export_smollm2,
     }
 
 
@@ -99,9 +99,10 @@ def main() -> int:
     corpora = {"wiki.test": os.path.join(CORPORA, "wiki.test.txt"), "sotu.test": os.path.join(CORPORA, "sotu.test.txt")}
     os.makedirs(args.work, exist_ok=True)
     results = []
-    for name, src in models().items():
+    for name, locate in models().items():
         if args.models and name not in args.models:
             continue
+        src = locate()
         moe = "num_local_experts" in json.load(open(os.path.join(src, "config.json")))
         windows = {c: eval_token_windows(src, p, 512, args.max_windows) for c, p in corpora.items()}
         row = {"model": name, "ppl": {"bf16": score(src, windows, "vllm")}, "cost": {}, "hf": {}, "notes": []}
@@ -140,12 +141,10 @@ def main() -> int:
                 row["notes"].append(f"llm-compressor failed: {cost.get('error')}")
         results.append(row)
         print(json.dumps(row), flush=True)
-
-    text = render(results, args)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        if args.out:  # after every model: a long run that is stopped keeps its finished rows
+            with open(args.out, "w") as f:
+                f.write(render(results, args))
+    print(render(results, args))
     return 0
 
 
