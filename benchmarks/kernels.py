@@ -11,7 +11,10 @@ them. Rows: Triton quant+GEMM, Triton GEMM on int8 input, torch._int_mm + torch
 epilogue, torch quant + _int_mm + epilogue, bf16 torch.matmul; MoE: the fused
 Triton MoE vs the per-expert torch._int_mm loop and a per-expert bf16 loop.
 Percentages are of the ceilings measured on an H200 (DESIGN.md), upper ends:
-int8 900 TOPS, bf16 740 TFLOPS, HBM 4 TB/s (read + write).
+int8 900 TOPS, bf16 740 TFLOPS, HBM 4 TB/s (read + write); GB/s counts the ideal
+traffic (each operand read once, each result written once). "speedup vs torch
+int8" compares each Triton kernel with its torch counterpart (torch quant,
+_int_mm + epilogue, torch quant + _int_mm + epilogue, the _int_mm expert loop).
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}")
+    if any(c["result"] != "ok" for c in bench.checks):
+        sys.exit("correctness failures (see the table); their shapes were not timed")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -116,9 +121,11 @@ class Bench:
         lines = [
             "# Kernel benchmark: Triton int8 vs torch._int_mm vs bf16",
             "",
-            f"date {datetime.date.today().isoformat()}; device {dev}; torch {torch.__version__}; triton {triton.__version__}",
+            f"date {datetime.date.today().isoformat()}; device {dev}; torch {torch.__version__}; "
+            f"triton {triton.__version__}",
             f"command: `python benchmarks/kernels.py --device {self.device}`; median of {self.reps} repetitions; "
-            f"inputs rotated over >= {ROTATE_BYTES >> 20} MB",
+            + (f"inputs rotated over >= {ROTATE_BYTES >> 20} MB of copies" if self.device == "cuda"
+               else f"inputs rotated over {self.max_copies} copies"),
             f"ceilings (H200, measured): int8 {INT8_PEAK_TOPS:.0f} TOPS (torch._int_mm 825-900 at M=4096), "
             f"bf16 {BF16_PEAK_TFLOPS:.0f} TFLOPS (705-740), HBM {HBM_GBPS / 1000:.0f} TB/s (device copy, r+w)",
         ]
@@ -163,17 +170,19 @@ class Bench:
         peak = INT8_PEAK_TOPS if int8 else BF16_PEAK_TFLOPS
         ratio = lambda ref: f"{ref / ms:.2f}x" if ref else "-"  # noqa: E731
         return {
-            "shape": shape, "M": m, "implementation": impl, "ms": f"{ms:.4f}",
-            "T(FL)OPS": f"{tops:.1f}" if ops else "-",
+            "shape": shape, "M": m, "implementation": impl, "ms": f"{ms:.4g}",
+            "T(FL)OPS": f"{tops:.3g}" if ops else "-",
             "% compute peak": (f"{100 * tops / peak:.0f}%" if gpu else "n/a") if ops else "-",
-            "GB/s": f"{gbps:.0f}", "% HBM": f"{100 * gbps / HBM_GBPS:.0f}%" if gpu else "n/a",
-            "speed vs _int_mm path": ratio(baseline_ms), "speed vs bf16": ratio(bf16_ms),
+            "GB/s": f"{gbps:.3g}", "% HBM": f"{100 * gbps / HBM_GBPS:.0f}%" if gpu else "n/a",
+            "speedup vs torch int8": ratio(baseline_ms), "speedup vs bf16": ratio(bf16_ms),
         }
 
-    def check(self, what: str, shape: str, m: int, ok: bool, detail: str) -> None:
+    def check(self, what: str, shape: str, m: int, ok: bool, detail: str) -> bool:
+        """Record a correctness result; a failed shape is reported and not timed."""
         self.checks.append({"kernel": what, "shape": shape, "M": m, "result": "ok" if ok else "FAIL", "detail": detail})
         if not ok:
-            raise SystemExit(f"correctness check failed: {what} {shape} M={m}: {detail}")
+            print(f"CORRECTNESS FAILURE: {what} {shape} M={m}: {detail}", flush=True)
+        return ok
 
     @staticmethod
     def rel_err(got, ref) -> float:
@@ -205,16 +214,26 @@ class Bench:
         # correctness before timing
         s = sets[0]
         q, qs = triton_quantize_per_token(s["x"])
-        self.check("triton quant", shape, m, torch.equal(q, s["x_q"]) and torch.equal(qs, s["x_s"]),
-                   f"int8 mismatches {int((q != s['x_q']).sum())}, scales equal {torch.equal(qs, s['x_s'])}")
+        ok = self.check("triton quant", shape, m, torch.equal(q, s["x_q"]) and torch.equal(qs, s["x_s"]),
+                        f"int8 mismatches {int((q != s['x_q']).sum())}, scales equal {torch.equal(qs, s['x_s'])}")
         exact = exact_int8_mm(s["x_q"], s["w_t"]).double() * s["x_s"].double() * s["w_s"].double().t()
-        err = self.rel_err(triton_scaled_int8_mm(s["x_q"], s["x_s"], s["w_q"], s["w_s"], out_dtype=torch.float32), exact)
-        self.check("triton gemm (fp32 out)", shape, m, err <= 1e-5, f"rel err {err:.1e} vs exact int32 GEMM")
+        got = triton_scaled_int8_mm(s["x_q"], s["x_s"], s["w_q"], s["w_s"], out_dtype=torch.float32)
+        err = self.rel_err(got, exact)
+        ok &= self.check("triton gemm (fp32 out)", shape, m, err <= 1e-5, f"rel err {err:.1e} vs exact int32 GEMM")
         ref = torch_scaled_int8_mm(s["x"], s["w_t"], s["w_s"], None, torch.float32)
         err = self.rel_err(triton_w8a8_linear(s["x"], s["w_q"], s["w_s"], out_dtype=torch.float32), ref)
-        self.check("triton quant+gemm", shape, m, err <= 1e-3, f"rel err {err:.1e} vs torch quant + _int_mm")
+        ok &= self.check("triton quant+gemm", shape, m, err <= 1e-3, f"rel err {err:.1e} vs torch quant + _int_mm")
         err = self.rel_err(triton_w8a8_linear(s["x"], s["w_q"], s["w_s"]), ref)
-        self.check("triton quant+gemm (bf16 out)", shape, m, err <= 1e-2, f"rel err {err:.1e} (bf16 output rounding)")
+        ok &= self.check("triton quant+gemm (bf16 out)", shape, m, err <= 1e-2,
+                         f"rel err {err:.1e} (bf16 output rounding)")
+        if not ok:
+            return []
+        # cuBLASLt's int8 GEMM prefers a column-major B: the weight's transposed view, if _int_mm takes it
+        try:
+            exact_int8_mm(s["x_q"], s["w_q"].t())
+            int_mm_b = "w_q_t_view"
+        except RuntimeError:
+            int_mm_b = "w_t"
 
         def epilogue_int_mm(i):
             c = sets[i]
@@ -226,25 +245,31 @@ class Bench:
             "triton gemm (int8 in)": lambda i: triton_scaled_int8_mm(sets[i]["x_q"], sets[i]["x_s"], sets[i]["w_q"],
                                                                      sets[i]["w_s"], out_dtype=torch.bfloat16),
             "_int_mm + epilogue (int8 in)": epilogue_int_mm,
+            "torch._int_mm alone (int32 out)": lambda i: exact_int8_mm(
+                sets[i]["x_q"], sets[i]["w_q"].t() if int_mm_b == "w_q_t_view" else sets[i]["w_t"]),
             "triton quant+gemm": lambda i: triton_w8a8_linear(sets[i]["x"], sets[i]["w_q"], sets[i]["w_s"]),
             "torch quant + _int_mm + epilogue": lambda i: torch_scaled_int8_mm(
                 sets[i]["x"], sets[i]["w_t"], sets[i]["w_s"], None, torch.bfloat16),
             "bf16 matmul": lambda i: torch.matmul(sets[i]["x"], sets[i]["w_bf16"].t()),
         }
         ms = {impl: self.time_ms(fn, copies) for impl, fn in timings.items()}
-        flops = 2.0 * m * n * k
+        torch_counterpart = {"triton quant": "torch quant", "triton gemm (int8 in)": "_int_mm + epilogue (int8 in)",
+                             "triton quant+gemm": "torch quant + _int_mm + epilogue"}
+        # ideal traffic: each operand read once, each result written once
         quant_bytes = m * k * 2 + m * k + m * 4
         gemm_bytes = n * k + m * k + m * n * 2 + 4 * (m + n)
         rows = []
         for impl, t in ms.items():
-            if "quant" in impl and "gemm" not in impl and "_int_mm" not in impl:
-                rows.append(self.row(shape, m, impl, t, 0.0, quant_bytes, True,
-                                     ms["torch quant"] if impl != "torch quant" else None, None))
-                continue
-            int8 = impl != "bf16 matmul"
-            nbytes = (gemm_bytes + (m * k if "quant" in impl else 0)) if int8 else 2 * (n * k + m * k + m * n)
-            baseline = ms["_int_mm + epilogue (int8 in)"] if "int8 in" in impl else ms["torch quant + _int_mm + epilogue"]
-            rows.append(self.row(shape, m, impl, t, flops, nbytes, int8, baseline if int8 else None, ms["bf16 matmul"]))
+            has_counterpart = "matmul" not in impl and "alone" not in impl
+            baseline = ms.get(torch_counterpart.get(impl, impl)) if has_counterpart else None
+            if impl.endswith(" quant"):
+                rows.append(self.row(shape, m, impl, t, 0.0, quant_bytes, True, baseline, None))
+            elif impl == "bf16 matmul":
+                rows.append(self.row(shape, m, impl, t, 2.0 * m * n * k, 2 * (n * k + m * k + m * n), False,
+                                     None, t))
+            else:  # quant+gemm reads bf16 x: one more byte per element than the int8 GEMM alone
+                rows.append(self.row(shape, m, impl, t, 2.0 * m * n * k,
+                                     gemm_bytes + (m * k if "quant" in impl else 0), True, baseline, ms["bf16 matmul"]))
         print(f"{shape} M={m}: " + ", ".join(f"{impl} {t:.4f} ms" for impl, t in ms.items()), flush=True)
         return rows
 
@@ -279,7 +304,8 @@ class Bench:
         x, wts, ids = inputs[0]
         ref = int8_moe_forward(x, wts, ids, g13, g2)
         err = self.rel_err(triton_int8_moe_forward(x, wts, ids, slots, w13, w13_s, w2, w2_s), ref)
-        self.check("triton MoE", shape, m, err <= 1e-3, f"rel err {err:.1e} vs int8_moe_forward (torch _int_mm loop)")
+        if not self.check("triton MoE", shape, m, err <= 1e-3, f"rel err {err:.1e} vs int8_moe_forward (_int_mm loop)"):
+            return []
 
         def bf16_loop(i):
             x, wts, ids = inputs[i]
@@ -303,13 +329,13 @@ class Bench:
         ms = {impl: self.time_ms(fn, copies) for impl, fn in timings.items()}
         touched = statistics.mean(len(set(inp[2].reshape(-1).tolist())) for inp in inputs)
         flops = 2.0 * m * top_k * 3 * hidden * inter
-        int8_bytes = touched * 3 * hidden * inter + m * hidden * 2 + m * hidden * 4
+        io_bytes = m * hidden * 2 + m * hidden * 4  # bf16 x in, float32 out
         rows = []
         for impl, t in ms.items():
             int8 = impl != "bf16 expert loop"
-            rows.append(self.row(shape, m, impl, t, flops, int8_bytes if int8 else 2 * int8_bytes, int8,
-                                 ms["torch _int_mm expert loop"] if impl == "triton fused MoE" else None,
-                                 ms["bf16 expert loop"]))
+            weight_bytes = touched * 3 * hidden * inter * (1 if int8 else 2)  # experts actually routed to
+            rows.append(self.row(shape, m, impl, t, flops, weight_bytes + io_bytes, int8,
+                                 ms["torch _int_mm expert loop"] if int8 else None, ms["bf16 expert loop"]))
         print(f"{shape} M={m}: " + ", ".join(f"{impl} {t:.4f} ms" for impl, t in ms.items()), flush=True)
         return rows
 

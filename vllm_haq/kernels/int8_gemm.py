@@ -10,7 +10,14 @@ Backends (chosen in one place, :func:`select_backend`):
   W8A8 uses on CPU). Used only where a start-up self-check finds it exact:
   on CPUs without VNNI/AMX (AVX2 only) oneDNN's int8 path saturates its int16
   intermediates and was measured 14–23% off on full-range int8 data.
-* ``cutlass`` — CUDA, vLLM's CUTLASS ``cutlass_scaled_mm`` + ``scaled_int8_quant``.
+* ``triton``  — CUDA, this package's Triton kernels (:mod:`.triton_quant`,
+  :mod:`.triton_gemm`): fused smoothing + per-token quant, then the scaled GEMM
+  reading the checkpoint's row-major weight. Needs only torch and Triton. The
+  modules are imported on first use, never when this package is imported: a
+  Triton kernel is fixed as compiled or interpreted when its module is imported
+  (``TRITON_INTERPRET``), and vLLM's processes must not inherit a test's choice.
+* ``cutlass`` — CUDA, vLLM's CUTLASS ``cutlass_scaled_mm`` + ``scaled_int8_quant``
+  (explicit choice; ``auto`` takes it on CUDA only when Triton is missing).
 * ``torch``   — exact int32 products without vLLM: ``torch._int_mm`` on CUDA; on
   CPU (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
   integers via float32 BLAS in K-chunks of 1024, each chunk exact because
@@ -28,7 +35,7 @@ from vllm_haq.quant import quantize_per_token
 
 log = logging.getLogger("vllm_haq.kernels")
 
-BACKENDS = ("onednn", "cutlass", "torch")
+BACKENDS = ("onednn", "cutlass", "triton", "torch")
 _ENV_BACKEND = "HAQ_INT8_BACKEND"
 
 
@@ -52,13 +59,43 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     ops = _vllm_ops()
     if device.type == "cpu" and ops is not None and hasattr(ops, "create_onednn_scaled_mm"):
         if _onednn_is_exact():
-            return "onednn"
-        log.info("vllm-haq: oneDNN int8 GEMM is inexact on this CPU (no VNNI); using exact fp32-BLAS int8 GEMM")
-        return "torch"
-    if device.type == "cuda" and ops is not None and hasattr(ops, "cutlass_scaled_mm"):
-        return "cutlass"
-    log.warning("vllm-haq: no vLLM int8 ops for %s; using torch._int_mm (slow on CPU)", device)
-    return "torch"
+            return _chosen(device, "onednn", "vLLM oneDNN int8 ops, exact on this CPU")
+        return _chosen(device, "torch", "oneDNN int8 GEMM is inexact on this CPU (no VNNI); exact fp32-BLAS int8 GEMM")
+    if device.type == "cuda":
+        if _triton_available():
+            return _chosen(device, "triton", "Triton int8 kernels")
+        if ops is not None and hasattr(ops, "cutlass_scaled_mm"):
+            return _chosen(device, "cutlass", "Triton is not importable; vLLM CUTLASS int8 ops")
+    return _chosen(device, "torch", "no usable Triton or vLLM int8 ops: torch._int_mm on CUDA, exact fp32-BLAS "
+                   "chunks on CPU", level=logging.WARNING)
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _chosen(device: torch.device, backend: str, why: str, level: int = logging.INFO) -> str:
+    """Log the automatic choice once per device type and backend (it is made for every layer)."""
+    if (device.type, backend) not in _LOGGED:
+        _LOGGED.add((device.type, backend))
+        log.log(level, "vllm-haq: int8 GEMM backend for %s: %s (%s)", device.type, backend, why)
+    return backend
+
+
+_TRITON_OK: bool | None = None
+
+
+def _triton_available() -> bool:
+    """Whether Triton imports (cached); importing it does not import this package's kernels."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401, PLC0415 (optional dependency)
+
+            _TRITON_OK = True
+        except Exception as exc:  # noqa: BLE001 - absent or broken: fall back
+            log.info("vllm-haq: Triton is not importable (%s)", exc)
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 _ONEDNN_EXACT: bool | None = None
@@ -98,7 +135,7 @@ class ScaledInt8Gemm:
         self.smooth = None if smooth is None else smooth.float()
         self.w_scale = w_scale.float().reshape(self.n, 1).contiguous()
         self.backend = select_backend(w_q.device, backend)
-        ops = _vllm_ops()
+        ops = _vllm_ops() if self.backend in ("onednn", "cutlass") else None
         if self.backend == "onednn":
             # oneDNN prepacks the weight: the handler owns it, w_q can be freed by the caller.
             self._ops = ops
@@ -106,12 +143,20 @@ class ScaledInt8Gemm:
         elif self.backend == "cutlass":
             self._ops = ops
             self.w_t = w_q.t()  # column-major [K, N] as CUTLASS expects
+        elif self.backend == "triton":
+            from vllm_haq.kernels.triton_gemm import triton_w8a8_linear  # noqa: PLC0415 (see module doc)
+
+            self._triton_linear = triton_w8a8_linear
+            self.w_q = w_q.contiguous()  # row-major [N, K], the layout the kernel reads
         else:
             self.w_t = w_q.t().contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.backend == "triton":  # smoothing is fused into its quantization
+            out = self._triton_linear(x, self.w_q, self.w_scale, bias, self.smooth, self.out_dtype)
+            return out.reshape(*shape[:-1], self.n)
         if self.smooth is not None:
             x = x.float() / self.smooth
         if self.backend == "onednn":

@@ -1,0 +1,241 @@
+"""Fused int8 MoE over expert cache slots in Triton.
+
+Same arithmetic as :func:`vllm_haq.kernels.moe.int8_moe_forward` (float32 GEMM
+outputs): x is quantized per token once (every expert's w13 would quantize the
+same row identically), ``h = silu(gate) * up`` is computed in float32 from the
+scaled int32 products and quantized per token again before w2, and
+``weight * w2(h)`` is summed over a token's routes in float32.
+
+Steps (four launches, no host synchronization, so nothing waits on the GPU):
+
+1. :func:`align_routes` (torch): routes sorted by cache slot and padded to whole
+   ``block_m`` row blocks; routes whose expert has no slot (-1) are dropped.
+2. ``_moe_w13_swiglu_kernel``: grouped GEMM of gathered x rows with the block's
+   slot of w13, gate and up tiles side by side, SwiGLU in the epilogue.
+3. :func:`triton_quantize_per_token` on the intermediate rows.
+4. ``_moe_w2_kernel``: grouped GEMM with w2, router weight in the epilogue, one
+   output row per route; ``_moe_sum_routes_kernel`` then adds a token's routes in
+   top-k order into ``out`` — deterministic, no atomics.
+
+The number of row blocks is bounded without reading the counts on the host:
+Σ_s ceil(c_s / B) ≤ floor(R / B) + min(S, R) for R routes over S slots. Blocks
+past the end carry slot -1 and only write zeros.
+
+CUDA kernels; on CPU they run under ``TRITON_INTERPRET=1`` (tests only).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_haq.kernels.triton_gemm import GemmConfig
+from vllm_haq.kernels.triton_quant import triton_quantize_per_token
+
+
+def moe_config(num_tokens: int) -> GemmConfig:
+    """Tiles for the grouped GEMMs: decode (few routes per expert) or prefill."""
+    if num_tokens <= 32:
+        return GemmConfig(16, 64, 128, num_warps=4, num_stages=4)
+    return GemmConfig(64, 128, 128, num_warps=8, num_stages=3)
+
+
+def align_routes(topk_ids: torch.Tensor, expert_to_slot: torch.Tensor, num_slots: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routes grouped by slot in blocks of ``block_m`` rows.
+
+    Returns ``route_of_row`` int32 [blocks * block_m] (route = token * k + j; padding
+    holds the route count R), ``slot_of_block`` int32 [blocks] (-1 past the last
+    block) and ``slot_of_route`` int64 [R] (-1 where the expert is not resident).
+    """
+    routes = topk_ids.numel()
+    device = topk_ids.device
+    slot_of_route = expert_to_slot.to(device=device, dtype=torch.long)[topk_ids.reshape(-1).long()]
+    key = torch.where(slot_of_route >= 0, slot_of_route, num_slots)  # skipped routes sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))  # bincount would synchronize on CUDA
+    counts = counts[:num_slots]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    sorted_key = key[order]
+    in_slot = sorted_key.clamp(max=num_slots - 1)
+    rank = torch.arange(routes, device=device) - (torch.cumsum(counts, 0) - counts)[in_slot]
+    blocks = routes // block_m + min(num_slots, routes)
+    rows = blocks * block_m
+    row = torch.where(sorted_key < num_slots, padded_end[in_slot] - padded[in_slot] + rank, rows)
+    route_of_row = torch.full((rows + 1,), routes, dtype=torch.int32, device=device)
+    route_of_row.scatter_(0, row, order.to(torch.int32))  # row `rows` collects the skipped routes
+    block_start = torch.arange(blocks, device=device) * block_m
+    slot_of_block = torch.searchsorted(padded_end, block_start, right=True)
+    slot_of_block = torch.where(slot_of_block < num_slots, slot_of_block, -1).to(torch.int32)
+    return route_of_row[:rows], slot_of_block, slot_of_route
+
+
+@triton.jit
+def _moe_w13_swiglu_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, route_of_row_ptr, slot_of_block_ptr,
+    num_routes, top_k, inter, hidden,
+    stride_xm, stride_w_slot, stride_wn, stride_ws_slot, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    block = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    slot = tl.load(slot_of_block_ptr + block)
+    route = tl.load(route_of_row_ptr + offs_r)
+    token = tl.where(route < num_routes, route // top_k, 0).to(tl.int64)
+    n_mask = offs_n < inter
+    cols = tl.where(n_mask, offs_n, 0).to(tl.int64)
+    w_slot = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_w_slot
+    a_ptrs = xq_ptr + token[:, None] * stride_xm + offs_k[None, :]
+    gate_ptrs = w_slot + cols[None, :] * stride_wn + offs_k[:, None]
+    up_ptrs = gate_ptrs + inter * stride_wn
+
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    k_end = tl.where(slot >= 0, hidden, 0)  # blocks past the end skip the GEMM and write zeros
+    for k_start in range(0, k_end, BLOCK_K):
+        k_left = hidden - k_start
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        acc_gate = tl.dot(a, tl.load(gate_ptrs, mask=offs_k[:, None] < k_left, other=0), acc_gate,
+                          out_dtype=tl.int32)
+        acc_up = tl.dot(a, tl.load(up_ptrs, mask=offs_k[:, None] < k_left, other=0), acc_up,
+                        out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+
+    x_scale = tl.load(xs_ptr + token)
+    ws_slot = ws_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_ws_slot
+    gate = acc_gate.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + cols)[None, :]
+    up = acc_up.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + inter + cols)[None, :]
+    h = gate / (1.0 + tl.exp(-gate)) * up  # silu as torch computes it
+    h_ptrs = h_ptr + offs_r[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h, mask=n_mask[None, :])
+
+
+@triton.jit
+def _moe_w2_kernel(
+    hq_ptr, hs_ptr, w_ptr, ws_ptr, topk_weights_ptr, route_out_ptr, route_of_row_ptr, slot_of_block_ptr,
+    num_routes, hidden, inter,
+    stride_hm, stride_w_slot, stride_wn, stride_ws_slot, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    block = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    slot = tl.load(slot_of_block_ptr + block)
+    route = tl.load(route_of_row_ptr + offs_r)
+    valid = route < tl.where(slot >= 0, num_routes, 0)  # padding rows and blocks past the end
+    n_mask = offs_n < hidden
+    cols = tl.where(n_mask, offs_n, 0).to(tl.int64)
+    w_slot = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_w_slot
+    a_ptrs = hq_ptr + offs_r[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = w_slot + cols[None, :] * stride_wn + offs_k[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    k_end = tl.where(slot >= 0, inter, 0)
+    for k_start in range(0, k_end, BLOCK_K):
+        k_left = inter - k_start
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    h_scale = tl.load(hs_ptr + offs_r)
+    w_scale = tl.load(ws_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_ws_slot + cols)
+    safe_route = tl.where(valid, route, 0).to(tl.int64)
+    router_weight = tl.load(topk_weights_ptr + safe_route, mask=valid, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * h_scale[:, None] * w_scale[None, :] * router_weight[:, None]
+    out_ptrs = route_out_ptr + safe_route[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y, mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_sum_routes_kernel(route_out_ptr, slot_of_route_ptr, out_ptr, hidden, stride_rm, stride_om,
+                           TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    out_ptrs = out_ptr + token * stride_om + cols
+    acc = tl.load(out_ptrs, mask=mask, other=0.0)
+    for j in tl.static_range(TOP_K):
+        # a non-resident route's row was never written: read nothing from it
+        cols_end = tl.where(tl.load(slot_of_route_ptr + token * TOP_K + j) >= 0, hidden, 0)
+        acc += tl.load(route_out_ptr + (token * TOP_K + j) * stride_rm + cols, mask=cols < cols_end, other=0.0)
+    tl.store(out_ptrs, acc, mask=mask)
+
+
+def triton_int8_moe_forward(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_to_slot: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)`` for the experts that have a cache slot.
+
+    ``x`` [M, H] float; ``topk_weights`` [M, k]; ``topk_ids`` [M, k] expert ids;
+    ``expert_to_slot`` int32 [E] (-1: not resident, its routes are skipped);
+    ``w13`` int8 [S, 2I, H] (rows :I gate, I: up) with ``w13_scale`` [S, 2I, 1];
+    ``w2`` int8 [S, H, I] with ``w2_scale`` [S, H, 1]. ``out`` (float32 [M, H]),
+    when given, is accumulated into so the offload engine can add the
+    non-resident experts' contributions. Returns float32 [M, H].
+    """
+    m, hidden = x.shape
+    num_slots, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    if (w13.dtype != torch.int8 or w2.dtype != torch.int8 or w13.shape[2] != hidden
+            or tuple(w2.shape[1:]) != (hidden, inter)):
+        raise ValueError(f"expected int8 w13 [S, 2I, {hidden}] and w2 [S, {hidden}, I], got "
+                         f"{w13.dtype} {tuple(w13.shape)} and {w2.dtype} {tuple(w2.shape)}")
+    if out is None:
+        out = torch.zeros(m, hidden, dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (m, hidden) or out.stride(-1) != 1:
+        raise ValueError(f"out must be contiguous float32 [{m}, {hidden}], got {out.dtype} {tuple(out.shape)}")
+    if m == 0 or num_slots == 0:
+        return out
+    cfg = config or moe_config(m)
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    w13_scale = w13_scale.reshape(num_slots, two_inter).float().contiguous()
+    w2_scale = w2_scale.reshape(num_slots, hidden).float().contiguous()
+    weights = topk_weights.reshape(-1).float().contiguous()
+
+    route_of_row, slot_of_block, slot_of_route = align_routes(topk_ids, expert_to_slot, num_slots, cfg.block_m)
+    rows, blocks = route_of_row.numel(), slot_of_block.numel()
+    x_q, x_scale = triton_quantize_per_token(x)
+    h = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
+    _moe_w13_swiglu_kernel[(blocks, triton.cdiv(inter, cfg.block_n))](
+        x_q, x_scale, w13, w13_scale, h, route_of_row, slot_of_block,
+        m * top_k, top_k, inter, hidden,
+        x_q.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    h_q, h_scale = triton_quantize_per_token(h)
+    route_out = torch.empty(m * top_k, hidden, dtype=torch.float32, device=x.device)
+    _moe_w2_kernel[(blocks, triton.cdiv(hidden, cfg.block_n))](
+        h_q, h_scale, w2, w2_scale, weights, route_out, route_of_row, slot_of_block,
+        m * top_k, hidden, inter,
+        h_q.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), route_out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    sum_block = min(triton.next_power_of_2(hidden), 1024)
+    _moe_sum_routes_kernel[(m, triton.cdiv(hidden, sum_block))](
+        route_out, slot_of_route, out, hidden, route_out.stride(0), out.stride(0),
+        TOP_K=top_k, BLOCK=sum_block, num_warps=4,
+    )
+    return out
