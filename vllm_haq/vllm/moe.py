@@ -10,7 +10,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_haq.format import SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values
-from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
 
 # Layer key → method, so the opaque custom op can find its layer. The op hides the
 # data-dependent expert loop from torch.compile (which traces into `apply` on CPU).
@@ -103,6 +103,13 @@ class HAQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         e = layer.w13_weight.shape[0]
+        # CUDA: the fused Triton MoE (all experts resident: slot = expert id). It has no per-expert
+        # smoothing input, so explicitly smoothed layers take the per-expert GEMM loop below.
+        self.fused = None
+        if layer.w13_weight.is_cuda and not self.explicit_smoothing and select_backend(layer.w13_weight.device) == "triton":
+            slots = torch.arange(e, dtype=torch.int32, device=layer.w13_weight.device)
+            weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
+            self.fused = (slots, weights)
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else [None] * e
         self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
                                    smooth=smooth[i]) for i in range(e)]
@@ -111,6 +118,9 @@ class HAQMoEMethod(FusedMoEMethodBase):
         _LAYERS[self.layer_key] = self
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            slots, weights = self.fused
+            return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights).to(x.dtype)
         return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2).to(x.dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
