@@ -2,8 +2,10 @@
 
 Memory stays bounded by one decoder layer plus the calibration activations:
 the calibration batch is embedded once, then each decoder layer is loaded
-from the safetensors, quantized, run (quantized, so the next layer calibrates
-on what the served model will really see), written as its own shard and freed.
+from the safetensors, (for calibrated methods) run in float to collect input
+statistics, smoothed and quantized (offline.calibrated), run quantized — so the
+next layer calibrates on what the served model will really see — written as
+its own shard and freed.
 
 Crash safety: all work happens in ``OUT_DIR.partial``; after every layer the
 shard, the calibration activations and the routing statistics are written
@@ -37,7 +39,7 @@ from vllm_haq.format import (
 from vllm_haq.quant import quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig
 
-from offline.calibrated import METHODS as CALIBRATED_METHODS
+from offline.calibrated import METHODS as METHOD_SPECS
 from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, InputStats, quantize_calibrated
 from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
@@ -46,7 +48,7 @@ from offline.source import SafetensorsCheckpoint, SourceError
 
 log = logging.getLogger("haq.convert")
 
-METHODS = tuple(CALIBRATED_METHODS)
+METHODS = tuple(METHOD_SPECS)
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json",
@@ -214,8 +216,8 @@ class _Conversion:
         qcfg = HAQQuantConfig(
             ignore=list(opts.ignore),
             smoothing={
-                "method": "none" if not CALIBRATED_METHODS[opts.method].smooth else
-                ("searched" if CALIBRATED_METHODS[opts.method].search_alpha else "fixed"),
+                "method": "none" if not METHOD_SPECS[opts.method].smooth else
+                ("searched" if METHOD_SPECS[opts.method].search_alpha else "fixed"),
                 # layer -> first consumer of each producer -> alpha (null: left unsmoothed)
                 "alpha": self.smoothing, "folded": bool(self.smoothing),
                 "explicit": sorted(b for rec in self.smoothing.values() for b in rec.get("explicit", [])),
@@ -268,7 +270,7 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
         if not torch.isfinite(w).all():
             raise SourceError(f"tensor {full}.weight has non-finite values (NaN/inf); the source model is damaged")
         targets.append(module)
-    method = CALIBRATED_METHODS[opts.method]
+    method = METHOD_SPECS[opts.method]
     record: dict = {}
     if opts.method == "rtn":
         reference = tensors
