@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 
-
 from vllm_haq import __version__
 from vllm_haq.format import SAFETENSORS_INDEX, HAQQuantConfig, validate_checkpoint
 
