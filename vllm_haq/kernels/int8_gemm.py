@@ -149,7 +149,9 @@ class ScaledInt8Gemm:
             self._triton_linear = triton_w8a8_linear
             self.w_q = w_q.contiguous()  # row-major [N, K], the layout the kernel reads
         else:
-            self.w_t = w_q.t().contiguous()
+            # A view, not a copy: exact_int8_mm reads row blocks of it on CPU, and on CUDA a
+            # transposed row-major weight is the column-major operand cuBLASLt's int8 GEMM wants.
+            self.w_t = w_q.t()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape

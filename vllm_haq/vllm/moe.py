@@ -102,6 +102,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         return load
 
     def process_weights_after_loading(self, layer) -> None:
+        _LAYERS[self.layer_key] = self
         e = layer.w13_weight.shape[0]
         # CUDA: the fused Triton MoE (all experts resident: slot = expert id). It has no per-expert
         # smoothing input, so explicitly smoothed layers take the per-expert GEMM loop below.
@@ -110,12 +111,12 @@ class HAQMoEMethod(FusedMoEMethodBase):
             slots = torch.arange(e, dtype=torch.int32, device=layer.w13_weight.device)
             weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
             self.fused = (slots, weights)
+            return
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else [None] * e
         self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
                                    smooth=smooth[i]) for i in range(e)]
         self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype)
                    for i in range(e)]
-        _LAYERS[self.layer_key] = self
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
