@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
-from vllm_haq.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, HessianAccumulator
 from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
 
 from offline.models import ModelSpec, SmoothGroup
@@ -126,16 +126,24 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: dict[str, torch.Tensor], tar
                 _apply_smoothing(t, g, _factors(t, g, consumers, stats, a), stats)
     out = dict(t)
     fallbacks = []
+    by_input: dict[str, list[str]] = {}
     for module in targets:
-        w = t[f"{module}.weight"]
-        acc = stats.acc.get(input_key(module))
+        by_input.setdefault(input_key(module), []).append(module)
+    for key, modules in by_input.items():
+        acc = stats.acc.get(key)
         if method.gptq and acc is not None and acc.n >= MIN_EXPERT_TOKENS:
-            q, s = gptq_quantize(w, acc.h, gptq_cfg)
-        else:
+            # Linears reading the same input (q/k/v, gate/up) share H: GPTQ's rows are independent
+            # given H, so one stacked call (one factorization of H) gives each linear's own result.
+            ws = [t[f"{m}.weight"] for m in modules]
+            q, s = GPTQSolver(acc.h, gptq_cfg).quantize(torch.cat([w.float() for w in ws]))
+            sizes = [w.shape[0] for w in ws]
+            for m, qm, sm in zip(modules, q.split(sizes), s.split(sizes)):
+                out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm.contiguous(), sm.contiguous()
+            continue
+        for module in modules:
             if method.gptq:
                 fallbacks.append(module)
-            q, s = quantize_weight_per_channel(w)
-        out[f"{module}.weight"], out[f"{module}.weight_scale"] = q, s
+            out[f"{module}.weight"], out[f"{module}.weight_scale"] = quantize_weight_per_channel(t[f"{module}.weight"])
     out.update(explicit)
     return out, record, explicit_blocks, fallbacks
 

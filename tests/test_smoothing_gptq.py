@@ -100,3 +100,33 @@ def test_gptq_handles_dead_inputs_and_singular_hessians():
     acc.add(x)
     q, s = gptq_quantize(w, acc.h)
     assert bool((q[:, 5] == 0).all()) and bool(torch.isfinite(s).all())
+
+
+def test_gptq_on_stacked_weights_equals_gptq_per_weight():
+    """Linears that read one input (q/k/v) are quantized in one stacked call: same result as one by one."""
+    torch.manual_seed(1)
+    x = _outlier_acts(256, 48) @ (torch.randn(48, 48, dtype=D) / 48**0.5 + torch.eye(48, dtype=D))
+    acc = HessianAccumulator(48)
+    acc.add(x)
+    ws = [torch.randn(n, 48) for n in (32, 16, 16)]
+    cfg = GPTQConfig(block_size=16)
+    q_all, s_all = gptq_quantize(torch.cat(ws), acc.h, cfg)
+    for w, q, s in zip(ws, q_all.split([32, 16, 16]), s_all.split([32, 16, 16])):
+        q1, s1 = gptq_quantize(w, acc.h, cfg)
+        assert torch.equal(q, q1) and torch.equal(s, s1)
+
+
+def test_int8_matmul_reference_is_exact_at_the_int8_extremes():
+    """The float32-chunked CPU path keeps integer sums exact even when |sum| exceeds 2**24."""
+    from vllm_haq.quant import int8_matmul_reference
+
+    k = 3000  # 3000 * 127**2 > 2**24: a single float32 dot product would round
+    x = torch.full((3, k), 127, dtype=torch.int8)
+    x[1] = -127
+    x[2, ::2] = 1
+    w = torch.full((2, k), 127, dtype=torch.int8)
+    w[1, 1::3] = -127
+    one = torch.ones(3, 1)
+    got = int8_matmul_reference(x, one, w, torch.ones(2, 1))
+    exact = (x.long() @ w.long().t()).double()
+    assert torch.equal(got, exact)

@@ -34,12 +34,14 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1])
         if x.shape[0] == 0:
             return
+        # XᵀX of one batch in float32 (float64 input stays float64); the running mean is float64.
+        x = x if x.dtype == torch.float64 else x.float()
         total = self.n + x.shape[0]
-        self.h.mul_(self.n / total).add_(x.t() @ x, alpha=2.0 / total)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.h.mul_(self.n / total).add_((x.t() @ x).double(), alpha=2.0 / total)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).double())
         self.n = total
 
 
@@ -50,36 +52,59 @@ def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 weights [out, in] and float32 scales [out, 1] for ``w`` given input Hessian ``h`` [in, in]."""
-    w = w.double().clone()
-    h = h.double().clone()
-    n_in = w.shape[1]
-    scale = weight_scale_from_amax(w.abs().amax(dim=1, keepdim=True)).double()
+    """Int8 weights [out, in] and float32 scales [out, 1] for ``w`` given input Hessian ``h`` [in, in].
 
-    dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter on calibration data
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(n_in)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += torch.eye(n_in, dtype=torch.float64) * (cfg.dampening * torch.mean(torch.diag(h)))
-    hinv = _upper_cholesky_of_inverse(h)
+    Output rows are independent given ``h``: the weights of several linears that read the same
+    input can be stacked into one call (one Cholesky factorization) with the same result.
+    """
+    return GPTQSolver(h, cfg).quantize(w)
 
-    q = torch.zeros_like(w)
-    for b0 in range(0, n_in, cfg.block_size):
-        b1 = min(b0 + cfg.block_size, n_in)
-        w_blk = w[:, b0:b1].clone()
-        err_blk = torch.zeros_like(w_blk)
-        hinv_blk = hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = w_blk[:, j]
-            qcol = torch.round(col / scale[:, 0]).clamp(-INT8_MAX, INT8_MAX)
-            q[:, b0 + j] = qcol
-            err = (col - qcol * scale[:, 0]) / hinv_blk[j, j]
-            w_blk[:, j:] -= err.unsqueeze(1) * hinv_blk[j, j:].unsqueeze(0)
-            err_blk[:, j] = err
-        w[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
-    q = q[:, torch.argsort(perm)]
-    return q.to(torch.int8), scale.float()
+
+class GPTQSolver:
+    """The ``h``-dependent part of GPTQ (dead inputs, act-order permutation, dampened Cholesky of H⁻¹),
+    computed once and reused for every weight that reads this input.
+
+    Runs in float32 like the reference implementation (Frantar et al.); the lazy-batch update
+    applies each block's accumulated error to the remaining columns with one matmul.
+    """
+
+    def __init__(self, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()):
+        h = h.double().clone()
+        n_in = h.shape[0]
+        self.cfg = cfg
+        self.dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter on calibration data
+        h[self.dead, self.dead] = 1.0
+        self.perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(n_in)
+        self.inv_perm = torch.argsort(self.perm)
+        h = h[self.perm][:, self.perm]
+        h += torch.eye(n_in, dtype=torch.float64) * (cfg.dampening * torch.mean(torch.diag(h)))
+        self.hinv = _upper_cholesky_of_inverse(h).float()
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.float().clone()
+        n_in = w.shape[1]
+        scale = weight_scale_from_amax(w.abs().amax(dim=1, keepdim=True))
+        w[:, self.dead] = 0.0
+        w = w[:, self.perm].contiguous()
+        hinv = self.hinv
+        q = torch.empty_like(w)
+        bs = self.cfg.block_size
+        for b0 in range(0, n_in, bs):
+            b1 = min(b0 + bs, n_in)
+            w_blk = w[:, b0:b1].clone()
+            q_blk = q[:, b0:b1]
+            err_blk = torch.empty_like(w_blk)
+            hinv_blk = hinv[b0:b1, b0:b1]
+            for j in range(b1 - b0):
+                col = w_blk[:, j : j + 1]
+                qcol = torch.round(col / scale).clamp_(-INT8_MAX, INT8_MAX)
+                q_blk[:, j : j + 1] = qcol
+                err = (col - qcol * scale) / hinv_blk[j, j]
+                w_blk[:, j + 1 :].sub_(err * hinv_blk[j : j + 1, j + 1 :])
+                err_blk[:, j : j + 1] = err
+            if b1 < n_in:
+                w[:, b1:].sub_(err_blk @ hinv[b0:b1, b1:])
+        return q[:, self.inv_perm].to(torch.int8), scale
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 INT8_MAX = 127
 # A zero row (or channel) would give scale 0 and 0/0 = NaN; clamp the amax.
 _MIN_AMAX = 1e-8
+_EXACT_K = 1024  # int8 products a float32 sum holds exactly (1024 * 127**2 < 2**24)
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,17 @@ def int8_matmul_reference(
     ``x_q`` int8 [M, K], ``x_scale`` [M, 1], ``w_q`` int8 [N, K], ``w_scale`` [N, 1].
     Integer sums of int8 products with K < 2**37 are exact in float64.
     """
-    acc = x_q.double() @ w_q.double().t()
+    if x_q.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
+        # Faster and still exact: float32 holds every partial sum of at most _EXACT_K int8 products
+        # (|sum| <= 1024 * 127² < 2**24), so each K-chunk is an exact integer; chunks add in float64.
+        acc = None
+        for k0 in range(0, x_q.shape[1], _EXACT_K):
+            part = (x_q[:, k0 : k0 + _EXACT_K].float() @ w_q[:, k0 : k0 + _EXACT_K].float().t()).double()
+            acc = part if acc is None else acc.add_(part)
+        if acc is None:
+            acc = torch.zeros(x_q.shape[0], w_q.shape[0], dtype=torch.float64)
+    else:
+        acc = x_q.double() @ w_q.double().t()
     return acc * x_scale.double() * w_scale.double().t()
 
 
