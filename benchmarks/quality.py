@@ -91,13 +91,27 @@ def main() -> int:
     ap.add_argument("--max-windows", type=int, default=None, help="512-token windows per corpus (default: all)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--models", nargs="*", default=None, help="subset of model names")
+    ap.add_argument("--columns", nargs="*", default=None,
+                    help=f"subset of columns to measure (bf16 is always measured): {[*HAQ_METHODS, 'llm-compressor']}")
     args = ap.parse_args()
+    if args.columns:
+        unknown = set(args.columns) - {*HAQ_METHODS, "llm-compressor"}
+        if unknown:
+            ap.error(f"unknown columns {sorted(unknown)}")
 
     from offline.evaluate import eval_token_windows
 
     calib = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
     corpora = {"wiki.test": os.path.join(CORPORA, "wiki.test.txt"), "sotu.test": os.path.join(CORPORA, "sotu.test.txt")}
     os.makedirs(args.work, exist_ok=True)
+    store = load_store(args.out)
+    run_id = 1 + max((r["id"] for r in store["runs"]), default=0)
+    store["runs"].append({
+        "id": run_id, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(), "vllm": _vllm_version(),
+        "command": ".venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "windows": args.max_windows, "samples": args.samples, "notes": [],
+    })
     results = []
     for name, locate in models().items():
         if args.models and name not in args.models:
@@ -107,7 +121,7 @@ def main() -> int:
         windows = {c: eval_token_windows(src, p, 512, args.max_windows) for c, p in corpora.items()}
         row = {"model": name, "ppl": {"bf16": score(src, windows, "vllm")}, "cost": {}, "hf": {}, "notes": []}
         for col, opts in HAQ_METHODS.items():
-            if col == "HAQ per-expert" and not moe:
+            if col == "HAQ per-expert" and not moe or args.columns and col not in args.columns:
                 continue
             out = os.path.join(args.work, f"{name}-{col.replace(' ', '-')}")
             shutil.rmtree(out, ignore_errors=True)
@@ -120,8 +134,9 @@ def main() -> int:
             row["ppl"][col] = score(out, windows, "vllm")
             if col.startswith("HAQ"):
                 row["hf"][col] = score(out, windows, "hf")
-        row["ppl"]["llm-compressor"] = None
-        if not os.path.exists(LLMC_PY):
+        if args.columns and "llm-compressor" not in args.columns:
+            pass
+        elif not os.path.exists(LLMC_PY):
             row["notes"].append("llm-compressor: .venv-llmc missing (python3 -m venv .venv-llmc && "
                                 ".venv-llmc/bin/pip install torch==2.13.0 llmcompressor)")
         else:
@@ -141,58 +156,104 @@ def main() -> int:
                 row["notes"].append(f"llm-compressor failed: {cost.get('error')}")
         results.append(row)
         print(json.dumps(row), flush=True)
+        merge(store, row, run_id)
         if args.out:  # after every model: a long run that is stopped keeps its finished rows
-            with open(args.out, "w") as f:
-                f.write(render(results, args))
-    print(render(results, args))
+            save_store(store, args.out)
+    print(render(store))
     return 0
 
 
-def render(results: list[dict], args) -> str:
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{platform.machine()} {os.cpu_count()} cores ({cpu or 'CPU'}), no GPU"
+
+
+def _json_path(md_path: str) -> str:
+    return os.path.splitext(md_path)[0] + ".json"
+
+
+def load_store(md_path: str | None) -> dict:
+    """All measured rows so far (the JSON next to the markdown): a run adds or replaces cells, never whole tables."""
+    if md_path and os.path.exists(_json_path(md_path)):
+        with open(_json_path(md_path)) as f:
+            return json.load(f)
+    return {"runs": [], "rows": []}
+
+
+def save_store(store: dict, md_path: str) -> None:
+    with open(_json_path(md_path), "w") as f:
+        json.dump(store, f, indent=1)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(render(store))
+
+
+def merge(store: dict, row: dict, run_id: int) -> None:
+    """Put this run's cells of ``row`` into the store (same model: cell by cell; bf16 always replaced)."""
+    old = next((r for r in store["rows"] if r["model"] == row["model"]), None)
+    if old is None:
+        old = {"model": row["model"], "ppl": {}, "cost": {}, "hf": {}, "run": {}}
+        store["rows"].append(old)
+    for col, v in row["ppl"].items():
+        old["ppl"][col] = v
+        old["run"][col] = run_id
+    for key in ("cost", "hf"):
+        old[key].update(row[key])
+    store["runs"][-1]["notes"] += [f"{row['model']}: {n}" for n in row["notes"]]
+
+
+def render(store: dict) -> str:
     cols = ["bf16", *HAQ_METHODS, "llm-compressor"]
-    lines = [
-        "# W8A8 quality: perplexity through vLLM (quantization=\"haq\")",
+    lines = ["# W8A8 quality: perplexity through vLLM (quantization=\"haq\")", "",
+             "Rows are merged across runs (`benchmarks/quality.py` keeps every cell in `quality.json` next to this "
+             "file and replaces only what a run measures); the `run` column says which run measured a row's cells.",
+             "", "## runs", ""]
+    for r in store["runs"]:
+        w = "all" if r.get("windows") is None else r["windows"]
+        lines.append(f"- run {r['id']}: {r['date']}; {r['machine']}; vLLM {r['vllm']}; "
+                     f"command: `{r['command']}`; {w} non-overlapping 512-token windows per corpus; calibration: "
+                     f"wiki.train + sotu.train, {r['samples']} windows of 512 tokens, seed 0")
+        lines += [f"  - {n}" for n in r.get("notes", [])]
+    lines += [
         "",
-        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()} {os.cpu_count()} cores, "
-        f"{platform.processor() or 'CPU'} (no GPU); vLLM {_vllm_version()}",
-        f"- command: `.venv/bin/python benchmarks/quality.py --out benchmarks/results/quality.md"
-        f"{'' if args.max_windows is None else f' --max-windows {args.max_windows}'} --samples {args.samples}`",
-        f"- windows: {'all' if args.max_windows is None else args.max_windows} non-overlapping 512-token windows "
-        "per corpus; calibration: wiki.train + sotu.train, "
-        f"{args.samples} windows of 512 tokens, seed 0",
-        "- llm-compressor checkpoints (compressed-tensors W8A8 int8) are served through the same plugin after "
+        "llm-compressor checkpoints (compressed-tensors W8A8 int8) are served through the same plugin after "
         "`offline.interop.import_compressed_tensors` (same int8 arithmetic for every column).",
         "",
-        "| model | corpus | " + " | ".join(cols) + " |",
-        "|---|---|" + "---|" * len(cols),
+        "| model | corpus | " + " | ".join(cols) + " | run |",
+        "|---|---|" + "---|" * (len(cols) + 1),
     ]
-    for r in results:
+    for r in store["rows"]:
         base = r["ppl"]["bf16"]
+        runs = ", ".join(str(x) for x in sorted(set(r["run"].values())))
         for corpus in base:
             cells = []
             for c in cols:
-                v = (r["ppl"].get(c) or {}).get(corpus) if r["ppl"].get(c) else None
+                v = (r["ppl"].get(c) or {}).get(corpus)
                 if v is None:
                     cells.append("–")
                 elif c == "bf16":
                     cells.append(f"{v:.3f}")
                 else:
                     cells.append(f"{v:.3f} ({100 * (v / base[corpus] - 1):+.2f}%)")
-            lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + f" | {runs} |")
     lines += ["", "## hf backend vs vLLM backend (HAQ checkpoints)", "", "| model | column | corpus | vLLM | hf | diff |",
               "|---|---|---|---|---|---|"]
-    for r in results:
+    for r in store["rows"]:
         for col, per in r["hf"].items():
             for corpus, hf in per.items():
                 v = r["ppl"][col][corpus]
                 lines.append(f"| {r['model']} | {col} | {corpus} | {v:.3f} | {hf:.3f} | {100 * (hf / v - 1):+.3f}% |")
-    lines += ["", "## converter cost", "", "| model | column | wall s | peak RSS MB |", "|---|---|---|---|"]
-    for r in results:
+    lines += ["", "## converter cost", "", "| model | column | wall s | peak RSS MB | run |", "|---|---|---|---|---|"]
+    for r in store["rows"]:
         for col, c in r["cost"].items():
-            lines.append(f"| {r['model']} | {col} | {c['seconds']} | {c.get('peak_rss_mb', '?')} |")
-    notes = [n for r in results for n in r["notes"]]
-    if notes:
-        lines += ["", "## notes", ""] + [f"- {n}" for n in notes]
+            lines.append(f"| {r['model']} | {col} | {c['seconds']} | {c.get('peak_rss_mb', '?')} | {r['run'].get(col, '?')} |")
+    for section in store.get("sections", []):
+        lines += ["", section.rstrip()]
     return "\n".join(lines) + "\n"
 
 
