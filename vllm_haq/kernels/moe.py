@@ -1,14 +1,18 @@
 """Int8 mixture-of-experts forward over per-expert prepared GEMMs.
 
 Tokens are grouped by expert (one sort), each expert runs its SwiGLU MLP as two
-W8A8 GEMMs (``w13`` = [w1; w3] fused, then ``w2``), and the router-weighted
-results are accumulated in float32. The expert → GEMM lookup is a list that may
-hold ``None`` for experts that are not resident (the offload engine serves those).
+W8A8 GEMMs (``w13`` = [w1; w3] fused, then ``w2``), and every route's
+router-weighted result is written to its own row of a float32 route buffer
+[M, k, H], which is then summed over k in top-k order. Because each route has
+its own row, the result does not depend on which experts were computed where or
+in what order — the offload engine computes some experts on cache slots and
+others on CPU workers, in parallel, and still matches the all-resident forward
+bit for bit (the int8 products are exact integers on every backend).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,38 +29,74 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
     return order // k, order % k, counts
 
 
+class RouteGroups:
+    """The routes of one forward step grouped by expert (host-side counts, computed once)."""
+
+    def __init__(self, topk_ids: torch.Tensor, num_experts: int):
+        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
+            raise ValueError(f"topk_ids out of range [0, {num_experts}): min {int(topk_ids.min())}, "
+                             f"max {int(topk_ids.max())}")
+        self.tok, self.slot, counts = group_by_expert(topk_ids, num_experts)
+        self.counts = counts.tolist()
+        self.starts = (torch.cumsum(counts, 0) - counts).tolist()
+        self.routed = {e: n for e, n in enumerate(self.counts) if n}  # expert -> routed tokens
+
+    def routes_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token indices, top-k positions) of the routes to ``expert``."""
+        a, n = self.starts[expert], self.counts[expert]
+        return self.tok[a : a + n], self.slot[a : a + n]
+
+
+def expert_mlp(x: torch.Tensor, w13: Gemm, w2: Gemm) -> torch.Tensor:
+    """``w2(silu(w1 x) * w3 x)`` for one expert, float32 [n, H]."""
+    gate_up = w13(x)
+    inter = gate_up.shape[-1] // 2
+    return w2(F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).float()
+
+
+def expert_routes(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    groups: RouteGroups,
+    expert: int,
+    w13: Gemm,
+    w2: Gemm,
+    routes: torch.Tensor,
+) -> int:
+    """Write ``weight * mlp(x[t])`` of every route (t, j) to ``expert`` into ``routes[t, j]``.
+
+    Returns the number of tokens computed. Disjoint experts write disjoint rows, so
+    different threads may fill one buffer concurrently.
+    """
+    t, j = groups.routes_of(expert)
+    if t.numel() == 0:
+        return 0
+    y = expert_mlp(x[t], w13, w2)
+    routes[t, j] = y * topk_weights[t, j].float().unsqueeze(-1)
+    return t.numel()
+
+
+def new_route_buffer(x: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.zeros(x.shape[0], top_k, x.shape[1], dtype=torch.float32, device=x.device)
+
+
 def int8_moe_forward(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    w13: Sequence[Gemm | None],
-    w2: Sequence[Gemm | None],
-    experts: Sequence[int] | None = None,
+    w13: Sequence[Gemm | None] | Mapping[int, Gemm],
+    w2: Sequence[Gemm | None] | Mapping[int, Gemm],
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)`` for the experts in ``experts``.
+    """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)``, all experts resident.
 
-    ``out`` (float32 [M, H]) is accumulated into when given, so callers can add
-    the contributions of experts served elsewhere. Returns float32 [M, H].
+    ``out`` (float32 [M, H]) is accumulated into when given. Returns float32 [M, H].
     """
-    m, hidden = x.shape
-    if out is None:
-        out = torch.zeros(m, hidden, dtype=torch.float32, device=x.device)
-    tok, slot, counts = group_by_expert(topk_ids, len(w13))
-    starts = torch.cumsum(counts, 0) - counts
-    counts_l, starts_l = counts.tolist(), starts.tolist()
-    wanted = range(len(w13)) if experts is None else experts
-    for e in wanted:
-        n = counts_l[e]
-        if n == 0:
-            continue
+    groups = RouteGroups(topk_ids, len(w13))
+    routes = new_route_buffer(x, topk_ids.shape[1])
+    for e in groups.routed:
         if w13[e] is None or w2[e] is None:
             raise RuntimeError(f"expert {e} has routed tokens but no resident weights")
-        t = tok[starts_l[e] : starts_l[e] + n]
-        s = slot[starts_l[e] : starts_l[e] + n]
-        gate_up = w13[e](x[t])
-        inter = gate_up.shape[-1] // 2
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = w2[e](h)
-        out.index_add_(0, t, y.float() * topk_weights[t, s].float().unsqueeze(-1))
-    return out
+        expert_routes(x, topk_weights, groups, e, w13[e], w2[e], routes)
+    total = routes.sum(1)
+    return total if out is None else out.add_(total)

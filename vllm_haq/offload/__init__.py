@@ -1,4 +1,13 @@
-"""Expert offloading engine (host store, device cache, planner); see DESIGN.md.
+"""Expert offloading engine (host store, device cache, planner, CPU workers, prefetcher); see DESIGN.md.
 
-Empty until the offloading issue: with an expert budget of "all", every expert is resident.
+No vLLM imports: :mod:`vllm_haq.vllm.moe` drives :class:`OffloadEngine` when an expert
+budget below "all" is configured, and ``benchmarks/offload.py`` drives it on a bare
+torch + Triton install.
 """
+
+from vllm_haq.offload.config import BUDGET_KEYS, ENV_VARS, POLICIES, OffloadConfig, OffloadConfigError, parse_offload_config
+from vllm_haq.offload.engine import OffloadEngine
+from vllm_haq.offload.store import ExpertTensors
+
+__all__ = ["BUDGET_KEYS", "ENV_VARS", "POLICIES", "OffloadConfig", "OffloadConfigError", "parse_offload_config",
+           "OffloadEngine", "ExpertTensors"]

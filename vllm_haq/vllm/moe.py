@@ -1,16 +1,29 @@
-"""W8A8 int8 fused-MoE method (all experts resident; offloading plugs in here later)."""
+"""W8A8 int8 fused-MoE method: all experts resident, or served by the offload engine.
+
+With an expert budget in ``additional_config={"haq": {...}}`` (or ``HAQ_*`` environment
+variables, see :mod:`vllm_haq.offload.config`) the experts stay in host memory and
+one :class:`vllm_haq.offload.OffloadEngine` per model serves every MoE layer from its
+device cache, CPU workers and prefetcher.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
+import os
+import re
 
 import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_haq.format import SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values
+from vllm_haq.format import (SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values, read_config,
+                             validate_routing_stats)
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
+from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
+
+log = logging.getLogger("vllm_haq")
 
 # Layer key → method, so the opaque custom op can find its layer. The op hides the
 # data-dependent expert loop from torch.compile (which traces into `apply` on CPU).
@@ -43,6 +56,55 @@ def _checked_moe_loader(inner, where: str, name: str, dtype: torch.dtype):
     return load
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_OP_NAME = "vllm::haq_moe_forward"
+
+
+def _serving_step() -> bool:
+    """False for vLLM's warm-up, profiling and CUDA-graph capture passes (kept out of routing statistics)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available() or not get_forward_context().attn_metadata:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _offload_settings(quant_config) -> tuple[OffloadConfig, object]:
+    """The model's offload settings (parsed once per model) and its vLLM config."""
+    from vllm.config import get_current_vllm_config
+
+    vllm_config = get_current_vllm_config()
+    if getattr(quant_config, "offload_config", None) is None:
+        quant_config.offload_config = parse_offload_config(vllm_config.additional_config)
+    return quant_config.offload_config, vllm_config
+
+
+def _routing_prior(vllm_config, routing_file: str | None) -> dict | None:
+    """The checkpoint's routing statistics (validated), or None when it has none."""
+    model_dir = vllm_config.model_config.model
+    if not routing_file or not os.path.isdir(model_dir):
+        log.warning("vllm-haq offload: %s has no routing statistics; the planner starts from uniform expert "
+                    "statistics and learns online", model_dir)
+        return None
+    return validate_routing_stats(os.path.join(model_dir, routing_file), read_config(model_dir))
+
+
+def _keep_moe_out_of_cuda_graphs(vllm_config) -> None:
+    """Offloading decides on the host per step: graphs may not capture the MoE op (PIECEWISE, op split out)."""
+    from vllm.config import CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if cc.cudagraph_mode == CUDAGraphMode.NONE:
+        return
+    if cc.splitting_ops is None:
+        cc.splitting_ops = []
+    if _OP_NAME not in cc.splitting_ops:
+        cc.splitting_ops.append(_OP_NAME)
+    if cc.cudagraph_mode != CUDAGraphMode.PIECEWISE:
+        log.info("vllm-haq offload: cudagraph_mode %s -> PIECEWISE with %s split out", cc.cudagraph_mode, _OP_NAME)
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
 class HAQMoEMethod(FusedMoEMethodBase):
     """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales."""
 
@@ -51,6 +113,12 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.quant_config = quant_config
         self.prefix = prefix
         self.layer_key = f"{prefix}#{next(_ids)}"
+        self.offload, self._vllm_config = _offload_settings(quant_config)
+        self.engine: OffloadEngine | None = None
+        match = _LAYER_INDEX.search(prefix)
+        self.layer_index = int(match.group(1)) if match else None
+        if self.offload.offloading and self.layer_index is None:
+            raise ValueError(f"vllm-haq offload: cannot find the decoder layer index in {prefix!r}")
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs):
@@ -62,8 +130,12 @@ class HAQMoEMethod(FusedMoEMethodBase):
             "w13_weight_scale": ((num_experts, 2 * inter, 1), SCALE_DTYPE),
             "w2_weight_scale": ((num_experts, hidden_size, 1), SCALE_DTYPE),
         }
+        # offloaded experts live in host memory (the engine pins them and owns the device cache)
+        device = "cpu" if self.offload.offloading else None
+        if self.offload.offloading and torch.cuda.is_available():
+            _keep_moe_out_of_cuda_graphs(self._vllm_config)
         for name, (shape, dtype) in shapes.items():
-            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            param = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
             layer.register_parameter(name, param)
             attrs = {"weight_loader": _checked_moe_loader(loader, self.prefix, name, dtype)}
             if dtype == SCALE_DTYPE:
@@ -72,7 +144,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
         if self.explicit_smoothing:
             # Per-expert smoothing of the experts' input (checkpoint: experts.{e}.w1/w3.input_smooth).
-            param = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=SCALE_DTYPE), requires_grad=False)
+            param = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=SCALE_DTYPE, device=device),
+                                       requires_grad=False)
             layer.register_parameter("w13_input_smooth", param)
             set_weight_attrs(param, {"weight_loader": self._input_smooth_loader(layer)})
         self.out_dtype = params_dtype
@@ -103,6 +176,9 @@ class HAQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         _LAYERS[self.layer_key] = self
+        if self.offload.offloading:
+            self._register_with_engine(layer)
+            return
         e = layer.w13_weight.shape[0]
         # CUDA: the fused Triton MoE (all experts resident: slot = expert id). It has no per-expert
         # smoothing input, so explicitly smoothed layers take the per-expert GEMM loop below.
@@ -118,7 +194,27 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype)
                    for i in range(e)]
 
+    def _register_with_engine(self, layer) -> None:
+        qc = self.quant_config
+        if getattr(qc, "offload_engine", None) is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            qc.offload_engine = OffloadEngine(self.offload, device, self.out_dtype,
+                                              routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics),
+                                              name=str(self._vllm_config.model_config.model))
+        self.engine = qc.offload_engine
+        smooth = layer.w13_input_smooth.data if self.explicit_smoothing else None
+        self.engine.add_layer(self.layer_index, ExpertTensors(layer.w13_weight.data, layer.w13_weight_scale.data,
+                                                              layer.w2_weight.data, layer.w2_weight_scale.data,
+                                                              smooth))
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.engine is not None:
+            record = _serving_step()
+            if not record and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("vllm-haq offload: the MoE op is being captured in a CUDA graph; it must run "
+                                   "eagerly (cudagraph_mode PIECEWISE with vllm::haq_moe_forward in splitting_ops, "
+                                   "or enforce_eager=True)")
+            return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
         if self.fused is not None:
             slots, weights = self.fused
             return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights).to(x.dtype)

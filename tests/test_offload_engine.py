@@ -1,0 +1,175 @@
+"""The offload engine without vLLM: every budget x policy gives the all-resident result bit for bit."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine
+from vllm_haq.offload.planner import allocate_slots, split_misses
+from vllm_haq.offload.cost import CostModel
+from vllm_haq.quant import quantize_weight_per_channel
+
+E, H, I, K, LAYERS = 8, 64, 96, 2, 4
+
+
+def _layer_experts(seed: int, smooth: bool = False) -> ExpertTensors:
+    g = torch.Generator().manual_seed(seed)
+    w13 = [quantize_weight_per_channel(torch.randn(2 * I, H, generator=g)) for _ in range(E)]
+    w2 = [quantize_weight_per_channel(torch.randn(H, I, generator=g)) for _ in range(E)]
+    sm = torch.rand(E, H, generator=g) + 0.5 if smooth else None
+    return ExpertTensors(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]).float(),
+                         torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2]).float(), sm)
+
+
+def _resident(experts: ExpertTensors, x, w, ids):
+    g13, g2 = zip(*(experts.gemms(e, torch.float32) for e in range(E)))
+    return int8_moe_forward(x, w, ids, list(g13), list(g2))
+
+
+def _trace(steps: int, tokens: int, seed: int):
+    """Skewed, temporally local routing: each step mostly reuses the previous step's experts."""
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
+    prev = torch.multinomial(hot, K, generator=g)
+    for _ in range(steps):
+        rows = []
+        for _ in range(tokens):
+            ids = prev.clone() if torch.rand(1, generator=g) < 0.5 else torch.multinomial(hot, K, generator=g)
+            rows.append(ids)
+        prev = rows[-1]
+        yield torch.stack(rows).int()
+
+
+def _routing_prior():
+    counts = torch.tensor([[30, 20, 15, 10, 10, 8, 5, 2]] * LAYERS, dtype=torch.int64)
+    trans = torch.ones(LAYERS - 1, E, E, dtype=torch.int64)
+    trans[:, torch.arange(E), torch.arange(E)] = 20  # tokens tend to keep their expert id
+    return {"expert_counts": counts, "transition_counts": trans, "layer_indices": torch.arange(LAYERS)}
+
+
+BUDGETS = {"all": {}, "half": {"expert_fraction": 0.5}, "one slot": {"slots_per_layer": 1},
+           "zero": {"slots_per_layer": 0}, "gib": {"expert_gib": 3 * 19_000 / 2**30}}
+
+
+@pytest.mark.parametrize("policy", ["haq", "lru", "static"])
+@pytest.mark.parametrize("budget", list(BUDGETS))
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_every_budget_and_policy_matches_all_resident_exactly(budget, policy, tokens):
+    layers = [_layer_experts(100 + i, smooth=(i == 1)) for i in range(LAYERS)]
+    engine = OffloadEngine(OffloadConfig(policy=policy, **BUDGETS[budget]), "cpu", torch.float32,
+                           routing=_routing_prior())
+    for i, experts in enumerate(layers):
+        engine.add_layer(i, experts)
+    g = torch.Generator().manual_seed(7)
+    for ids in _trace(12, tokens, seed=tokens):
+        x = torch.randn(tokens, H, generator=g)
+        for i, experts in enumerate(layers):
+            w = torch.softmax(torch.randn(tokens, K, generator=g), -1)
+            got = engine.forward(i, x, w, ids)
+            want = _resident(experts, x, w, ids)
+            assert torch.equal(got, want), f"layer {i}: max diff {(got - want).abs().max()}"
+            x = torch.tanh(got)
+    s = engine.stats()
+    engine.close()
+    assert s["steps"] == 12 * LAYERS and s["hits"] + s["misses"] > 0
+    if budget == "all":
+        assert s["misses"] == 0 and s["hit_rate"] == 1.0
+        return
+    assert s["misses"] > 0, s
+    if budget == "zero" or policy == "static":
+        assert s["fetches"] == 0 and s["cpu_experts"] == s["misses"] and s["cpu_expert_tokens"] >= s["misses"]
+    assert s["fetches"] + s["cpu_experts"] == s["misses"]
+    if policy == "lru" and min(s["slots_per_layer"]) > 0:  # on-demand: every miss is fetched, nothing else moves
+        assert s["fetches"] == s["misses"] and s["cpu_experts"] == 0
+        # layer 1 also moves its experts' smoothing vectors (H float32 each)
+        assert s["fetches"] * s["expert_bytes"] <= s["bytes_h2d"] <= s["fetches"] * (s["expert_bytes"] + 4 * H)
+    assert s["device_cache_bytes"] == s["slots"] * s["expert_bytes"]
+    if budget == "half":
+        assert s["slots"] == LAYERS * E // 2
+    if budget == "gib":
+        assert s["slots"] == int(3 * 19_000 // s["expert_bytes"])
+
+
+def test_haq_prefetch_predicts_next_layer_and_counts_accuracy():
+    layers = [_layer_experts(200 + i) for i in range(LAYERS)]
+    engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3), "cpu", torch.float32,
+                           routing=_routing_prior())
+    for i, experts in enumerate(layers):
+        engine.add_layer(i, experts)
+    g = torch.Generator().manual_seed(3)
+    for step in range(20):
+        e = step % E  # every layer routes the token to the same experts: the transitions predict it
+        ids = torch.tensor([[e, (e + 1) % E]], dtype=torch.int32)
+        x = torch.randn(1, H, generator=g)
+        for i in range(LAYERS):
+            out = engine.forward(i, x, torch.full((1, K), 0.5), ids)
+            assert torch.equal(out, _resident(layers[i], x, torch.full((1, K), 0.5), ids))
+    s = engine.stats()
+    assert s["prefetches"] > 0 and s["prefetch_hits"] > 0 and s["prefetch_accuracy"] > 0.5, s
+    # prefetched experts become hits at the next layer: far more hits than the static placement gives
+    assert s["hit_rate"] > 0.5, s
+
+
+def test_warmup_steps_are_not_recorded():
+    layers = [_layer_experts(300 + i) for i in range(2)]
+    engine = OffloadEngine(OffloadConfig(policy="lru", slots_per_layer=1), "cpu", torch.float32)
+    for i, experts in enumerate(layers):
+        engine.add_layer(i, experts)
+    ids = torch.tensor([[0, 5], [3, 4]], dtype=torch.int32)
+    for i in range(2):
+        engine.forward(i, torch.randn(2, H), torch.ones(2, K), ids, record=False)
+    assert engine.stats()["steps"] == 0 and engine.stats()["misses"] == 0
+    assert engine.routing_counts().sum() == 0
+    engine.forward(0, torch.randn(2, H), torch.ones(2, K), ids)
+    assert engine.stats()["steps"] == 1 and engine.routing_counts()[0, 5] == 1
+
+
+def test_cpu_worker_error_surfaces_for_that_step_and_engine_keeps_serving():
+    layers = [_layer_experts(400)]
+    engine = OffloadEngine(OffloadConfig(policy="static", slots_per_layer=0), "cpu", torch.float32)
+    engine.add_layer(0, layers[0])
+    ids = torch.tensor([[1, 2]], dtype=torch.int32)
+    x = torch.randn(1, H)
+    engine.forward(0, x, torch.ones(1, K), ids)
+
+    def broken(_x):
+        raise RuntimeError("simulated CPU worker failure")
+
+    good = engine.layers[0].host_gemms[1]
+    engine.layers[0].host_gemms[1] = (broken, good[1])
+    with pytest.raises(RuntimeError, match="simulated CPU worker failure"):
+        engine.forward(0, x, torch.ones(1, K), ids)
+    engine.layers[0].host_gemms[1] = good
+    assert torch.equal(engine.forward(0, x, torch.ones(1, K), ids), _resident(layers[0], x, torch.ones(1, K), ids))
+
+
+def test_stats_file_is_written(tmp_path):
+    path = tmp_path / "stats.json"
+    engine = OffloadEngine(OffloadConfig(policy="lru", slots_per_layer=1, stats_file=str(path),
+                                         stats_interval_s=1e-6), "cpu", torch.float32)
+    engine.add_layer(0, _layer_experts(500))
+    engine.forward(0, torch.randn(3, H), torch.ones(3, K), torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32))
+    engine.close()
+    data = json.loads(path.read_text())
+    assert data["misses"] >= 5 and data["policy"] == "lru" and data["slots"] == 1
+
+
+def test_slot_allocation_follows_expected_gain():
+    shares = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert allocate_slots(2, shares, "haq") == [1, 1]
+    assert allocate_slots(4, shares, "haq") == [1, 3]  # the flat layer gains more from slots 2..4
+    assert allocate_slots(3, shares, "lru") == [2, 1]
+    assert allocate_slots(99, shares, "static") == [4, 4]
+
+
+def test_planner_balances_copy_engine_and_cpu():
+    cost = CostModel(h2d_bytes_per_s=1e9, expert_bytes=10_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=2e-3)
+    # fetch 10 ms; CPU 3 ms for 1 token, 41 ms for 20 tokens
+    fetch, cpu = split_misses({0: 20, 1: 1, 2: 1}, cost, "haq", num_slots=2)
+    assert fetch == [0] and sorted(cpu) == [1, 2]
+    assert split_misses({0: 20, 1: 1}, cost, "lru", 2) == ([0, 1], [])
+    assert split_misses({0: 20, 1: 1}, cost, "static", 2) == ([], [0, 1])
+    assert split_misses({0: 20, 1: 1}, cost, "haq", 0) == ([], [0, 1])

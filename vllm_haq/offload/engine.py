@@ -1,0 +1,405 @@
+"""The offload engine: serves MoE layers whose experts do not all fit on the device.
+
+Per layer, the host store holds every expert and a device cache holds a few (the
+slots). Per forward step, after routing:
+
+1. misses the planner gives to the CPU are submitted to the CPU worker pool first
+   (they run while the device works);
+2. hits are computed on the device from their slots;
+3. misses the planner fetches are copied into slots (victims by policy) and
+   computed, in waves when a step routes to more experts than the layer has slots;
+4. CPU results are gathered into the same per-route buffer, which is summed over
+   top-k in a fixed order — so the result is the all-resident result, whatever
+   was served where (see :mod:`vllm_haq.kernels.moe`);
+5. the prefetcher starts copying layer l+1's likely experts (haq policy).
+
+No vLLM imports: the benchmark drives the same engine on a bare torch install.
+The "device" may be the CPU itself (vLLM's CPU build): every path then runs, the
+cache is a second host buffer and copies are memcpy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from vllm_haq.kernels import RouteGroups, expert_mlp, expert_routes, new_route_buffer, select_backend
+from vllm_haq.offload.config import OffloadConfig
+from vllm_haq.offload.cost import CostModel, calibrate
+from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
+from vllm_haq.offload.stats import OffloadCounters, RoutingStatistics
+from vllm_haq.offload.store import ExpertTensors, copy_expert
+
+log = logging.getLogger("vllm_haq.offload")
+
+PREFETCH_MIN_P = 0.15  # prefetch an expert when P(used at the next layer) is at least this
+
+
+def _in_inference_mode(fn, *args):
+    """Run ``fn`` on a worker thread under inference mode, like the model thread (vLLM's cache tensors
+    are inference tensors; writing them outside inference mode is refused)."""
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def default_cpu_threads(device: torch.device) -> int:
+    """CPU expert workers: one where the "device" is the CPU itself, else a quarter of the host's cores."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 4) // 4))
+
+
+class _Layer:
+    """One MoE layer's host store, cache slots and residency map."""
+
+    def __init__(self, index: int, host: ExpertTensors):
+        self.index = index
+        self.host = host
+        self.num_experts = host.count
+        self.pos = -1
+        self.slots = 0
+        self.cache: ExpertTensors | None = None
+        self.expert_of_slot: list[int] = []
+        self.slot_of_expert = [-1] * self.num_experts
+        self.last_use: list[int] = []
+        self.step = 0
+        self.slot_gemms: dict[int, tuple] = {}
+        self.host_gemms: dict[int, tuple] = {}
+        self.pending: list = []  # prefetch copies in flight (futures on CPU, one event on CUDA)
+        self.prefetched: set[int] = set()
+        self.predicted: torch.Tensor | None = None
+
+    def place(self, slot: int, expert: int) -> int:
+        """Residency bookkeeping for ``expert`` now in ``slot``; returns the evicted expert or -1."""
+        old = self.expert_of_slot[slot]
+        if old >= 0:
+            self.slot_of_expert[old] = -1
+        self.expert_of_slot[slot] = expert
+        self.slot_of_expert[expert] = slot
+        self.slot_gemms.pop(slot, None)
+        return old
+
+
+class OffloadEngine:
+    """Expert cache + CPU workers + prefetcher for all MoE layers of one model."""
+
+    def __init__(self, config: OffloadConfig, device: torch.device | str, out_dtype: torch.dtype,
+                 routing: dict[str, torch.Tensor] | None = None, name: str = "model"):
+        self.config = config
+        self.device = torch.device(device)
+        self.out_dtype = out_dtype
+        self.routing = routing
+        self.name = name
+        self.layers: dict[int, _Layer] = {}
+        self.order: list[_Layer] = []
+        self.counters = OffloadCounters()
+        self.cost: CostModel | None = None
+        self.stats_model: RoutingStatistics | None = None
+        self._started = False
+        self._lock = threading.Lock()
+        self._prev_routed: tuple[int, torch.Tensor] | None = None
+        self._last_report = time.monotonic()
+        self._pool: ThreadPoolExecutor | None = None
+        self._copier: ThreadPoolExecutor | None = None
+        self._copy_stream = None
+        self._backend = select_backend(self.device)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def add_layer(self, layer_index: int, host: ExpertTensors) -> None:
+        """Register a layer's experts (host tensors); before the first forward only."""
+        if self._started:
+            raise RuntimeError(f"offload engine {self.name}: layer {layer_index} added after serving started")
+        if self.device.type == "cuda":
+            host = host.pinned()
+        self.layers[layer_index] = _Layer(layer_index, host)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self.order = [self.layers[i] for i in sorted(self.layers)]
+            for pos, layer in enumerate(self.order):
+                layer.pos = pos
+            num_layers, num_experts = len(self.order), self.order[0].num_experts
+            if any(layer.num_experts != num_experts for layer in self.order):
+                raise ValueError(f"offload engine {self.name}: MoE layers have different expert counts")
+            self.stats_model = self._routing_statistics(num_layers, num_experts)
+            expert_bytes = self.order[0].host.expert_bytes()
+            total = self.config.slots_for(num_layers, num_experts, expert_bytes)
+            if total is None:
+                per_layer = [num_experts] * num_layers
+            elif self.config.slots_per_layer is not None:
+                per_layer = [self.config.slots_per_layer] * num_layers
+            else:
+                per_layer = allocate_slots(total, self.stats_model.prior_share, self.config.policy)
+            for layer, slots in zip(self.order, per_layer):
+                self._allocate(layer, slots)
+            self.cost = self._calibrate()
+            threads = self.config.cpu_threads or default_cpu_threads(self.device)
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
+            if self.device.type == "cuda":
+                self._copy_stream = torch.cuda.Stream(self.device)
+            else:
+                self._copier = ThreadPoolExecutor(1, thread_name_prefix="haq-prefetch")
+            self.counters.extra.update({
+                "policy": self.config.policy,
+                "layers": num_layers,
+                "experts_per_layer": num_experts,
+                "slots_per_layer": per_layer,
+                "slots": sum(per_layer),
+                "expert_bytes": expert_bytes,
+                "device_cache_bytes": sum(per_layer) * expert_bytes,
+                "all_experts_bytes": num_layers * num_experts * expert_bytes,
+                "cpu_threads": threads,
+                "cost_model": self.cost.as_dict(),
+            })
+            self._started = True
+            log.info("vllm-haq offload (%s): policy %s, %d/%d experts on %s (%.1f MiB), slots per layer %s, "
+                     "%d CPU workers; H2D %.2f GB/s, CPU expert %.3f ms + %.3f ms/token", self.name,
+                     self.config.policy, sum(per_layer), num_layers * num_experts, self.device,
+                     sum(per_layer) * expert_bytes / 2**20, per_layer, threads, self.cost.h2d_bytes_per_s / 1e9,
+                     self.cost.cpu_overhead_s * 1e3, self.cost.cpu_s_per_token * 1e3)
+
+    def _routing_statistics(self, num_layers: int, num_experts: int) -> RoutingStatistics:
+        r = self.routing
+        indices = [layer.index for layer in self.order]
+        if r is not None:
+            if r["layer_indices"].tolist() == indices and r["expert_counts"].shape[1] == num_experts:
+                return RoutingStatistics(num_layers, num_experts, r["expert_counts"], r["transition_counts"])
+            log.warning("vllm-haq offload: routing statistics cover layers %s, the model has MoE layers %s; "
+                        "starting from uniform statistics", r["layer_indices"].tolist(), indices)
+        return RoutingStatistics(num_layers, num_experts)
+
+    def _allocate(self, layer: _Layer, slots: int) -> None:
+        layer.slots = slots
+        layer.expert_of_slot = [-1] * slots
+        layer.last_use = [-1] * slots
+        if slots == 0:
+            return
+        layer.cache = ExpertTensors.empty_like(layer.host, slots, self.device)
+        share = self.stats_model.prior_share[layer.pos]
+        hottest = sorted(range(layer.num_experts), key=lambda e: (-float(share[e]), e))[:slots]
+        for slot, expert in enumerate(hottest):
+            copy_expert(layer.cache, slot, layer.host, expert)
+            layer.place(slot, expert)
+
+    def _calibrate(self) -> CostModel:
+        first = self.order[0]
+        scratch = ExpertTensors.empty_like(first.host, 1, self.device)
+        g13, g2 = first.host.gemms(0, self.out_dtype)
+        hidden = first.host.w13.shape[2]
+
+        def cpu_mlp(tokens: int) -> None:
+            expert_mlp(torch.randn(tokens, hidden), g13, g2)
+
+        cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device)
+        del scratch
+        return cost
+
+    # ---- serving --------------------------------------------------------------------------
+    def forward(self, layer_index: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                record: bool = True) -> torch.Tensor:
+        """The MoE output (float32 [M, H]) of layer ``layer_index``; ``record`` False for warm-up steps."""
+        if not self._started:
+            self._start()
+        layer = self.layers[layer_index]
+        self._wait_prefetch(layer)
+        groups = RouteGroups(topk_ids, layer.num_experts)
+        step = layer.step
+        layer.step += 1
+        routed = groups.routed
+        hits = [e for e in routed if layer.slot_of_expert[e] >= 0]
+        misses = {e: n for e, n in routed.items() if layer.slot_of_expert[e] < 0}
+        fetch, cpu = split_misses(misses, self.cost, self.config.policy, layer.slots)
+        routes = new_route_buffer(x, topk_ids.shape[1])
+
+        jobs = self._submit_cpu(layer, x, groups, cpu)
+        self._compute_on_device(layer, x, topk_weights, groups, hits, routes, step)
+        moved = self._fetch_and_compute(layer, x, topk_weights, groups, fetch, set(hits), routes, step)
+        for e, job in jobs:
+            t, j = groups.routes_of(e)
+            y = job.result()  # a worker's exception surfaces here, for this step
+            routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
+        out = routes.sum(1)
+
+        if record:
+            self._record(layer, groups, topk_ids, hits, misses, fetch, cpu, moved)
+        layer.prefetched.clear()
+        if self.config.policy == "haq" and self.config.prefetch and layer.pos + 1 < len(self.order):
+            self._prefetch(self.order[layer.pos + 1], layer, groups, record)
+        return out
+
+    def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int]):
+        if not experts:
+            return []
+        x_host = x.detach().to("cpu", torch.float32) if x.device.type != "cpu" else x
+        jobs = []
+        for e in experts:
+            if e not in layer.host_gemms:
+                layer.host_gemms[e] = layer.host.gemms(e, self.out_dtype)
+            t, _ = groups.routes_of(e)
+            rows = x_host[t.to(x_host.device)]
+            jobs.append((e, self._pool.submit(_in_inference_mode, expert_mlp, rows, *layer.host_gemms[e])))
+        return jobs
+
+    def _compute_on_device(self, layer: _Layer, x, topk_weights, groups: RouteGroups, experts: list[int],
+                           routes: torch.Tensor, step: int) -> None:
+        for e in experts:
+            s = layer.slot_of_expert[e]
+            if s not in layer.slot_gemms:
+                layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend)
+            expert_routes(x, topk_weights, groups, e, *layer.slot_gemms[s], routes)
+            layer.last_use[s] = step
+
+    def _fetch_and_compute(self, layer: _Layer, x, topk_weights, groups, fetch: list[int], hits: set[int],
+                           routes: torch.Tensor, step: int) -> int:
+        """Copy ``fetch`` experts into slots and compute them, in waves of at most ``slots`` experts."""
+        moved = 0
+        wave: list[int] = []
+        hit_slots = {layer.slot_of_expert[e] for e in hits}
+        for e in fetch:
+            busy = {layer.slot_of_expert[w] for w in wave}
+            slot = self._victim(layer, exclude=busy | hit_slots, step=step)
+            if slot is None:
+                slot = self._victim(layer, exclude=busy, step=step)  # hits are computed: reuse their slots
+            if slot is None:  # every slot holds this wave: finish it first
+                self._compute_wave(layer, x, topk_weights, groups, wave, routes, step)
+                wave = []
+                slot = self._victim(layer, exclude=set(), step=step)
+            moved += self._copy_in(layer, slot, e)
+            wave.append(e)
+        self._compute_wave(layer, x, topk_weights, groups, wave, routes, step)
+        return moved
+
+    def _compute_wave(self, layer, x, topk_weights, groups, wave: list[int], routes, step: int) -> None:
+        if not wave:
+            return
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        self._compute_on_device(layer, x, topk_weights, groups, wave, routes, step)
+
+    def _copy_in(self, layer: _Layer, slot: int, expert: int) -> int:
+        if self._copy_stream is not None:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # slot no longer read
+            with torch.cuda.stream(self._copy_stream):
+                moved = copy_expert(layer.cache, slot, layer.host, expert, non_blocking=True)
+        else:
+            moved = copy_expert(layer.cache, slot, layer.host, expert)
+        layer.place(slot, expert)
+        return moved
+
+    def _victim(self, layer: _Layer, exclude: set[int], step: int, keep_above: float | None = None) -> int | None:
+        candidates = [s for s in range(layer.slots) if s not in exclude]
+        if not candidates:
+            return None
+        if self.config.policy == "lru":
+            return min(candidates, key=lambda s: (layer.last_use[s], s))
+        scores = eviction_scores(self.stats_model.share(layer.pos), [layer.last_use[s] for s in candidates], step,
+                                 layer.predicted, [layer.expert_of_slot[s] for s in candidates])
+        best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i]))
+        if keep_above is not None and scores[best] >= keep_above:
+            return None
+        return candidates[best]
+
+    # ---- prefetch -------------------------------------------------------------------------------
+    def _prefetch(self, nxt: _Layer, layer: _Layer, groups: RouteGroups, record: bool) -> None:
+        counts = torch.tensor(groups.counts, dtype=torch.float64)
+        pred = self.stats_model.predict_next(layer.pos, counts)
+        nxt.predicted = pred
+        if nxt.slots == 0:
+            return
+        want = [e for e in sorted(range(nxt.num_experts), key=lambda e: -float(pred[e]))
+                if float(pred[e]) >= PREFETCH_MIN_P and nxt.slot_of_expert[e] < 0]
+        planned: set[int] = set()
+        for e in want[: max(1, nxt.slots // 2)]:
+            # evict only experts predicted less likely than the one coming in
+            slot = self._victim(nxt, exclude=planned, step=nxt.step, keep_above=self._keep_value(nxt, e))
+            if slot is None:
+                break
+            planned.add(slot)
+            moved = self._prefetch_copy(nxt, slot, e)
+            nxt.prefetched.add(e)
+            if record:
+                self.counters.prefetches += 1
+                self.counters.bytes_h2d += moved
+
+    def _keep_value(self, layer: _Layer, expert: int) -> float:
+        """Keep-value ``expert`` would have once resident (no recency yet)."""
+        return eviction_scores(self.stats_model.share(layer.pos), [-1], layer.step, layer.predicted, [expert])[0]
+
+    def _prefetch_copy(self, layer: _Layer, slot: int, expert: int) -> int:
+        if self._copy_stream is not None:
+            moved = self._copy_in(layer, slot, expert)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+            layer.pending.append(event)
+            return moved
+        layer.place(slot, expert)
+        layer.pending.append(self._copier.submit(_in_inference_mode, copy_expert, layer.cache, slot, layer.host,
+                                                  expert))
+        return layer.host.expert_bytes()
+
+    def _wait_prefetch(self, layer: _Layer) -> None:
+        for p in layer.pending:
+            if isinstance(p, Future):
+                p.result()
+            else:
+                torch.cuda.current_stream(self.device).wait_event(p)
+        layer.pending.clear()
+
+    # ---- statistics ----------------------------------------------------------------------------
+    def _record(self, layer: _Layer, groups: RouteGroups, topk_ids, hits, misses, fetch, cpu, moved) -> None:
+        c = self.counters
+        c.steps += 1
+        c.hits += len(hits)
+        c.misses += len(misses)
+        c.fetches += len(fetch)
+        c.cpu_experts += len(cpu)
+        c.cpu_expert_tokens += sum(misses[e] for e in cpu)
+        c.bytes_h2d += moved
+        c.prefetch_hits += sum(1 for e in groups.routed if e in layer.prefetched)
+        routed = torch.zeros(topk_ids.shape[0], layer.num_experts, dtype=torch.float64)
+        routed.scatter_(1, topk_ids.detach().cpu().long(), 1.0)
+        prev = self._prev_routed[1] if self._prev_routed and self._prev_routed[0] == layer.pos - 1 else None
+        self.stats_model.record(layer.pos, torch.tensor(groups.counts, dtype=torch.float64), prev, routed)
+        self._prev_routed = (layer.pos, routed)
+        if self.config.stats_file and time.monotonic() - self._last_report >= self.config.stats_interval_s:
+            self.report()
+
+    def stats(self) -> dict:
+        """Counters of served steps plus the cache layout and the calibrated cost model."""
+        d = self.counters.as_dict()
+        d["started"] = self._started
+        return d
+
+    def report(self) -> None:
+        """Log the statistics and write them to ``stats_file`` (atomically) when configured."""
+        self._last_report = time.monotonic()
+        s = self.stats()
+        log.info("vllm-haq offload (%s): hit rate %s, hits %d, misses %d, fetches %d, prefetches %d "
+                 "(accuracy %s), CPU expert-tokens %d, %.1f MiB host->device", self.name, s["hit_rate"], s["hits"],
+                 s["misses"], s["fetches"], s["prefetches"], s["prefetch_accuracy"], s["cpu_expert_tokens"],
+                 s["bytes_h2d"] / 2**20)
+        path = self.config.stats_file
+        if path:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"time": time.time(), "pid": os.getpid(), "model": self.name, **s}, f)
+            os.replace(tmp, path)
+
+    def routing_counts(self) -> torch.Tensor | None:
+        """Online (decayed) expert counts [L, E] of served steps, for ``haq stats --live``."""
+        return None if self.stats_model is None else self.stats_model.online.clone()
+
+    def close(self) -> None:
+        if self._started and self.config.stats_file:
+            self.report()
+        for pool in (self._pool, self._copier):
+            if pool is not None:
+                pool.shutdown(wait=True)

@@ -1,0 +1,88 @@
+"""Routing statistics the planner predicts with, and the counters users read.
+
+Offline statistics (the checkpoint's ``haq_routing.safetensors``: expert counts per
+MoE layer and layer-to-next-layer transition counts) are the prior; online counts
+of served steps refine them with exponential decay, so a workload that routes
+differently from the calibration text takes over within a few hundred steps.
+Warm-up and profiling passes are not recorded (the caller says which steps count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ONLINE_DECAY = 0.995  # per served step; half-life ~140 steps
+PRIOR_WEIGHT = 64.0  # the prior counts as this many routed tokens per layer
+
+
+class RoutingStatistics:
+    """Expert shares per layer and next-layer predictions, from prior counts plus decayed online counts."""
+
+    def __init__(self, num_layers: int, num_experts: int, counts: torch.Tensor | None = None,
+                 transitions: torch.Tensor | None = None):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        uniform = torch.full((num_layers, num_experts), 1.0 / num_experts, dtype=torch.float64)
+        if counts is not None:
+            c = counts.double()
+            prior = c / c.sum(1, keepdim=True).clamp_min(1)
+            prior[c.sum(1) == 0] = 1.0 / num_experts
+        else:
+            prior = uniform
+        self.prior_share = prior
+        self.has_prior = counts is not None
+        t = torch.full((max(num_layers - 1, 0), num_experts, num_experts), 1.0 / num_experts, dtype=torch.float64)
+        if transitions is not None:
+            tr = transitions.double()
+            rows = tr.sum(2, keepdim=True)
+            t = torch.where(rows > 0, tr / rows.clamp_min(1), t)
+        self.prior_transition = t  # [l, a, b]: P(b at layer l+1 | a at layer l)
+        self.online = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.online_transition = torch.zeros_like(t)
+
+    def record(self, layer: int, counts: torch.Tensor, prev_routed: torch.Tensor | None,
+               routed: torch.Tensor | None) -> None:
+        """Add one served step of layer ``layer`` (``counts`` [E]; optional route indicators [M, E])."""
+        self.online[layer].mul_(ONLINE_DECAY).add_(counts.double())
+        if layer > 0 and prev_routed is not None and routed is not None and prev_routed.shape == routed.shape:
+            self.online_transition[layer - 1].mul_(ONLINE_DECAY).add_(prev_routed.t().double() @ routed.double())
+
+    def share(self, layer: int) -> torch.Tensor:
+        """Expected share of routes per expert at ``layer`` (sums to 1)."""
+        online = self.online[layer]
+        return (self.prior_share[layer] * PRIOR_WEIGHT + online) / (PRIOR_WEIGHT + online.sum())
+
+    def predict_next(self, layer: int, counts: torch.Tensor) -> torch.Tensor:
+        """P(expert e is used at layer+1 by these tokens) from this step's ``counts`` at ``layer``."""
+        prior = self.prior_transition[layer] * PRIOR_WEIGHT
+        online = self.online_transition[layer]
+        trans = (prior + online) / (PRIOR_WEIGHT + online.sum(1, keepdim=True))
+        c = counts.double()
+        if c.sum() == 0:
+            return self.share(layer + 1)
+        return (c @ trans) / c.sum()
+
+
+@dataclass
+class OffloadCounters:
+    """What the engine did in served (non-warm-up) steps."""
+
+    steps: int = 0  # layer forward calls counted
+    hits: int = 0  # routed experts found in the device cache
+    misses: int = 0  # routed experts not in the cache
+    fetches: int = 0  # misses copied into a cache slot on demand
+    prefetches: int = 0  # experts copied ahead of use by the prefetcher
+    prefetch_hits: int = 0  # prefetched experts that were routed at the step they were fetched for
+    cpu_experts: int = 0  # misses computed by CPU workers
+    cpu_expert_tokens: int = 0  # tokens those CPU computations covered
+    bytes_h2d: int = 0  # expert bytes copied host -> device (fetches + prefetches)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        routed = self.hits + self.misses
+        d["hit_rate"] = round(self.hits / routed, 4) if routed else None
+        d["prefetch_accuracy"] = round(self.prefetch_hits / self.prefetches, 4) if self.prefetches else None
+        d.update(self.extra)
+        return d

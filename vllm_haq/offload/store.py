@@ -1,0 +1,77 @@
+"""Where expert weights live: the host store (all experts) and the device cache (a few slots per layer).
+
+One expert = its int8 ``w13`` [2I, H] and ``w2`` [H, I], their float32 per-channel
+scales and, for per-expert smoothed checkpoints, its input smoothing vector [H].
+Host tensors are pinned when a CUDA device is the target, so slot fills are
+asynchronous DMA copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_haq.kernels import ScaledInt8Gemm
+
+PARTS = ("w13", "w13_scale", "w2", "w2_scale")
+
+
+@dataclass
+class ExpertTensors:
+    """Stacked experts (leading dim = experts for the host store, slots for the cache)."""
+
+    w13: torch.Tensor  # int8 [N, 2I, H]
+    w13_scale: torch.Tensor  # float32 [N, 2I, 1]
+    w2: torch.Tensor  # int8 [N, H, I]
+    w2_scale: torch.Tensor  # float32 [N, H, 1]
+    smooth: torch.Tensor | None = None  # float32 [N, H] or None
+
+    def __post_init__(self):
+        n = self.w13.shape[0]
+        if self.w13.dtype != torch.int8 or self.w2.dtype != torch.int8 or self.w13.dim() != 3 or self.w2.dim() != 3:
+            raise ValueError(f"expert weights must be int8 [N, 2I, H] / [N, H, I], got {self.w13.dtype} "
+                             f"{tuple(self.w13.shape)} / {self.w2.dtype} {tuple(self.w2.shape)}")
+        if (self.w2.shape[0] != n or self.w2.shape[1] != self.w13.shape[2] or 2 * self.w2.shape[2] != self.w13.shape[1]
+                or self.w13_scale.shape[:2] != self.w13.shape[:2] or self.w2_scale.shape[:2] != self.w2.shape[:2]):
+            raise ValueError(f"inconsistent expert shapes: w13 {tuple(self.w13.shape)}, w2 {tuple(self.w2.shape)}, "
+                             f"scales {tuple(self.w13_scale.shape)} / {tuple(self.w2_scale.shape)}")
+
+    @property
+    def count(self) -> int:
+        return self.w13.shape[0]
+
+    def parts(self) -> list[torch.Tensor]:
+        out = [self.w13, self.w13_scale, self.w2, self.w2_scale]
+        return out + ([self.smooth] if self.smooth is not None else [])
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (what one fetch moves)."""
+        return sum(t[0].numel() * t.element_size() for t in self.parts())
+
+    def gemms(self, i: int, out_dtype: torch.dtype, backend: str | None = None) -> tuple[ScaledInt8Gemm, ScaledInt8Gemm]:
+        """Prepared (w13, w2) GEMMs of expert/slot ``i`` (views, no weight copies on the torch backend)."""
+        smooth = None if self.smooth is None else self.smooth[i]
+        return (ScaledInt8Gemm(self.w13[i], self.w13_scale[i], out_dtype, smooth=smooth, backend=backend),
+                ScaledInt8Gemm(self.w2[i], self.w2_scale[i], out_dtype, backend=backend))
+
+    @classmethod
+    def empty_like(cls, other: "ExpertTensors", count: int, device: torch.device) -> "ExpertTensors":
+        def new(t):
+            return None if t is None else torch.zeros((count, *t.shape[1:]), dtype=t.dtype, device=device)
+
+        return cls(new(other.w13), new(other.w13_scale), new(other.w2), new(other.w2_scale), new(other.smooth))
+
+    def pinned(self) -> "ExpertTensors":
+        """A page-locked copy for asynchronous host-to-device copies (needs CUDA)."""
+        return ExpertTensors(*(None if t is None else t.contiguous().pin_memory()
+                               for t in (self.w13, self.w13_scale, self.w2, self.w2_scale, self.smooth)))
+
+
+def copy_expert(dst: ExpertTensors, slot: int, src: ExpertTensors, expert: int, non_blocking: bool = False) -> int:
+    """Copy expert ``expert`` of ``src`` into slot ``slot`` of ``dst``; returns bytes moved."""
+    moved = 0
+    for d, s in zip(dst.parts(), src.parts()):
+        d[slot].copy_(s[expert], non_blocking=non_blocking)
+        moved += s[expert].numel() * s.element_size()
+    return moved
