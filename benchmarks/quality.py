@@ -120,6 +120,7 @@ def main() -> int:
         moe = "num_local_experts" in json.load(open(os.path.join(src, "config.json")))
         windows = {c: eval_token_windows(src, p, 512, args.max_windows) for c, p in corpora.items()}
         row = {"model": name, "ppl": {"bf16": score(src, windows, "vllm")}, "cost": {}, "hf": {}, "notes": []}
+        save_partial(store, row, run_id, args.out)
         for col, opts in HAQ_METHODS.items():
             if col == "HAQ per-expert" and not moe or args.columns and col not in args.columns:
                 continue
@@ -132,8 +133,10 @@ def main() -> int:
                 row["notes"].append(f"{col}: conversion failed: {cost.get('error')}")
                 continue
             row["ppl"][col] = score(out, windows, "vllm")
+            save_partial(store, row, run_id, args.out)
             if col.startswith("HAQ"):
                 row["hf"][col] = score(out, windows, "hf")
+                save_partial(store, row, run_id, args.out)
         if args.columns and "llm-compressor" not in args.columns:
             pass
         elif not os.path.exists(LLMC_PY):
@@ -156,11 +159,16 @@ def main() -> int:
                 row["notes"].append(f"llm-compressor failed: {cost.get('error')}")
         results.append(row)
         print(json.dumps(row), flush=True)
-        merge(store, row, run_id)
-        if args.out:  # after every model: a long run that is stopped keeps its finished rows
-            save_store(store, args.out)
+        save_partial(store, row, run_id, args.out)
     print(render(store))
     return 0
+
+
+def save_partial(store: dict, row: dict, run_id: int, md_path: str | None) -> None:
+    """Merge what ``row`` has so far and write the files: a long run that is stopped keeps every finished cell."""
+    merge(store, row, run_id)
+    if md_path:
+        save_store(store, md_path)
 
 
 def machine() -> str:
@@ -204,7 +212,8 @@ def merge(store: dict, row: dict, run_id: int) -> None:
         old["run"][col] = run_id
     for key in ("cost", "hf"):
         old[key].update(row[key])
-    store["runs"][-1]["notes"] += [f"{row['model']}: {n}" for n in row["notes"]]
+    notes = store["runs"][-1]["notes"]
+    notes += [n for n in (f"{row['model']}: {n}" for n in row["notes"]) if n not in notes]
 
 
 def render(store: dict) -> str:
