@@ -1,12 +1,11 @@
 """The offload engine without vLLM: every budget x policy gives the all-resident result bit for bit."""
 
-import itertools
 import json
 
 import pytest
 import torch
 
-from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+from vllm_haq.kernels import int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine
 from vllm_haq.offload.planner import allocate_slots, split_misses
 from vllm_haq.offload.cost import CostModel

@@ -198,9 +198,7 @@ class OffloadEngine:
         def cpu_mlp(tokens: int) -> None:
             expert_mlp(torch.randn(tokens, hidden), g13, g2)
 
-        cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device)
-        del scratch
-        return cost
+        return calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device)
 
     # ---- serving --------------------------------------------------------------------------
     def forward(self, layer_index: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
