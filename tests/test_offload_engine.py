@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_haq.kernels import int8_moe_forward
-from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine
+from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadConfigError, OffloadEngine, parse_offload_config
 from vllm_haq.offload.planner import allocate_slots, split_misses
 from vllm_haq.offload.cost import CostModel
 from vllm_haq.quant import quantize_weight_per_channel
@@ -94,7 +94,9 @@ def test_every_budget_and_policy_matches_all_resident_exactly(budget, policy, to
 
 def test_haq_prefetch_predicts_next_layer_and_counts_accuracy():
     layers = [_layer_experts(200 + i) for i in range(LAYERS)]
-    engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3), "cpu", torch.float32,
+    # "always": on this CPU the hand-off to the copier thread costs more than copying a tiny expert,
+    # so "auto" would rightly skip these prefetches (see test_auto_prefetch_only_when_it_pays)
+    engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3, prefetch="always"), "cpu", torch.float32,
                            routing=_routing_prior())
     for i, experts in enumerate(layers):
         engine.add_layer(i, experts)
@@ -172,3 +174,66 @@ def test_planner_balances_copy_engine_and_cpu():
     assert split_misses({0: 20, 1: 1}, cost, "lru", 2) == ([0, 1], [])
     assert split_misses({0: 20, 1: 1}, cost, "static", 2) == ([], [0, 1])
     assert split_misses({0: 20, 1: 1}, cost, "haq", 0) == ([], [0, 1])
+
+
+def test_auto_prefetch_only_when_it_pays():
+    cost = CostModel(h2d_bytes_per_s=1e9, expert_bytes=1_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4,
+                     prefetch_issue_s=2e-4)  # fetch 1 ms, issuing 0.2 ms
+    assert cost.prefetch_pays(0.5) and not cost.prefetch_pays(0.1)
+    layers = [_layer_experts(500 + i) for i in range(LAYERS)]
+    engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3), "cpu", torch.float32,
+                           routing=_routing_prior())
+    for i, experts in enumerate(layers):
+        engine.add_layer(i, experts)
+    engine.forward(0, torch.randn(1, H), torch.full((1, K), 0.5), torch.tensor([[0, 1]], dtype=torch.int32))
+    assert engine.cost.prefetch_issue_s >= 0 and engine.cost.as_dict()["prefetch_issue_ms"] >= 0
+    engine.cost.prefetch_issue_s = float("inf")  # no prefetch can pay for itself
+    for step in range(6):
+        ids = torch.tensor([[step % E, (step + 1) % E]], dtype=torch.int32)
+        for i in range(LAYERS):
+            engine.forward(i, torch.randn(1, H), torch.full((1, K), 0.5), ids)
+    assert engine.stats()["prefetches"] == 0
+    engine.close()
+
+
+def test_offload_settings_parse_from_additional_config_and_environment():
+    c = parse_offload_config({"haq": {"expert_fraction": 0.25, "policy": "lru", "cpu_threads": 3, "prefetch": "off",
+                                      "stats_file": "/tmp/s.json", "stats_interval_s": 5}}, environ={})
+    assert (c.expert_fraction, c.policy, c.cpu_threads, c.prefetch, c.stats_file, c.stats_interval_s) == \
+        (0.25, "lru", 3, "off", "/tmp/s.json", 5.0)
+    assert c.offloading and not parse_offload_config(None, environ={}).offloading
+    env = {"HAQ_SLOTS_PER_LAYER": "2", "HAQ_OFFLOAD_POLICY": "static", "HAQ_PREFETCH": "true"}
+    c = parse_offload_config({}, environ=env)
+    assert (c.slots_per_layer, c.policy, c.prefetch) == (2, "static", "auto")
+    # additional_config's budget replaces the environment's, other keys still fall back to it
+    c = parse_offload_config({"haq": {"expert_gib": 1.5}}, environ=env)
+    assert (c.expert_gib, c.slots_per_layer, c.policy) == (1.5, None, "static")
+    assert parse_offload_config({"haq": {"prefetch": "always"}}, environ={}).prefetch == "always"
+    assert parse_offload_config({"haq": {"prefetch": False}}, environ={}).prefetch == "off"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"expert_fraction": 1.5}, "haq.expert_fraction=1.5 is invalid: expected a number in [0, 1]"),
+    ({"slots_per_layer": -1}, "haq.slots_per_layer=-1 is invalid"),
+    ({"slots_per_layer": 1.5}, "haq.slots_per_layer=1.5 is invalid"),
+    ({"expert_gib": "lots"}, "haq.expert_gib='lots' is invalid"),
+    ({"policy": "fifo"}, "haq.policy='fifo' is invalid: expected one of"),
+    ({"cpu_threads": 0}, "haq.cpu_threads=0 is invalid"),
+    ({"prefetch": "sometimes"}, "haq.prefetch='sometimes' is invalid"),
+    ({"stats_interval_s": 0}, "haq.stats_interval_s=0 is invalid"),
+    ({"slots_per_layer": 1, "expert_fraction": 0.5}, "haq budget given more than once"),
+    ({"budget": 3}, "unknown keys ['budget']"),
+])
+def test_impossible_offload_settings_are_refused_with_the_key(section, message):
+    with pytest.raises(OffloadConfigError) as err:
+        parse_offload_config({"haq": section}, environ={})
+    assert message in str(err.value)
+
+
+def test_environment_errors_name_the_variable_and_too_many_slots_is_refused():
+    with pytest.raises(OffloadConfigError, match="environment HAQ_EXPERT_FRACTION: haq.expert_fraction='x'"):
+        parse_offload_config(None, environ={"HAQ_EXPERT_FRACTION": "x"})
+    with pytest.raises(OffloadConfigError, match="slots_per_layer=9 exceeds the model's 8 experts"):
+        OffloadConfig(slots_per_layer=9).slots_for(4, 8, 1000)
+    with pytest.raises(OffloadConfigError, match="must be a JSON object"):
+        parse_offload_config({"haq": "fast"}, environ={})

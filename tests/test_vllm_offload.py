@@ -85,7 +85,7 @@ def mixtral_resident(tiny_mixtral_haq, mixtral_windows):
 
 
 MIXTRAL_CASES = [
-    {"expert_fraction": 0.5, "policy": "haq"},
+    {"expert_fraction": 0.5, "policy": "haq", "prefetch": "always"},  # "auto" may skip tiny experts' prefetches
     {"slots_per_layer": 1, "policy": "lru"},
     {"slots_per_layer": 0, "policy": "static"},
     {"slots_per_layer": 1, "policy": "static"},

@@ -44,7 +44,8 @@ class OffloadConfig:
     policy: str = "haq"  # haq: cost-model planner + prefetch; lru: fetch every miss (Mixtral-offloading);
     #                      static: fixed hottest experts, misses on CPU (Fiddler)
     cpu_threads: int | None = None  # CPU expert workers; None: sized to the host
-    prefetch: bool = True  # haq policy: fetch layer l+1's likely experts once layer l has routed
+    prefetch: str = "auto"  # haq policy: fetch layer l+1's likely experts once layer l has routed --
+    #                        auto: those whose expected saving beats the calibrated hand-off cost; always; off
     stats_file: str | None = None  # JSON statistics written every stats_interval_s
     stats_interval_s: float = 30.0
 
@@ -91,12 +92,13 @@ def _parse_value(key: str, value: Any, source: str):
                 raise ValueError
             return v
         if key == "prefetch":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
+            v = str(value).lower()
+            if value is True or v in ("auto", "1", "true", "yes", "on"):
+                return "auto"
+            if value is False or v in ("off", "0", "false", "no"):
+                return "off"
+            if v == "always":
+                return "always"
             raise ValueError
         if key == "policy":
             if value not in POLICIES:
@@ -109,7 +111,7 @@ def _parse_value(key: str, value: Any, source: str):
     expected = {
         "slots_per_layer": "an integer >= 0", "cpu_threads": "an integer >= 1",
         "expert_fraction": "a number in [0, 1]", "expert_gib": "a number >= 0",
-        "stats_interval_s": "a number > 0", "prefetch": "true or false", "policy": f"one of {list(POLICIES)}",
+        "stats_interval_s": "a number > 0", "prefetch": "auto, always or off (true = auto, false = off)", "policy": f"one of {list(POLICIES)}",
         "stats_file": "a path",
     }[key]
     raise OffloadConfigError(f"{where}={value!r} is invalid: expected {expected}")

@@ -140,13 +140,13 @@ class OffloadEngine:
                 per_layer = allocate_slots(total, self.stats_model.prior_share, self.config.policy)
             for layer, slots in zip(self.order, per_layer):
                 self._allocate(layer, slots)
-            self.cost = self._calibrate()
             threads = self.config.cpu_threads or default_cpu_threads(self.device)
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:
                 self._copier = ThreadPoolExecutor(1, thread_name_prefix="haq-prefetch")
+            self.cost = self._calibrate()
             self.counters.extra.update({
                 "policy": self.config.policy,
                 "layers": num_layers,
@@ -195,10 +195,21 @@ class OffloadEngine:
         g13, g2 = first.host.gemms(0, self.out_dtype)
         hidden = first.host.w13.shape[2]
 
-        def cpu_mlp(tokens: int) -> None:
-            expert_mlp(torch.randn(tokens, hidden), g13, g2)
+        def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
+            self._pool.submit(_in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
 
-        return calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device)
+        def issue_prefetch() -> None:
+            if self._copy_stream is not None:
+                with torch.cuda.stream(self._copy_stream):
+                    copy_expert(scratch, 0, first.host, 0, non_blocking=True)
+            else:
+                self._copier.submit(_in_inference_mode, copy_expert, scratch, 0, first.host, 0).result()
+
+        cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device,
+                         issue_prefetch)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # scratch is freed on return
+        return cost
 
     # ---- serving --------------------------------------------------------------------------
     def forward(self, layer_index: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -229,7 +240,7 @@ class OffloadEngine:
         if record:
             self._record(layer, groups, topk_ids, hits, misses, fetch, cpu, moved)
         layer.prefetched.clear()
-        if self.config.policy == "haq" and self.config.prefetch and layer.pos + 1 < len(self.order):
+        if self.config.policy == "haq" and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
             self._prefetch(self.order[layer.pos + 1], layer, groups, record)
         return out
 
@@ -313,7 +324,8 @@ class OffloadEngine:
         if nxt.slots == 0:
             return
         want = [e for e in sorted(range(nxt.num_experts), key=lambda e: -float(pred[e]))
-                if float(pred[e]) >= PREFETCH_MIN_P and nxt.slot_of_expert[e] < 0]
+                if float(pred[e]) >= PREFETCH_MIN_P and nxt.slot_of_expert[e] < 0
+                and (self.config.prefetch == "always" or self.cost.prefetch_pays(float(pred[e])))]
         planned: set[int] = set()
         for e in want[: max(1, nxt.slots // 2)]:
             # evict only experts predicted less likely than the one coming in
