@@ -96,8 +96,10 @@ def test_haq_prefetch_predicts_next_layer_and_counts_accuracy():
     layers = [_layer_experts(200 + i) for i in range(LAYERS)]
     # "always": on this CPU the hand-off to the copier thread costs more than copying a tiny expert,
     # so "auto" would rightly skip these prefetches (see test_auto_prefetch_only_when_it_pays)
+    # a fixed cost model where fetching beats the CPU: the plan (and so the hit rate) does not depend on timings
+    cheap_fetch = CostModel(h2d_bytes_per_s=1e12, expert_bytes=19_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4)
     engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3, prefetch="always"), "cpu", torch.float32,
-                           routing=_routing_prior())
+                           routing=_routing_prior(), cost=cheap_fetch)
     for i, experts in enumerate(layers):
         engine.add_layer(i, experts)
     g = torch.Generator().manual_seed(3)
@@ -171,6 +173,19 @@ def test_planner_balances_copy_engine_and_cpu():
     # fetch 10 ms; CPU 3 ms for 1 token, 41 ms for 20 tokens
     fetch, cpu = split_misses({0: 20, 1: 1, 2: 1}, cost, "haq", num_slots=2)
     assert fetch == [0] and sorted(cpu) == [1, 2]
+    # fetched experts still need the device: a device busy with 50 ms of hits sends even the big miss to the CPU
+    slow_device = CostModel(h2d_bytes_per_s=1e9, expert_bytes=10_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=2e-3,
+                            device_overhead_s=5e-3)
+    assert split_misses({0: 20, 1: 1, 2: 1}, slow_device, "haq", 2) == ([0], [1, 2])
+    assert split_misses({0: 20, 1: 1, 2: 1}, slow_device, "haq", 2, device_busy_s=50e-3) == ([], [0, 1, 2])
+    # admission: fetching a cold expert over a hot one is declined when the CPU serves it about as fast,
+    # but a miss with many tokens (prefill) is still fetched
+    even = CostModel(h2d_bytes_per_s=1e9, expert_bytes=1_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4,
+                     device_overhead_s=1e-4)
+    assert split_misses({0: 1}, even, "haq", 1) == ([0], [])
+    assert split_misses({0: 1}, even, "haq", 1, admission=lambda: ({0: 0.5}, [2.0])) == ([], [0])
+    assert split_misses({0: 1}, even, "haq", 1, admission=lambda: ({0: 2.5}, [2.0])) == ([0], [])
+    assert split_misses({0: 1000}, even, "haq", 1, admission=lambda: ({0: 0.5}, [2.0])) == ([0], [])
     assert split_misses({0: 20, 1: 1}, cost, "lru", 2) == ([0, 1], [])
     assert split_misses({0: 20, 1: 1}, cost, "static", 2) == ([], [0, 1])
     assert split_misses({0: 20, 1: 1}, cost, "haq", 0) == ([], [0, 1])
@@ -178,8 +193,12 @@ def test_planner_balances_copy_engine_and_cpu():
 
 def test_auto_prefetch_only_when_it_pays():
     cost = CostModel(h2d_bytes_per_s=1e9, expert_bytes=1_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4,
-                     prefetch_issue_s=2e-4)  # fetch 1 ms, issuing 0.2 ms
+                     prefetch_issue_s=2e-4)  # fetch 1 ms, CPU 1.1 ms, issuing 0.2 ms
     assert cost.prefetch_pays(0.5) and not cost.prefetch_pays(0.1)
+    # a device no faster than the CPU (the CPU build): a hit saves little, prefetching rarely pays
+    same_speed = CostModel(h2d_bytes_per_s=1e9, expert_bytes=1_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4,
+                           prefetch_issue_s=2e-4, device_overhead_s=1e-3, device_s_per_token=1e-4)
+    assert not same_speed.prefetch_pays(1.0)
     layers = [_layer_experts(500 + i) for i in range(LAYERS)]
     engine = OffloadEngine(OffloadConfig(policy="haq", slots_per_layer=3), "cpu", torch.float32,
                            routing=_routing_prior())

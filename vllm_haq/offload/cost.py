@@ -29,6 +29,8 @@ class CostModel:
     cpu_overhead_s: float  # CPU expert MLP: fixed cost per call
     cpu_s_per_token: float  # ... plus this per routed token
     prefetch_issue_s: float = 0.0  # model-thread cost of one asynchronous prefetch copy (hand-off, not the copy)
+    device_overhead_s: float = 0.0  # device expert MLP from a slot: fixed cost per call (tiny on a GPU) ...
+    device_s_per_token: float = 0.0  # ... plus this per routed token
 
     def fetch_s(self) -> float:
         return self.expert_bytes / self.h2d_bytes_per_s
@@ -36,16 +38,25 @@ class CostModel:
     def cpu_s(self, tokens: int) -> float:
         return self.cpu_overhead_s + tokens * self.cpu_s_per_token
 
+    def device_s(self, tokens: int) -> float:
+        return self.device_overhead_s + tokens * self.device_s_per_token
+
+    def miss_s(self, tokens: int) -> float:
+        """A miss served the cheaper way: on the CPU, or fetched and then computed on the device."""
+        return min(self.cpu_s(tokens), self.fetch_s() + self.device_s(tokens))
+
     def prefetch_pays(self, p_used: float) -> bool:
-        """Whether prefetching an expert used next with probability ``p_used`` saves more than it costs:
-        a hit saves a demand fetch, the copy engine is otherwise idle during compute."""
-        return p_used * self.fetch_s() > self.prefetch_issue_s
+        """Whether prefetching an expert used next with probability ``p_used`` saves more than issuing it
+        costs the model thread: a hit saves the miss path over the device compute (the copy engine is
+        otherwise idle while layers compute)."""
+        return p_used * (self.miss_s(1) - self.device_s(1)) > self.prefetch_issue_s
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["fetch_ms"] = round(self.fetch_s() * 1e3, 4)
         d["cpu_ms_1_token"] = round(self.cpu_s(1) * 1e3, 4)
         d["prefetch_issue_ms"] = round(self.prefetch_issue_s * 1e3, 4)
+        d["device_ms_1_token"] = round(self.device_s(1) * 1e3, 4)
         return d
 
 
@@ -60,21 +71,30 @@ def _best_of(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> 
     return best
 
 
+def _line(mlp: Callable[[int], None], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """(fixed s, s per token) of ``mlp(tokens)`` from timings at 1 and 16 tokens."""
+    mlp(1)
+    t1 = _best_of(lambda: mlp(1), repeats, sync)
+    t16 = _best_of(lambda: mlp(16), repeats, sync)
+    per_token = max((t16 - t1) / 15, 1e-8)
+    return max(t1 - per_token, 0.0), per_token
+
+
 def calibrate(copy_one: Callable[[], int], cpu_mlp: Callable[[int], None], device: torch.device,
-              issue_prefetch: Callable[[], None], repeats: int = 3) -> CostModel:
+              issue_prefetch: Callable[[], None], device_mlp: Callable[[int], None], repeats: int = 3) -> CostModel:
     """Measure ``copy_one()`` (copies one expert, returns its bytes), ``cpu_mlp(tokens)`` (one expert's
-    tokens on a CPU worker, waited for) and ``issue_prefetch()`` (an asynchronous copy, waited for)."""
+    tokens on a CPU worker, waited for), ``issue_prefetch()`` (an asynchronous copy, waited for) and
+    ``device_mlp(tokens)`` (one expert's tokens computed from a cache slot)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     nbytes = copy_one()  # also warms the path up
     copy_s = max(_best_of(copy_one, repeats, sync), 1e-7)
-    cpu_mlp(1)
-    t1 = _best_of(lambda: cpu_mlp(1), repeats, lambda: None)
-    t16 = _best_of(lambda: cpu_mlp(16), repeats, lambda: None)
-    per_token = max((t16 - t1) / 15, 1e-8)
+    cpu_fixed, per_token = _line(cpu_mlp, repeats, lambda: None)
+    device_fixed, device_per_token = _line(device_mlp, repeats, sync)
     issue_prefetch()
     if device.type == "cuda":  # the copy runs on its own stream: the model thread pays the launch only
         issue_s = _best_of(issue_prefetch, repeats, lambda: None)
     else:  # a copier thread: the model thread pays the hand-off around the copy
         issue_s = max(_best_of(issue_prefetch, repeats, sync) - copy_s, 0.0)
-    return CostModel(h2d_bytes_per_s=nbytes / copy_s, expert_bytes=nbytes, cpu_overhead_s=max(t1 - per_token, 0.0),
-                     cpu_s_per_token=per_token, prefetch_issue_s=issue_s)
+    return CostModel(h2d_bytes_per_s=nbytes / copy_s, expert_bytes=nbytes, cpu_overhead_s=cpu_fixed,
+                     cpu_s_per_token=per_token, prefetch_issue_s=issue_s, device_overhead_s=device_fixed,
+                     device_s_per_token=device_per_token)

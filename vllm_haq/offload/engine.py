@@ -5,9 +5,10 @@ slots). Per forward step, after routing:
 
 1. misses the planner gives to the CPU are submitted to the CPU worker pool first
    (they run while the device works);
-2. hits are computed on the device from their slots;
-3. misses the planner fetches are copied into slots (victims by policy) and
-   computed, in waves when a step routes to more experts than the layer has slots;
+2. the first wave of misses the planner fetches starts copying into free slots
+   (victims by policy; copy stream on CUDA, a copier thread otherwise);
+3. hits are computed on the device from their slots meanwhile, then each fetched
+   wave as it lands (waves when a step routes to more experts than free slots);
 4. CPU results are gathered into the same per-route buffer, which is summed over
    top-k in a fixed order — so the result is the all-resident result, whatever
    was served where (see :mod:`vllm_haq.kernels.moe`);
@@ -71,7 +72,7 @@ class _Layer:
         self.step = 0
         self.slot_gemms: dict[int, tuple] = {}
         self.host_gemms: dict[int, tuple] = {}
-        self.pending: list = []  # prefetch copies in flight (futures on CPU, one event on CUDA)
+        self.copying: dict[int, object] = {}  # slot -> its copy in flight (future on CPU, event on CUDA)
         self.prefetched: set[int] = set()
         self.predicted: torch.Tensor | None = None
 
@@ -85,12 +86,21 @@ class _Layer:
         self.slot_gemms.pop(slot, None)
         return old
 
+    def evict(self, slot: int) -> None:
+        """Mark ``slot`` empty."""
+        old = self.expert_of_slot[slot]
+        if old >= 0:
+            self.slot_of_expert[old] = -1
+        self.expert_of_slot[slot] = -1
+        self.slot_gemms.pop(slot, None)
+
 
 class OffloadEngine:
     """Expert cache + CPU workers + prefetcher for all MoE layers of one model."""
 
     def __init__(self, config: OffloadConfig, device: torch.device | str, out_dtype: torch.dtype,
-                 routing: dict[str, torch.Tensor] | None = None, name: str = "model"):
+                 routing: dict[str, torch.Tensor] | None = None, name: str = "model", cost: CostModel | None = None):
+        """``cost``: a known cost model instead of calibrating at start (deterministic plans in tests)."""
         self.config = config
         self.device = torch.device(device)
         self.out_dtype = out_dtype
@@ -99,7 +109,7 @@ class OffloadEngine:
         self.layers: dict[int, _Layer] = {}
         self.order: list[_Layer] = []
         self.counters = OffloadCounters()
-        self.cost: CostModel | None = None
+        self.cost: CostModel | None = cost
         self.stats_model: RoutingStatistics | None = None
         self._started = False
         self._lock = threading.Lock()
@@ -146,7 +156,8 @@ class OffloadEngine:
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:
                 self._copier = ThreadPoolExecutor(1, thread_name_prefix="haq-prefetch")
-            self.cost = self._calibrate()
+            if self.cost is None:
+                self.cost = self._calibrate()
             self.counters.extra.update({
                 "policy": self.config.policy,
                 "layers": num_layers,
@@ -198,6 +209,10 @@ class OffloadEngine:
         def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
             self._pool.submit(_in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
 
+        def device_mlp(tokens: int) -> None:  # from a cache slot, as hits are computed
+            rows = torch.randn(tokens, hidden, device=self.device)
+            expert_mlp(rows, *scratch.gemms(0, self.out_dtype, self._backend))
+
         def issue_prefetch() -> None:
             if self._copy_stream is not None:
                 with torch.cuda.stream(self._copy_stream):
@@ -206,7 +221,7 @@ class OffloadEngine:
                 self._copier.submit(_in_inference_mode, copy_expert, scratch, 0, first.host, 0).result()
 
         cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device,
-                         issue_prefetch)
+                         issue_prefetch, device_mlp)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # scratch is freed on return
         return cost
@@ -218,19 +233,25 @@ class OffloadEngine:
         if not self._started:
             self._start()
         layer = self.layers[layer_index]
-        self._wait_prefetch(layer)
         groups = RouteGroups(topk_ids, layer.num_experts)
         step = layer.step
         layer.step += 1
         routed = groups.routed
         hits = [e for e in routed if layer.slot_of_expert[e] >= 0]
         misses = {e: n for e, n in routed.items() if layer.slot_of_expert[e] < 0}
-        fetch, cpu = split_misses(misses, self.cost, self.config.policy, layer.slots)
+        hits_s = sum(self.cost.device_s(routed[e]) for e in hits)
+        fetch, cpu = split_misses(misses, self.cost, self.config.policy, layer.slots, device_busy_s=hits_s,
+                                  admission=lambda: self._admission_values(layer, misses, hits, step))
         routes = new_route_buffer(x, topk_ids.shape[1])
 
         jobs = self._submit_cpu(layer, x, groups, cpu)
-        self._compute_on_device(layer, x, topk_weights, groups, hits, routes, step)
-        moved = self._fetch_and_compute(layer, x, topk_weights, groups, fetch, set(hits), routes, step)
+        pending = list(fetch)
+        wave, moved = self._issue_wave(layer, pending, exclude={layer.slot_of_expert[e] for e in hits}, step=step)
+        if self.config.policy == "haq" and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
+            # as soon as this layer has routed: the copies queue behind this layer's first demand wave and
+            # run while this layer (and the next one's attention) computes
+            self._prefetch(self.order[layer.pos + 1], layer, groups, record)
+        moved += self._serve_on_device(layer, x, topk_weights, groups, hits, wave, pending, routes, step)
         for e, job in jobs:
             t, j = groups.routes_of(e)
             y = job.result()  # a worker's exception surfaces here, for this step
@@ -240,8 +261,6 @@ class OffloadEngine:
         if record:
             self._record(layer, groups, topk_ids, hits, misses, fetch, cpu, moved)
         layer.prefetched.clear()
-        if self.config.policy == "haq" and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
-            self._prefetch(self.order[layer.pos + 1], layer, groups, record)
         return out
 
     def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int]):
@@ -261,47 +280,70 @@ class OffloadEngine:
                            routes: torch.Tensor, step: int) -> None:
         for e in experts:
             s = layer.slot_of_expert[e]
+            self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
             if s not in layer.slot_gemms:
                 layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend)
             expert_routes(x, topk_weights, groups, e, *layer.slot_gemms[s], routes)
             layer.last_use[s] = step
 
-    def _fetch_and_compute(self, layer: _Layer, x, topk_weights, groups, fetch: list[int], hits: set[int],
-                           routes: torch.Tensor, step: int) -> int:
-        """Copy ``fetch`` experts into slots and compute them, in waves of at most ``slots`` experts."""
+    def _serve_on_device(self, layer: _Layer, x, topk_weights, groups: RouteGroups, hits: list[int], wave: list,
+                         pending: list[int], routes: torch.Tensor, step: int) -> int:
+        """Compute the hits while the first ``wave`` of fetches is copied, then each wave as it lands,
+        issuing the ``pending`` rest into the slots computed (a step may route to more experts than
+        there are free slots). Returns the bytes of the later waves."""
         moved = 0
-        wave: list[int] = []
-        hit_slots = {layer.slot_of_expert[e] for e in hits}
-        for e in fetch:
-            busy = {layer.slot_of_expert[w] for w in wave}
-            slot = self._victim(layer, exclude=busy | hit_slots, step=step)
-            if slot is None:
-                slot = self._victim(layer, exclude=busy, step=step)  # hits are computed: reuse their slots
-            if slot is None:  # every slot holds this wave: finish it first
-                self._compute_wave(layer, x, topk_weights, groups, wave, routes, step)
-                wave = []
-                slot = self._victim(layer, exclude=set(), step=step)
-            moved += self._copy_in(layer, slot, e)
-            wave.append(e)
-        self._compute_wave(layer, x, topk_weights, groups, wave, routes, step)
+        self._compute_on_device(layer, x, topk_weights, groups, hits, routes, step)
+        while wave or pending:
+            self._compute_on_device(layer, x, topk_weights, groups, [e for e, _ in wave], routes, step)
+            wave, n = self._issue_wave(layer, pending, exclude=set(), step=step)  # computed slots are free again
+            if not wave and pending:
+                raise RuntimeError(f"offload engine {self.name}: layer {layer.index} has no slot to fetch into")
+            moved += n
         return moved
 
-    def _compute_wave(self, layer, x, topk_weights, groups, wave: list[int], routes, step: int) -> None:
-        if not wave:
-            return
-        if self._copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-        self._compute_on_device(layer, x, topk_weights, groups, wave, routes, step)
+    def _issue_wave(self, layer: _Layer, pending: list[int], exclude: set[int], step: int):
+        """Start copying experts from the front of ``pending`` into slots not in ``exclude``, as many as
+        there are such slots; returns ([(expert, copy handle)], bytes)."""
+        wave, moved, busy = [], 0, set(exclude)
+        while pending:
+            slot = self._victim(layer, exclude=busy, step=step)
+            if slot is None:
+                break
+            e = pending.pop(0)
+            busy.add(slot)
+            handle, n = self._copy_async(layer, slot, e)
+            wave.append((e, handle))
+            moved += n
+        return wave, moved
 
-    def _copy_in(self, layer: _Layer, slot: int, expert: int) -> int:
+    def _copy_async(self, layer: _Layer, slot: int, expert: int):
+        """Copy ``expert`` into ``slot`` off the model thread (copy stream / copier thread): (handle, bytes)."""
+        layer.place(slot, expert)
         if self._copy_stream is not None:
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # slot no longer read
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader
             with torch.cuda.stream(self._copy_stream):
                 moved = copy_expert(layer.cache, slot, layer.host, expert, non_blocking=True)
+                handle = torch.cuda.Event()
+                handle.record(self._copy_stream)
         else:
-            moved = copy_expert(layer.cache, slot, layer.host, expert)
-        layer.place(slot, expert)
-        return moved
+            handle = self._copier.submit(_in_inference_mode, copy_expert, layer.cache, slot, layer.host, expert)
+            moved = layer.host.expert_bytes()
+        layer.copying[slot] = handle  # a later copy into this slot queues behind it (one copy queue, FIFO)
+        return handle, moved
+
+    def _slot_ready(self, layer: _Layer, slot: int) -> None:
+        """Wait for the copy into ``slot`` if one is in flight (a worker's copy error surfaces here)."""
+        handle = layer.copying.pop(slot, None)
+        if handle is None:
+            return
+        if isinstance(handle, Future):
+            try:
+                handle.result()
+            except BaseException:
+                layer.evict(slot)  # its contents are unknown: never serve them as a hit
+                raise
+        else:
+            torch.cuda.current_stream(self.device).wait_event(handle)
 
     def _victim(self, layer: _Layer, exclude: set[int], step: int, keep_above: float | None = None) -> int | None:
         candidates = [s for s in range(layer.slots) if s not in exclude]
@@ -316,8 +358,23 @@ class OffloadEngine:
             return None
         return candidates[best]
 
+    def _admission_values(self, layer: _Layer, misses: dict[int, int], hits: list[int], step: int):
+        """Keep-values of the misses and of the residents they would evict, lowest first (hits count as
+        used now: once computed, a later wave may evict them)."""
+        share = self.stats_model.share(layer.pos)
+        hit_slots = {layer.slot_of_expert[e] for e in hits}
+        slots = [s for s in range(layer.slots) if layer.expert_of_slot[s] >= 0]
+        victims = eviction_scores(share, [step if s in hit_slots else layer.last_use[s] for s in slots], step,
+                                  layer.predicted, [layer.expert_of_slot[s] for s in slots])
+        victims = sorted(victims + [0.0] * (layer.slots - len(slots)))  # empty slots cost nothing to fill
+        experts = list(misses)
+        keep = dict(zip(experts, eviction_scores(share, [step] * len(experts), step, layer.predicted, experts)))
+        return keep, victims
+
     # ---- prefetch -------------------------------------------------------------------------------
     def _prefetch(self, nxt: _Layer, layer: _Layer, groups: RouteGroups, record: bool) -> None:
+        if self.config.prefetch == "auto" and not self.cost.prefetch_pays(1.0):
+            return  # not even a certain hit would repay issuing a copy on this machine
         counts = torch.tensor(groups.counts, dtype=torch.float64)
         pred = self.stats_model.predict_next(layer.pos, counts)
         nxt.predicted = pred
@@ -344,24 +401,7 @@ class OffloadEngine:
         return eviction_scores(self.stats_model.share(layer.pos), [-1], layer.step, layer.predicted, [expert])[0]
 
     def _prefetch_copy(self, layer: _Layer, slot: int, expert: int) -> int:
-        if self._copy_stream is not None:
-            moved = self._copy_in(layer, slot, expert)
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-            layer.pending.append(event)
-            return moved
-        layer.place(slot, expert)
-        layer.pending.append(self._copier.submit(_in_inference_mode, copy_expert, layer.cache, slot, layer.host,
-                                                  expert))
-        return layer.host.expert_bytes()
-
-    def _wait_prefetch(self, layer: _Layer) -> None:
-        for p in layer.pending:
-            if isinstance(p, Future):
-                p.result()
-            else:
-                torch.cuda.current_stream(self.device).wait_event(p)
-        layer.pending.clear()
+        return self._copy_async(layer, slot, expert)[1]
 
     # ---- statistics ----------------------------------------------------------------------------
     def _record(self, layer: _Layer, groups: RouteGroups, topk_ids, hits, misses, fetch, cpu, moved) -> None:

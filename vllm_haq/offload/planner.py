@@ -18,6 +18,7 @@ With 0 slots every routed expert is computed on the CPU, whatever the policy.
 from __future__ import annotations
 
 import heapq
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from vllm_haq.offload.cost import CostModel
 
 RECENCY_DECAY = 0.8  # per step of the layer
 W_FREQUENCY, W_RECENCY, W_PREDICTED = 1.0, 0.5, 1.0
+EVICTION_HORIZON_STEPS = 1 / (1 - RECENCY_DECAY)  # steps an eviction is paid for (the recency time scale)
 
 
 def allocate_slots(total: int, shares: torch.Tensor, policy: str) -> list[int]:
@@ -51,23 +53,54 @@ def allocate_slots(total: int, shares: torch.Tensor, policy: str) -> list[int]:
 
 
 def split_misses(misses: dict[int, int], cost: CostModel, policy: str, num_slots: int,
-                 pcie_busy_s: float = 0.0) -> tuple[list[int], list[int]]:
-    """(experts to fetch, experts to compute on CPU) for this step's ``misses`` {expert: tokens}."""
+                 device_busy_s: float = 0.0, pcie_busy_s: float = 0.0,
+                 admission: Callable[[], tuple[dict[int, float], list[float]]] | None = None,
+                 ) -> tuple[list[int], list[int]]:
+    """(experts to fetch, experts to compute on CPU) for this step's ``misses`` {expert: tokens}.
+
+    ``haq``: list scheduling, largest miss first, each to the side where it finishes earlier —
+    fetched: after the copies before it, then computed on the device once the device is free
+    (``device_busy_s``: the hits, computed while the first copies run); on the CPU: after the
+    CPU jobs before it. So the step's makespan over copy engine, device and CPU workers is
+    balanced with the calibrated costs, whatever the hardware's ratios. A fetch also evicts:
+    with ``admission`` (called once, when a fetch is first worth considering: the keep-values
+    of the misses and of the residents, lowest first), the i-th fetch pays for evicting a more
+    valuable expert than it brings: ``(victim - incoming)`` uses per step over the keep-values'
+    horizon, times a miss's cost (a later wave evicts this step's earlier fetches) — so a step
+    does not churn the cache for a cold expert the CPU serves about as fast (cache admission),
+    while a miss with many tokens (prefill) is still fetched.
+    """
     order = sorted(misses, key=lambda e: (-misses[e], e))
+    if not misses:
+        return [], []
     if num_slots == 0 or policy == "static":
         return [], order
     if policy == "lru":
         return order, []
     fetch, cpu = [], []
-    pcie_t, cpu_t = pcie_busy_s, 0.0
+    pcie_t, device_t, cpu_t = pcie_busy_s, device_busy_s, 0.0
+    typical_miss_s = cost.miss_s(max(1, round(sum(misses.values()) / len(misses))))
+    keep: dict[int, float] | None = None
+    victims: list[float] = []
     for e in order:
-        t_fetch, t_cpu = cost.fetch_s(), cost.cpu_s(misses[e])
-        if pcie_t + t_fetch <= cpu_t + t_cpu:
+        fetched_done = max(device_t, pcie_t + cost.fetch_s()) + cost.device_s(misses[e])
+        cpu_done = cpu_t + cost.cpu_s(misses[e])
+        penalty = 0.0
+        if admission is not None and fetched_done <= cpu_done:
+            if keep is None:
+                keep, victims = admission()
+            i = len(fetch)
+            if i < len(victims):
+                victim = victims[i]
+            else:  # a later wave evicts this step's earlier fetches
+                victim = keep[fetch[(i - len(victims)) % len(fetch)]] if fetch else 0.0
+            penalty = max(0.0, victim - keep[e]) * EVICTION_HORIZON_STEPS * typical_miss_s
+        if fetched_done + penalty <= cpu_done:
             fetch.append(e)
-            pcie_t += t_fetch
+            pcie_t, device_t = pcie_t + cost.fetch_s(), fetched_done
         else:
             cpu.append(e)
-            cpu_t += t_cpu
+            cpu_t = cpu_done
     return fetch, cpu
 
 
