@@ -149,6 +149,32 @@ def test_cpu_worker_error_surfaces_for_that_step_and_engine_keeps_serving():
     assert torch.equal(engine.forward(0, x, torch.ones(1, K), ids), _resident(layers[0], x, torch.ones(1, K), ids))
 
 
+def test_failed_copy_surfaces_for_that_step_and_never_serves_the_slot(monkeypatch):
+    import vllm_haq.offload.engine as engine_module
+
+    layers = [_layer_experts(450)]
+    cheap_fetch = CostModel(h2d_bytes_per_s=1e12, expert_bytes=19_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4)
+    engine = OffloadEngine(OffloadConfig(policy="lru", slots_per_layer=1), "cpu", torch.float32, cost=cheap_fetch)
+    engine.add_layer(0, layers[0])
+    w, x = torch.ones(1, K), torch.randn(1, H)
+    ids = torch.tensor([[1, 2]], dtype=torch.int32)
+    engine.forward(0, x, w, ids)
+    real_copy = engine_module.copy_expert
+
+    def failing_copy(dst, slot, src, expert, non_blocking=False):
+        dst.w13[slot].fill_(7)  # a partial write: the slot's contents are now garbage
+        raise RuntimeError("simulated copy failure")
+
+    monkeypatch.setattr(engine_module, "copy_expert", failing_copy)
+    with pytest.raises(RuntimeError, match="simulated copy failure"):
+        engine.forward(0, x, w, torch.tensor([[3, 4]], dtype=torch.int32))
+    monkeypatch.setattr(engine_module, "copy_expert", real_copy)
+    for pair in ([3, 4], [4, 3], [1, 3]):  # the half-written slot is refetched, never served as a hit
+        ids = torch.tensor([pair], dtype=torch.int32)
+        assert torch.equal(engine.forward(0, x, w, ids), _resident(layers[0], x, w, ids))
+    engine.close()
+
+
 def test_stats_file_is_written(tmp_path):
     path = tmp_path / "stats.json"
     engine = OffloadEngine(OffloadConfig(policy="lru", slots_per_layer=1, stats_file=str(path),
