@@ -74,7 +74,119 @@ def _routing(fn):
     return edit
 
 
+def _index_path(d):
+    return os.path.join(d, "model.safetensors.index.json")
+
+
+def _edit_index(fn):
+    def edit(d):
+        index = json.load(open(_index_path(d)))
+        fn(index["weight_map"])
+        json.dump(index, open(_index_path(d), "w"))
+
+    return edit
+
+
+def _add_tensors(tensors, shard_of=Q + ".weight", index=True):
+    """Store extra tensors in the shard holding ``shard_of`` (and list them in the index)."""
+    def edit(d):
+        path = _shard_of(d, shard_of)
+        t = load_file(path)
+        t.update(tensors)
+        save_file(t, path, metadata={"format": "pt"})
+        if index:
+            _edit_index(lambda m: m.update({n: os.path.basename(path) for n in tensors}))(d)
+
+    return edit
+
+
+def _flip_header_bytes(d):
+    path = _shard_of(d, Q + ".weight")
+    with open(path, "r+b") as f:
+        f.seek(12)
+        f.write(b"\xff\x00{]")
+
+
+def _header_length_overflow(d):
+    path = _shard_of(d, Q + ".weight")
+    with open(path, "r+b") as f:
+        f.write((1 << 40).to_bytes(8, "little"))
+
+
+def _duplicate_in_other_shard(d):
+    shards = sorted(set(json.load(open(_index_path(d)))["weight_map"].values()))
+    other = next(s for s in shards if os.path.join(d, s) != _shard_of(d, Q + ".weight"))
+    path = os.path.join(d, other)
+    t = load_file(path)
+    t[Q + ".weight"] = torch.zeros(128, 128, dtype=torch.int8)
+    save_file(t, path, metadata={"format": "pt"})
+
+
+def _int8_layer(layer, expert=None):
+    base = f"model.layers.{layer}." + ("self_attn.q_proj" if expert is None else f"block_sparse_moe.experts.{expert}.w1")
+    rows = 128 if expert is None else 192
+    return {base + ".weight": torch.ones(rows, 128, dtype=torch.int8), base + ".weight_scale": torch.ones(rows, 1)}
+
+
+def _smooth(value, size=128):
+    s = torch.ones(size)
+    s[3] = value
+    return {Q + ".input_smooth": s}
+
+
+def _write(name, text):
+    def edit(d):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+
+    return edit
+
+
 CASES = {
+    "flipped header bytes": (_flip_header_bytes, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
+    "header length overflow": (_header_length_overflow, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
+    "tensor stored in two shards": (_duplicate_in_other_shard, rf"tensor '{Q}\.weight' also stored in"),
+    "index maps a tensor to the wrong shard": (
+        _edit_index(lambda m: m.__setitem__(Q + ".weight", next(f for n, f in m.items() if f != m[Q + ".weight"]))),
+        rf"index\.json: tensor '{Q}\.weight' is mapped to 'model-0000\d-of-0000\d\.safetensors' but stored in"),
+    "tensor missing from the index": (_edit_index(lambda m: m.pop(Q + ".weight_scale")),
+                                      rf"index\.json: tensors \['{Q}\.weight_scale'\] stored in .* are not in the index"),
+    "index names a tensor no shard holds": (_edit_index(lambda m: m.__setitem__("lm_head.bias", m[Q + ".weight"])),
+                                            r"index\.json: tensor 'lm_head\.bias' is mapped to .* which does not hold it"),
+    "unreadable index": (_write("model.safetensors.index.json", "{not json"), r"index\.json: unreadable safetensors index"),
+    "config.json not JSON": (_write("config.json", "{\"quantization_config\": "), r"config\.json: invalid JSON"),
+    "config.json missing": (lambda d: os.remove(os.path.join(d, "config.json")), r"config\.json: missing"),
+    "no quantization_config": (lambda d: _edit_config(d, lambda c: c.pop("quantization_config")),
+                               r"config\.json: no quantization_config \(not a HAQ checkpoint\)"),
+    "extra decoder layer": (_add_tensors(_int8_layer(5)),
+                            r"tensor 'model\.layers\.5\.self_attn\.q_proj\.weight' belongs to decoder layer 5, but .*num_hidden_layers=2"),
+    "extra expert": (_add_tensors(_int8_layer(0, expert=8)), r"belongs to expert 8, but .*config\.json gives 8 experts per MoE layer"),
+    "config has more layers than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_hidden_layers", 3)),
+                                                r"no tensors for decoder layers \[2\] of the num_hidden_layers=3"),
+    "config has fewer experts than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 4)),
+                                                  r"belongs to expert [4-7], but .*gives 4 experts per MoE layer"),
+    "config has more experts than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 10)),
+                                                 r"MoE layer 0 has no tensors for experts \[8, 9\] of the 10"),
+    "config hidden_size disagrees": (lambda d: _edit_config(d, lambda c: c.__setitem__("hidden_size", 64)),
+                                     r"has 128 input features, but .*hidden_size=64"),
+    "orphan weight_scale": (_add_tensors({"model.layers.0.self_attn.x_proj.weight_scale": torch.ones(128, 1)}),
+                            r"x_proj\.weight_scale' has no matching 'model\.layers\.0\.self_attn\.x_proj\.weight'"),
+    "int8 weight without its scale": (_add_tensors({"model.layers.0.self_attn.x_proj.weight": torch.ones(128, 128, dtype=torch.int8)}),
+                                      r"x_proj\.weight' is int8 but model\.layers\.0\.self_attn\.x_proj\.weight_scale is missing"),
+    "NaN input_smooth": (_add_tensors(_smooth(float("nan"))), rf"{Q}\.input_smooth': 1 of 128 scales are non-finite"),
+    "input_smooth of wrong length": (_add_tensors(_smooth(1.0, size=64)),
+                                     rf"{Q}\.input_smooth' is torch\.float32 \[64\], expected torch\.float32 \[128\]"),
+    "routing counts negative": (_routing(lambda t: t["expert_counts"].__setitem__((0, 0), -3)),
+                                r"haq_routing\.safetensors: tensor 'expert_counts' has negative counts"),
+    "routing counts as floats": (_routing(lambda t: t.__setitem__("expert_counts", t["expert_counts"].float())),
+                                 r"tensor 'expert_counts' has dtype torch\.float32, expected torch\.int64"),
+    "routing layers do not match the model": (_routing(lambda t: t.__setitem__("layer_indices", torch.tensor([0, 5]))),
+                                              r"layer_indices \[0, 5\] do not match the model's MoE layers \[0, 1\]"),
+    "routing stats not safetensors": (_write("haq_routing.safetensors", "garbage"),
+                                      r"haq_routing\.safetensors: not a readable safetensors file"),
+    "routing stats for a dense model": (lambda d: _edit_config(d, lambda c: c.pop("num_local_experts")),
+                                        r"routing statistics given for a dense model"),
+
     "missing weight_scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.pop(Q + ".weight_scale")),
                              rf"{Q}\.weight'.*weight_scale is missing"),
     "bf16 weight with a scale": (lambda d: _edit_tensor(d, Q + ".weight", lambda t: t.__setitem__(
@@ -122,6 +234,10 @@ def damaged(haq_dir, tmp_path):
 
 def test_valid_checkpoint_passes(haq_dir):
     assert validate_checkpoint(haq_dir("mixtral")).routing_statistics == ROUTING_FILE
+
+
+def test_at_least_25_kinds_of_corruption():
+    assert len(CASES) >= 25
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -240,6 +240,24 @@ def read_tensor_headers(model_dir: str) -> dict[str, tuple[str, torch.dtype, tup
     return out
 
 
+def _check_index_matches(model_dir: str, headers: dict) -> None:
+    """Every tensor the index names is in the shard it names (loaders trust the index)."""
+    index = os.path.join(model_dir, SAFETENSORS_INDEX)
+    if not os.path.exists(index):
+        return
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    for name, fname in weight_map.items():
+        if name not in headers:
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname!r}, which does not hold it")
+        if headers[name][0] != fname:
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {fname!r} but stored in {headers[name][0]!r}")
+    unlisted = sorted(set(headers) - set(weight_map))
+    if unlisted:
+        raise CheckpointError(f"{index}: tensors {unlisted[:4]} stored in {headers[unlisted[0]][0]!r} are not in "
+                              "the index (loaders would skip them)")
+
+
 def _check_file_size(path: str) -> None:
     """Catch truncated shards, which safe_open maps lazily and would fail only on read."""
     import struct
@@ -374,6 +392,55 @@ def validate_routing_stats(path: str, hf_config: dict) -> dict[str, torch.Tensor
     return stats
 
 
+_LAYER_OF = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_OF = re.compile(r"\.experts\.(\d+)\.")
+_READS_HIDDEN = re.compile(r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|w1|w3)$")
+
+
+def check_config_agreement(model_dir: str, config: dict, headers: dict) -> None:
+    """The tensors describe the model config.json describes: its decoder layers (no more, none missing),
+    its experts per MoE layer, and its hidden size as the input of every layer that reads the residual."""
+    cfg_path = os.path.join(model_dir, CONFIG_FILE)
+    n_layers = config.get("num_hidden_layers")
+    hidden = config.get("hidden_size")
+    layout = moe_layout(config)
+    seen_layers: set[int] = set()
+    experts_of: dict[int, set[int]] = {}
+    for name, (fname, _, shape) in headers.items():
+        m = _LAYER_OF.search(name)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        where = f"{os.path.join(model_dir, fname)}: tensor {name!r}"
+        if n_layers is not None and layer >= int(n_layers):
+            raise CheckpointError(f"{where} belongs to decoder layer {layer}, but {cfg_path} says "
+                                  f"num_hidden_layers={n_layers}")
+        seen_layers.add(layer)
+        e = _EXPERT_OF.search(name)
+        if e is not None and layout is not None:
+            expert = int(e.group(1))
+            if expert >= layout[1]:
+                raise CheckpointError(f"{where} belongs to expert {expert}, but {cfg_path} gives {layout[1]} "
+                                      "experts per MoE layer")
+            experts_of.setdefault(layer, set()).add(expert)
+        if (hidden is not None and name.endswith("." + WEIGHT) and len(shape) == 2 and e is None
+                and _READS_HIDDEN.match(name[: -len(WEIGHT) - 1]) and shape[1] != int(hidden)):
+            raise CheckpointError(f"{where} has {shape[1]} input features, but {cfg_path} says "
+                                  f"hidden_size={hidden}")
+    if n_layers is not None and seen_layers:
+        missing = sorted(set(range(int(n_layers))) - seen_layers)
+        if missing:
+            raise CheckpointError(f"{model_dir}: no tensors for decoder layers {missing[:8]} of the "
+                                  f"num_hidden_layers={n_layers} in {cfg_path}")
+    if layout is not None:
+        for layer in layout[0]:
+            have = experts_of.get(layer, set())
+            if have and len(have) != layout[1]:
+                absent = sorted(set(range(layout[1])) - have)
+                raise CheckpointError(f"{model_dir}: MoE layer {layer} has no tensors for experts {absent[:8]} "
+                                      f"of the {layout[1]} in {cfg_path}")
+
+
 def read_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, CONFIG_FILE)
     try:
@@ -393,7 +460,9 @@ def validate_checkpoint(model_dir: str) -> HAQQuantConfig:
     qcfg = parse_quantization_config(
         config["quantization_config"], f"{os.path.join(model_dir, CONFIG_FILE)}: quantization_config"
     )
-    validate_tensors(model_dir, qcfg)
+    headers = validate_tensors(model_dir, qcfg)
+    _check_index_matches(model_dir, headers)
+    check_config_agreement(model_dir, config, headers)
     if qcfg.routing_statistics:
         path = os.path.join(model_dir, qcfg.routing_statistics)
         if not os.path.exists(path):
