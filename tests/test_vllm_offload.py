@@ -88,8 +88,7 @@ MIXTRAL_CASES = [
     {"expert_fraction": 0.5, "policy": "haq", "prefetch": "always"},  # "auto" may skip tiny experts' prefetches
     {"slots_per_layer": 1, "policy": "lru"},
     {"slots_per_layer": 0, "policy": "static"},
-    {"slots_per_layer": 1, "policy": "static"},
-]
+]  # every budget x policy combination is checked bit for bit without vLLM in test_offload_engine.py
 
 
 @pytest.mark.parametrize("haq", MIXTRAL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
