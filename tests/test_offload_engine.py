@@ -83,13 +83,17 @@ def test_every_budget_and_policy_matches_all_resident_exactly(budget, policy, to
     assert s["fetches"] + s["cpu_experts"] == s["misses"]
     if policy == "lru" and min(s["slots_per_layer"]) > 0:  # on-demand: every miss is fetched, nothing else moves
         assert s["fetches"] == s["misses"] and s["cpu_experts"] == 0
-        # layer 1 also moves its experts' smoothing vectors (H float32 each)
-        assert s["fetches"] * s["expert_bytes"] <= s["bytes_h2d"] <= s["fetches"] * (s["expert_bytes"] + 4 * H)
-    assert s["device_cache_bytes"] == s["slots"] * s["expert_bytes"]
+        # expert_bytes is the largest expert: layer 1's, which carry smoothing vectors (H float32 each)
+        assert s["fetches"] * (s["expert_bytes"] - 4 * H) <= s["bytes_h2d"] <= s["fetches"] * s["expert_bytes"]
+    assert s["slots"] * (s["expert_bytes"] - 4 * H) <= s["device_cache_bytes"] <= s["slots"] * s["expert_bytes"]
     if budget == "half":
         assert s["slots"] == LAYERS * E // 2
     if budget == "gib":
         assert s["slots"] == int(3 * 19_000 // s["expert_bytes"])
+        # measured: the bytes of the cache tensors the engine actually allocated stay within the budget
+        allocated = sum(t.numel() * t.element_size() for layer in engine.order if layer.cache is not None
+                        for t in layer.cache.parts())
+        assert allocated == s["device_cache_bytes"] <= 3 * 19_000
 
 
 def test_haq_prefetch_predicts_next_layer_and_counts_accuracy():

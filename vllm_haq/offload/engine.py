@@ -140,7 +140,8 @@ class OffloadEngine:
             if any(layer.num_experts != num_experts for layer in self.order):
                 raise ValueError(f"offload engine {self.name}: MoE layers have different expert counts")
             self.stats_model = self._routing_statistics(num_layers, num_experts)
-            expert_bytes = self.order[0].host.expert_bytes()
+            # the largest expert (layers with explicit smoothing carry a vector more): a GiB budget holds
+            expert_bytes = max(layer.host.expert_bytes() for layer in self.order)
             total = self.config.slots_for(num_layers, num_experts, expert_bytes)
             if total is None:
                 per_layer = [num_experts] * num_layers
@@ -150,6 +151,8 @@ class OffloadEngine:
                 per_layer = allocate_slots(total, self.stats_model.prior_share, self.config.policy)
             for layer, slots in zip(self.order, per_layer):
                 self._allocate(layer, slots)
+            cache_bytes = sum(t.numel() * t.element_size() for layer in self.order if layer.cache is not None
+                              for t in layer.cache.parts())  # allocated, not estimated
             threads = self.config.cpu_threads or default_cpu_threads(self.device)
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
             if self.device.type == "cuda":
@@ -165,8 +168,8 @@ class OffloadEngine:
                 "slots_per_layer": per_layer,
                 "slots": sum(per_layer),
                 "expert_bytes": expert_bytes,
-                "device_cache_bytes": sum(per_layer) * expert_bytes,
-                "all_experts_bytes": num_layers * num_experts * expert_bytes,
+                "device_cache_bytes": cache_bytes,
+                "all_experts_bytes": sum(layer.num_experts * layer.host.expert_bytes() for layer in self.order),
                 "cpu_threads": threads,
                 "cost_model": self.cost.as_dict(),
             })
@@ -174,7 +177,7 @@ class OffloadEngine:
             log.info("vllm-haq offload (%s): policy %s, %d/%d experts on %s (%.1f MiB), slots per layer %s, "
                      "%d CPU workers; H2D %.2f GB/s, CPU expert %.3f ms + %.3f ms/token", self.name,
                      self.config.policy, sum(per_layer), num_layers * num_experts, self.device,
-                     sum(per_layer) * expert_bytes / 2**20, per_layer, threads, self.cost.h2d_bytes_per_s / 1e9,
+                     cache_bytes / 2**20, per_layer, threads, self.cost.h2d_bytes_per_s / 1e9,
                      self.cost.cpu_overhead_s * 1e3, self.cost.cpu_s_per_token * 1e3)
 
     def _routing_statistics(self, num_layers: int, num_experts: int) -> RoutingStatistics:
