@@ -137,7 +137,11 @@ class _Conversion:
         self.shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     def run(self, progress) -> list[LayerReport]:
-        done = _prepare_workdir(self.work, self.fingerprint, self.opts)
+        try:
+            done = _prepare_workdir(self.work, self.fingerprint, self.opts)
+        except OSError as exc:
+            raise ConvertError(f"{self.work}: cannot create the work directory ({exc.strerror or exc}); "
+                               "check that the output's parent exists and is writable") from exc
         try:
             hidden = self._start(done)
             reports = []
@@ -150,6 +154,13 @@ class _Conversion:
                     progress(reports[-1], self.spec.num_layers)
             self._finish()
             return reports
+        except OSError as exc:  # disk full, read-only file system, ...: the committed layers stay resumable
+            if done == 0:
+                _discard_if_empty(self.work)
+            kept = (f"the finished layers are kept in {self.work}; fix it and rerun with --resume"
+                    if os.path.isdir(self.work) else "nothing was kept")
+            raise ConvertError(f"{getattr(exc, 'filename', None) or self.work}: write failed "
+                               f"({exc.strerror or exc}); {kept}") from exc
         except BaseException:
             if done == 0:
                 _discard_if_empty(self.work)

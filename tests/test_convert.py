@@ -147,3 +147,38 @@ def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     assert producer["gptq"] == {"block_size": 64, "dampening": 0.02, "act_order": False}
     assert main(["convert", tiny_dir("llama"), str(tmp_path / "x"), "--method", "gptq"]) == 1
     assert "--method gptq calibrates on text" in capsys.readouterr().err
+
+
+def test_full_disk_fails_with_one_line_cause_and_keeps_finished_layers(tiny_dir, calib_file, haq_dir, tmp_path,
+                                                                       monkeypatch):
+    import errno
+
+    import offline.convert as convert_module
+
+    out = str(tmp_path / "full")
+    opts = ConvertOptions(calib=[calib_file], samples=4, seq_len=64)
+    real_save, calls = convert_module._save_atomic, {"n": 0}
+
+    def save_until_full(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the globals shard and layer 0 are written, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + ".tmp")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(convert_module, "_save_atomic", save_until_full)
+    with pytest.raises(ConvertError) as err:
+        convert(tiny_dir("mixtral"), out, opts)
+    msg = str(err.value)
+    assert "\n" not in msg and "No space left on device" in msg and "rerun with --resume" in msg, msg
+    assert not os.path.exists(out) and os.path.isdir(out + ".partial")
+    monkeypatch.setattr(convert_module, "_save_atomic", real_save)
+    convert(tiny_dir("mixtral"), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64, resume=True))
+    a, b = _all_tensors(out), _all_tensors(haq_dir("mixtral"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unwritable_output_location_is_one_line(tiny_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConvertError, match=r"cannot create the work directory .*parent exists and is writable"):
+        convert(tiny_dir("opt"), str(blocker / "out"), ConvertOptions())
