@@ -49,6 +49,23 @@ def _in_inference_mode(fn, *args):
         return fn(*args)
 
 
+class _InlineExecutor:
+    """Runs each CPU expert job at once in the model thread (the CPU build: there the "device" is the
+    same CPU, and a worker thread computing experts beside the model thread gave wrong expert outputs in
+    long-lived test processes — see README Limitations — so the CPU build never overlaps them)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # surfaces at .result(), like a worker's
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
 def default_cpu_threads(device: torch.device) -> int:
     """CPU expert workers: one where the "device" is the CPU itself, else a quarter of the host's cores."""
     if device.type == "cpu":
@@ -154,7 +171,10 @@ class OffloadEngine:
             cache_bytes = sum(t.numel() * t.element_size() for layer in self.order if layer.cache is not None
                               for t in layer.cache.parts())  # allocated, not estimated
             threads = self.config.cpu_threads or default_cpu_threads(self.device)
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
+            if self.device.type == "cpu":
+                self._pool = _InlineExecutor()
+            else:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:
@@ -170,7 +190,7 @@ class OffloadEngine:
                 "expert_bytes": expert_bytes,
                 "device_cache_bytes": cache_bytes,
                 "all_experts_bytes": sum(layer.num_experts * layer.host.expert_bytes() for layer in self.order),
-                "cpu_threads": threads,
+                "cpu_threads": 0 if self.device.type == "cpu" else threads,  # 0: inline in the model thread
                 "cost_model": self.cost.as_dict(),
             })
             self._started = True
