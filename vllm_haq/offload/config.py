@@ -58,9 +58,7 @@ class OffloadConfig:
         """Total cache slots over all layers for this budget, or None for "all experts"."""
         total = num_layers * num_experts
         if self.slots_per_layer is not None:
-            if self.slots_per_layer > num_experts:
-                raise OffloadConfigError(f"haq.slots_per_layer={self.slots_per_layer} exceeds the model's "
-                                         f"{num_experts} experts per layer")
+            self.check_slots(num_experts)
             slots = self.slots_per_layer * num_layers
         elif self.expert_fraction is not None:
             slots = int(self.expert_fraction * total + 1e-9)
@@ -69,6 +67,12 @@ class OffloadConfig:
         else:
             return None
         return None if slots >= total else slots
+
+    def check_slots(self, num_experts: int, where: str = "") -> None:
+        """Refuse a ``slots_per_layer`` above the experts a layer has (``where``: the layer, if known)."""
+        if self.slots_per_layer is not None and self.slots_per_layer > num_experts:
+            raise OffloadConfigError(f"haq.slots_per_layer={self.slots_per_layer} exceeds the model's "
+                                     f"{num_experts} experts per layer" + (f" ({where})" if where else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

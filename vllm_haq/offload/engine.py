@@ -67,9 +67,7 @@ class _InlineExecutor:
 
 
 def default_cpu_threads(device: torch.device) -> int:
-    """CPU expert workers: one where the "device" is the CPU itself, else a quarter of the host's cores."""
-    if device.type == "cpu":
-        return 1
+    """CPU expert worker threads beside a GPU: a quarter of the host's cores (the CPU build runs them inline)."""
     return max(1, min(8, (os.cpu_count() or 4) // 4))
 
 
@@ -96,11 +94,9 @@ class _Layer:
     def place(self, slot: int, expert: int) -> int:
         """Residency bookkeeping for ``expert`` now in ``slot``; returns the evicted expert or -1."""
         old = self.expert_of_slot[slot]
-        if old >= 0:
-            self.slot_of_expert[old] = -1
+        self.evict(slot)
         self.expert_of_slot[slot] = expert
         self.slot_of_expert[expert] = slot
-        self.slot_gemms.pop(slot, None)
         return old
 
     def evict(self, slot: int) -> None:
@@ -168,8 +164,7 @@ class OffloadEngine:
                 per_layer = allocate_slots(total, self.stats_model.prior_share, self.config.policy)
             for layer, slots in zip(self.order, per_layer):
                 self._allocate(layer, slots)
-            cache_bytes = sum(t.numel() * t.element_size() for layer in self.order if layer.cache is not None
-                              for t in layer.cache.parts())  # allocated, not estimated
+            cache_bytes = sum(layer.cache.nbytes() for layer in self.order if layer.cache is not None)
             threads = self.config.cpu_threads or default_cpu_threads(self.device)
             if self.device.type == "cpu":
                 self._pool = _InlineExecutor()

@@ -49,6 +49,10 @@ class ExpertTensors:
         """Bytes of one expert (what one fetch moves)."""
         return sum(t[0].numel() * t.element_size() for t in self.parts())
 
+    def nbytes(self) -> int:
+        """Bytes of all its experts (or cache slots), as allocated."""
+        return sum(t.numel() * t.element_size() for t in self.parts())
+
     def gemms(self, i: int, out_dtype: torch.dtype, backend: str | None = None) -> tuple[ScaledInt8Gemm, ScaledInt8Gemm]:
         """Prepared (w13, w2) GEMMs of expert/slot ``i`` (views, no weight copies on the torch backend)."""
         smooth = None if self.smooth is None else self.smooth[i]

@@ -21,7 +21,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm_haq.format import (SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values, read_config,
                              validate_routing_stats)
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
-from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadConfigError, OffloadEngine, parse_offload_config
+from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
 
 log = logging.getLogger("vllm_haq")
 
@@ -130,9 +130,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
             "w13_weight_scale": ((num_experts, 2 * inter, 1), SCALE_DTYPE),
             "w2_weight_scale": ((num_experts, hidden_size, 1), SCALE_DTYPE),
         }
-        if self.offload.slots_per_layer is not None and self.offload.slots_per_layer > num_experts:
-            raise OffloadConfigError(f"haq.slots_per_layer={self.offload.slots_per_layer} exceeds the "
-                                     f"{num_experts} experts per layer of {self.prefix}")
+        self.offload.check_slots(num_experts, self.prefix)  # at load, before any weight is read
         # offloaded experts live in host memory (the engine pins them and owns the device cache)
         device = "cpu" if self.offload.offloading else None
         if self.offload.offloading and torch.cuda.is_available():
