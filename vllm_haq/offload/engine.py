@@ -34,7 +34,7 @@ from vllm_haq.kernels import RouteGroups, expert_mlp, expert_routes, new_route_b
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
-from vllm_haq.offload.stats import OffloadCounters, RoutingStatistics
+from vllm_haq.offload.stats import LIVE_ROUTING_KEY, OffloadCounters, RoutingStatistics
 from vllm_haq.offload.store import ExpertTensors, copy_expert
 
 log = logging.getLogger("vllm_haq.offload")
@@ -458,7 +458,10 @@ class OffloadEngine:
         if path:
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
-                json.dump({"time": time.time(), "pid": os.getpid(), "model": self.name, **s}, f)
+                dump = {"time": time.time(), "pid": os.getpid(), "model": self.name, **s}
+                if self.stats_model is not None:  # served routing counts, read by haq stats --live
+                    dump[LIVE_ROUTING_KEY] = self.stats_model.served([layer.index for layer in self.order])
+                json.dump(dump, f)
             os.replace(tmp, path)
 
     def routing_counts(self) -> torch.Tensor | None:

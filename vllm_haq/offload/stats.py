@@ -5,6 +5,11 @@ MoE layer and layer-to-next-layer transition counts) are the prior; online count
 of served steps refine them with exponential decay, so a workload that routes
 differently from the calibration text takes over within a few hundred steps.
 Warm-up and profiling passes are not recorded (the caller says which steps count).
+
+Beside the decayed counts the planner uses, the exact (undecayed) counts of every served
+step are kept for ``haq stats --live``: :meth:`RoutingStatistics.served` is written as the
+``"routing"`` key of the engine's ``stats_file``, with the schema of the checkpoint's
+routing statistics (see :data:`LIVE_ROUTING_KEY`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import torch
 
 ONLINE_DECAY = 0.995  # per served step; half-life ~140 steps
 PRIOR_WEIGHT = 64.0  # the prior counts as this many routed tokens per layer
+# Key of the engine's stats_file JSON holding the served routing counts:
+# {"layer_indices": [L], "tokens": [L] (tokens routed per MoE layer), "expert_counts": [L][E],
+#  "transition_counts": [L-1][E][E] (a token's routes at MoE layer l -> its routes at layer l+1)}
+LIVE_ROUTING_KEY = "routing"
 
 
 class RoutingStatistics:
@@ -40,13 +49,31 @@ class RoutingStatistics:
         self.prior_transition = t  # [l, a, b]: P(b at layer l+1 | a at layer l)
         self.online = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.online_transition = torch.zeros_like(t)
+        # exact counts of all served steps (for haq stats --live; the planner reads the decayed ones)
+        self.served_tokens = torch.zeros(num_layers, dtype=torch.int64)
+        self.served_counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self.served_transitions = torch.zeros(t.shape, dtype=torch.int64)
 
     def record(self, layer: int, counts: torch.Tensor, prev_routed: torch.Tensor | None,
                routed: torch.Tensor | None) -> None:
         """Add one served step of layer ``layer`` (``counts`` [E]; optional route indicators [M, E])."""
         self.online[layer].mul_(ONLINE_DECAY).add_(counts.double())
+        self.served_counts[layer] += counts.round().long()
+        if routed is not None:
+            self.served_tokens[layer] += routed.shape[0]
         if layer > 0 and prev_routed is not None and routed is not None and prev_routed.shape == routed.shape:
-            self.online_transition[layer - 1].mul_(ONLINE_DECAY).add_(prev_routed.t().double() @ routed.double())
+            pairs = prev_routed.t().double() @ routed.double()
+            self.online_transition[layer - 1].mul_(ONLINE_DECAY).add_(pairs)
+            self.served_transitions[layer - 1] += pairs.round().long()
+
+    def served(self, layer_indices: list[int]) -> dict:
+        """Exact routing counts of all served steps as JSON-able lists (``LIVE_ROUTING_KEY`` schema)."""
+        return {
+            "layer_indices": [int(i) for i in layer_indices],
+            "tokens": self.served_tokens.tolist(),
+            "expert_counts": self.served_counts.tolist(),
+            "transition_counts": self.served_transitions.tolist(),
+        }
 
     def share(self, layer: int) -> torch.Tensor:
         """Expected share of routes per expert at ``layer`` (sums to 1)."""
