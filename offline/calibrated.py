@@ -23,14 +23,16 @@ rounded to nearest (their Hessian is too low-rank to steer GPTQ).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, HessianAccumulator
 from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
 
-from offline.models import ModelSpec, SmoothGroup
+from offline.models import LayerTensors, ModelSpec, SmoothGroup
 
 
 @dataclass(frozen=True)
@@ -60,25 +62,94 @@ def input_key(module: str) -> str:
     return f"{head}.{twin}" if twin else module
 
 
-class InputStats:
-    """Observer for LayerTensors: Hessian, channel max and a row sample of every distinct linear input."""
+MOE_SMOOTHING = ("shared", "per-expert")
 
-    def __init__(self, keep_rows_every: int = 4):
-        self.acc: dict[str, HessianAccumulator] = {}
+
+class WorkingTensors:
+    """One decoder layer's tensors as the converter sees them: ``dtype`` copies of the source with the smoothing
+    applied so far.
+
+    Smoothing only records an exact rescaling per tensor; a tensor is materialized (source → ``dtype``, then
+    each rescaling in order) when it is read. Materializing every smoothed weight at once would hold the layer in
+    float32, twice its bf16 size (5.4 GiB for one Mixtral-8x7B layer), next to the Hessians. Takes ownership of
+    ``source``: :meth:`release` removes a tensor from it, so a finished expert's weights can be freed.
+    """
+
+    def __init__(self, source: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.source = source
+        self.dtype = dtype
+        self.rescalings: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        v = self.source[name]
+        if v.is_floating_point():
+            v = v.to(self.dtype)
+        for rescale in self.rescalings.get(name, ()):
+            v = rescale(v)
+        return v
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.source
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self.source else default
+
+    def names(self) -> list[str]:
+        return list(self.source)
+
+    def rescale(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.rescalings.setdefault(name, []).append(fn)
+
+    def release(self, name: str) -> None:
+        self.source.pop(name, None)
+        self.rescalings.pop(name, None)
+
+
+class InputStats:
+    """Observer for LayerTensors: per distinct linear input, its channel max |x|, a row sample for the α search
+    and, for the inputs in ``hessians``, the GPTQ Hessian.
+
+    The other inputs' Hessians are built one at a time by :meth:`take_hessian` from ``recompute`` (an MoE layer's
+    experts: eight 14336² Hessians of Mixtral's down projections would not fit beside the layer). ``keep_all``
+    inputs keep every row as observed, before any smoothing (the MoE input the experts' inputs are recomputed
+    from). Smoothing divides an input by s; :meth:`rescale` updates everything kept for it exactly.
+    """
+
+    def __init__(self, keep_rows_every: int = 4, hessians: Callable[[str], bool] = lambda key: True,
+                 keep_all: Iterable[str] = ()):
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.hessians: dict[str, HessianAccumulator] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.all_rows: dict[str, list[torch.Tensor]] = {key: [] for key in keep_all}
+        self.scale: dict[str, torch.Tensor] = {}  # inputs without a Hessian yet: the divisor applied since observed
         self.every = keep_rows_every
+        self.wants_hessian = hessians
+        self.recompute: Callable[[str], Iterable[torch.Tensor]] | None = None
 
     def __call__(self, module: str, x: torch.Tensor) -> None:
         if input_key(module) != module:
             return
         x2 = x.reshape(-1, x.shape[-1])
-        if module not in self.acc:
-            self.acc[module] = HessianAccumulator(x2.shape[-1])
+        if module not in self.count:
+            self.count[module] = 0
+            self.absmax[module] = torch.zeros(x2.shape[-1], dtype=torch.float64)
             self.rows[module] = []
-        self.acc[module].add(x2)
+            if self.wants_hessian(module):
+                self.hessians[module] = HessianAccumulator(x2.shape[-1])
+        if module in self.hessians:
+            self.hessians[module].add(x2)
+        if x2.shape[0]:
+            self.absmax[module] = torch.maximum(self.absmax[module], x2.float().abs().amax(0).double())
+        self.count[module] += x2.shape[0]
+        if module in self.all_rows:
+            self.all_rows[module].append(x2.float().clone())
         kept = sum(r.shape[0] for r in self.rows[module])
         if kept < SEARCH_ROWS:
             self.rows[module].append(x2[:: self.every][: SEARCH_ROWS - kept].float().clone())
+
+    def seen(self, module: str) -> bool:
+        return input_key(module) in self.count
 
     def sample(self, module: str) -> torch.Tensor:
         return torch.cat(self.rows[input_key(module)])
@@ -86,135 +157,220 @@ class InputStats:
     def rescale(self, module: str, s: torch.Tensor) -> None:
         """The input of ``module`` is now x / s: update its statistics exactly."""
         key = input_key(module)
-        if key not in self.acc:
+        if key not in self.count:
             return
         sd = s.double()
-        acc = self.acc[key]
-        acc.h /= torch.outer(sd, sd)
-        acc.absmax /= sd
+        self.absmax[key] /= sd
         self.rows[key] = [r / s for r in self.rows[key]]
+        if key in self.hessians:
+            self.hessians[key].h /= torch.outer(sd, sd)
+        else:
+            self.scale[key] = self.scale[key] * sd if key in self.scale else sd
+
+    def take_hessian(self, key: str) -> HessianAccumulator:
+        """The Hessian of input ``key`` (of its current, smoothed values), handed over to the caller."""
+        if key in self.hessians:
+            return self.hessians.pop(key)
+        if self.recompute is None:
+            raise RuntimeError(f"no Hessian was collected for {key} and it cannot be recomputed")
+        acc = HessianAccumulator(self.absmax[key].shape[0])
+        s = self.scale.get(key)
+        for x in self.recompute(key):
+            acc.add(x if s is None else x / s.float())
+        if acc.n != self.count[key]:
+            raise RuntimeError(f"{key}: recomputed {acc.n} calibration rows, observed {self.count[key]}")
+        return acc
 
 
-MOE_SMOOTHING = ("shared", "per-expert")
+class ExpertInputs:
+    """The unsmoothed inputs of one MoE layer's routed experts, recomputed from the MoE input and the routing.
 
-
-def quantize_calibrated(spec: ModelSpec, i: int, t: dict[str, torch.Tensor], targets: list[str],
-                        stats: InputStats, method: Method, alpha: float, gptq_cfg: GPTQConfig,
-                        moe_smoothing: str = "shared"):
-    """Smooth (in place in ``t``) and quantize ``targets``.
-
-    Returns (tensors, smoothing record, explicit-smoothing expert blocks, GPTQ fallbacks).
+    ``rows`` are the MoE block's input rows and ``ids`` their top-k experts, both in calibration order; the
+    gate/up input of expert e is ``rows`` routed to e, its down input silu(x Wgᵀ) · (x Wuᵀ) of those rows.
     """
-    record: dict[str, float | None] = {}
-    explicit: dict[str, torch.Tensor] = {}
-    explicit_blocks: list[str] = []
-    if method.smooth:
-        for g in spec.smoothing_groups(i):
-            consumers = [c for c in g.consumers if c in targets]
-            if g.experts and moe_smoothing == "per-expert":
-                for e_in in g.experts:
-                    record[e_in] = _smooth_expert_explicitly(t, e_in, targets, stats, method, alpha, explicit)
-                explicit_blocks.append(g.experts[0].rsplit(".", 2)[0])
-                continue
-            if not consumers or input_key(g.observed_module) not in stats.acc:
-                continue
-            a = alpha
-            if method.search_alpha:
-                a = _search_alpha(t, g, consumers, stats)
-            record[g.consumers[0]] = a
-            if a is not None:
-                _apply_smoothing(t, g, _factors(t, g, consumers, stats, a), stats)
-    out = dict(t)
-    fallbacks = []
+
+    def __init__(self, block: str, names: tuple[str, str, str], rows: torch.Tensor, ids: torch.Tensor,
+                 source: dict[str, torch.Tensor], chunk_rows: int = 4096):
+        self.prefix, self.names = f"{block}.experts.", names
+        self.rows, self.ids, self.source, self.chunk_rows = rows, ids, source, chunk_rows
+
+    def expert_of(self, key: str) -> int | None:
+        """The expert whose gate/up or down input ``key`` is, else None."""
+        if not key.startswith(self.prefix):
+            return None
+        e, _, linear = key[len(self.prefix):].partition(".")
+        return int(e) if e.isdigit() and linear in (self.names[0], self.names[2]) else None
+
+    def __call__(self, key: str) -> Iterator[torch.Tensor]:
+        e = self.expert_of(key)
+        gate, up, down = (f"{self.prefix}{e}.{n}.weight" for n in self.names)
+        tok = (self.ids == e).any(-1).nonzero().squeeze(-1)
+        is_down = key.endswith(f".{self.names[2]}")
+        wg, wu = (self.source[gate].float(), self.source[up].float()) if is_down else (None, None)
+        for c in range(0, tok.numel(), self.chunk_rows):
+            x = self.rows[tok[c : c + self.chunk_rows]]
+            yield F.silu(F.linear(x, wg)) * F.linear(x, wu) if is_down else x
+
+
+def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], hidden: torch.Tensor,
+                        method: Method, alpha: float, gptq_cfg: GPTQConfig, moe_smoothing: str = "shared",
+                        chunk: int = 8):
+    """Run layer ``i`` in float on ``hidden`` to collect input statistics, smooth ``t`` and quantize ``targets``.
+
+    Returns (non-target tensors in their source dtype + int8 targets with scales + explicit smoothing,
+    smoothing record, explicit-smoothing expert blocks, GPTQ fallbacks, worst relative weight error).
+    """
+    dtypes = {k: v.dtype for k, v in t.source.items()}
+    moe = spec.moe_block(i)
+    target_inputs = {input_key(m) for m in targets}
+    stats = InputStats(hessians=lambda key: method.gptq and key in target_inputs and not _is_routed_expert(moe, key),
+                       keep_all=[f"{moe[0]}.gate"] if moe else [])
+    routes: list[torch.Tensor] = []
+    sink = (lambda _i, ids: routes.append(ids)) if moe else None
+    lt = LayerTensors(t, observer=stats)
+    with torch.no_grad():
+        for c in range(0, hidden.shape[0], chunk):
+            spec.layer_forward(i, lt, hidden[c : c + chunk], sink)
+    if moe:
+        block, names = moe
+        stats.recompute = ExpertInputs(block, names, torch.cat(stats.all_rows.pop(f"{block}.gate")),
+                                       torch.cat(routes), t.source)
+
+    record, explicit, explicit_blocks = _smooth(spec, i, t, targets, stats, method, alpha, moe_smoothing)
+
+    out = {k: t[k].to(dtypes[k]) for k in t.names() if k.removesuffix(".weight") not in targets}
+    fallbacks, worst = [], 0.0
     by_input: dict[str, list[str]] = {}
     for module in targets:
         by_input.setdefault(input_key(module), []).append(module)
     for key, modules in by_input.items():
-        acc = stats.acc.get(key)
-        if method.gptq and acc is not None and acc.n >= MIN_EXPERT_TOKENS:
+        ws = [t[f"{m}.weight"] for m in modules]
+        if method.gptq and stats.count.get(key, 0) >= MIN_EXPERT_TOKENS:
             # Linears reading the same input (q/k/v, gate/up) share H: GPTQ's rows are independent
             # given H, so one stacked call (one factorization of H) gives each linear's own result.
-            ws = [t[f"{m}.weight"] for m in modules]
-            q, s = GPTQSolver(acc.h, gptq_cfg).quantize(torch.cat([w.float() for w in ws]))
+            solver = GPTQSolver.from_accumulator(stats.take_hessian(key), gptq_cfg)
+            q, s = solver.quantize(torch.cat(ws))
+            del solver
             sizes = [w.shape[0] for w in ws]
-            for m, qm, sm in zip(modules, q.split(sizes), s.split(sizes)):
-                out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm.contiguous(), sm.contiguous()
-            continue
-        for module in modules:
+            quantized = [(qm.contiguous(), sm.contiguous()) for qm, sm in zip(q.split(sizes), s.split(sizes))]
+            del q
+        else:
             if method.gptq:
-                fallbacks.append(module)
-            out[f"{module}.weight"], out[f"{module}.weight_scale"] = quantize_weight_per_channel(t[f"{module}.weight"])
+                fallbacks += modules
+            quantized = [quantize_weight_per_channel(w) for w in ws]
+        for m, w, (qm, sm) in zip(modules, ws, quantized):
+            out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm, sm
+            worst = max(worst, float((qm.float() * sm - w).norm() / w.norm().clamp(min=1e-12)))
+        del ws, quantized
+        e = stats.recompute.expert_of(key) if moe else None
+        if e is not None and key.endswith(f".{moe[1][2]}"):  # the expert's last input: free its weights
+            for n in moe[1]:
+                t.release(f"{moe[0]}.experts.{e}.{n}.weight")
     out.update(explicit)
-    return out, record, explicit_blocks, fallbacks
+    return out, record, explicit_blocks, fallbacks, worst
 
 
-def _smooth_expert_explicitly(t, e_in: str, targets: list[str], stats: InputStats, method: Method, alpha: float,
-                              explicit: dict[str, torch.Tensor]) -> float | None:
+def _is_routed_expert(moe: tuple[str, tuple[str, str, str]] | None, key: str) -> bool:
+    return moe is not None and key.startswith(f"{moe[0]}.experts.")
+
+
+def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stats: InputStats, method: Method,
+            alpha: float, moe_smoothing: str):
+    """Choose and apply the smoothing of every group of layer ``i``; returns (record, explicit tensors, blocks)."""
+    record: dict[str, float | None] = {}
+    explicit: dict[str, torch.Tensor] = {}
+    explicit_blocks: list[str] = []
+    if not method.smooth:
+        return record, explicit, explicit_blocks
+    for g in spec.smoothing_groups(i):
+        consumers = [c for c in g.consumers if c in targets]
+        if g.experts and moe_smoothing == "per-expert":
+            for e_in in g.experts:
+                record[e_in] = _smooth_expert_explicitly(t, e_in, targets, stats, method, alpha, explicit)
+            explicit_blocks.append(g.experts[0].rsplit(".", 2)[0])
+            continue
+        if not consumers or not stats.seen(g.observed_module):
+            continue
+        w_absmax = _weight_absmax(t, consumers)
+        act_absmax = stats.absmax[input_key(g.observed_module)]
+        a = alpha
+        if method.search_alpha:
+            a = _search_alpha(t, g, consumers, stats, w_absmax)
+        record[g.consumers[0]] = a
+        if a is not None:
+            _apply_smoothing(t, g, _factors(act_absmax, w_absmax, g, a), stats)
+    return record, explicit, explicit_blocks
+
+
+def _smooth_expert_explicitly(t: WorkingTensors, e_in: str, targets: list[str], stats: InputStats, method: Method,
+                              alpha: float, explicit: dict[str, torch.Tensor]) -> float | None:
     """Smooth one expert's gate/up by its own tokens; the factors become its ``input_smooth``."""
     head, _, last = e_in.rpartition(".")
     twin = next(k for k, v in _SAME_INPUT_AS.items() if v == last)
     consumers = [c for c in (e_in, f"{head}.{twin}") if c in targets]
-    acc = stats.acc.get(e_in)
     a = None
-    if consumers and acc is not None and acc.n >= MIN_EXPERT_TOKENS:
+    if consumers and stats.count.get(e_in, 0) >= MIN_EXPERT_TOKENS:
         g = SmoothGroup(consumers, observed=e_in)
-        a = _search_alpha(t, g, consumers, stats) if method.search_alpha else alpha
-    s = torch.ones(t[f"{consumers[0]}.weight"].shape[1]) if a is None else _factors(t, g, consumers, stats, a)
+        w_absmax = _weight_absmax(t, consumers)
+        a = _search_alpha(t, g, consumers, stats, w_absmax) if method.search_alpha else alpha
+    s = torch.ones(t[f"{consumers[0]}.weight"].shape[1]) if a is None else _factors(stats.absmax[e_in], w_absmax, g, a)
     for c in consumers:
-        t[f"{c}.weight"] = smooth_weight(t[f"{c}.weight"], s)
+        t.rescale(f"{c}.weight", lambda w, s=s: smooth_weight(w, s))
         explicit[f"{c}.input_smooth"] = s.float().clone()  # one tensor per name: safetensors refuses shared storage
     stats.rescale(e_in, s)
     return a
 
 
-def _factors(t, g: SmoothGroup, consumers: list[str], stats: InputStats, alpha: float) -> torch.Tensor:
-    a = stats.acc[input_key(g.observed_module)].absmax
-    w = torch.stack([t[f"{c}.weight"].float().abs().amax(0) for c in consumers]).amax(0)
+def _weight_absmax(t: WorkingTensors, consumers: list[str]) -> torch.Tensor:
+    """Per input channel max |W| over every consumer (materialized one at a time)."""
+    return torch.stack([t[f"{c}.weight"].float().abs().amax(0) for c in consumers]).amax(0)
+
+
+def _factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, g: SmoothGroup, alpha: float) -> torch.Tensor:
     if g.heads is None:
-        return smoothing_factors(a, w, alpha)
+        return smoothing_factors(act_absmax, w_absmax, alpha)
     nkv, rep, hd = g.heads  # one factor per v channel, repeated over the query heads that read it
-    s = smoothing_factors(a.view(nkv, rep, hd).amax(1).flatten(), w.view(nkv, rep, hd).amax(1).flatten(), alpha)
+    s = smoothing_factors(act_absmax.view(nkv, rep, hd).amax(1).flatten(),
+                          w_absmax.view(nkv, rep, hd).amax(1).flatten(), alpha)
     return s.view(nkv, 1, hd).expand(nkv, rep, hd).reshape(-1)
 
 
-def _apply_smoothing(t, g: SmoothGroup, s: torch.Tensor, stats: InputStats) -> None:
+def _apply_smoothing(t: WorkingTensors, g: SmoothGroup, s: torch.Tensor, stats: InputStats) -> None:
     if g.norm is not None:
-        w, b = fold_into_norm(t[f"{g.norm}.weight"], t.get(f"{g.norm}.bias"), s)
-        t[f"{g.norm}.weight"] = w
-        if b is not None:
-            t[f"{g.norm}.bias"] = b
+        for name in (f"{g.norm}.weight", f"{g.norm}.bias"):
+            if name in t:
+                t.rescale(name, lambda v: fold_into_norm(v, None, s)[0])
     else:
         rows = s if g.heads is None else s.view(g.heads).amax(1).flatten()  # producer has kv channels only
-        w, b = fold_into_producer_rows(t[f"{g.producer}.weight"], t.get(f"{g.producer}.bias"), rows)
-        t[f"{g.producer}.weight"] = w
-        if b is not None:
-            t[f"{g.producer}.bias"] = b
+        t.rescale(f"{g.producer}.weight", lambda w: fold_into_producer_rows(w, None, rows)[0])
+        if f"{g.producer}.bias" in t:
+            t.rescale(f"{g.producer}.bias", lambda b: fold_into_norm(b, None, rows)[0])  # b / s, like the rows
     for c in g.consumers + g.also_scaled:
-        t[f"{c}.weight"] = smooth_weight(t[f"{c}.weight"], s)
+        t.rescale(f"{c}.weight", lambda w: smooth_weight(w, s))
     for c in {input_key(c) for c in g.consumers} | {g.observed_module}:
         stats.rescale(c, s)
 
 
-def _search_alpha(t, g: SmoothGroup, consumers: list[str], stats: InputStats) -> float | None:
-    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers."""
+def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,
+                  w_absmax: torch.Tensor) -> float | None:
+    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers.
+
+    Consumers are materialized one at a time (an MoE group has two per expert).
+    """
     x = stats.sample(g.observed_module)
-    weights = [t[f"{c}.weight"].float() for c in consumers]
-    ref = [x @ w.t() for w in weights]
-
-    def error(s: torch.Tensor | None) -> float:
-        xs = x if s is None else x / s
-        xq, xsc = quantize_per_token(xs)
-        total = 0.0
-        for w, y in zip(weights, ref):
-            ws = w if s is None else w * s
-            wq, wsc = quantize_weight_per_channel(ws)
+    act_absmax = stats.absmax[input_key(g.observed_module)]
+    candidates = [None] + [_factors(act_absmax, w_absmax, g, alpha) for alpha in ALPHA_GRID]
+    quantized_x = [quantize_per_token(x if s is None else x / s) for s in candidates]
+    errors = [0.0] * len(candidates)
+    for c in consumers:
+        w = t[f"{c}.weight"].float()
+        y = x @ w.t()
+        for k, (s, (xq, xsc)) in enumerate(zip(candidates, quantized_x)):
+            wq, wsc = quantize_weight_per_channel(w if s is None else w * s)
             y_hat = (xq.float() @ wq.float().t()) * xsc * wsc.t()
-            total += float((y_hat - y).pow(2).sum())
-        return total
-
-    best_alpha, best = None, error(None)
-    for alpha in ALPHA_GRID:
-        e = error(_factors(t, g, consumers, stats, alpha))
+            errors[k] += float((y_hat - y).pow(2).sum())
+    best_alpha, best = None, errors[0]
+    for alpha, e in zip(ALPHA_GRID, errors[1:]):
         if e < best:
             best_alpha, best = alpha, e
     return best_alpha

@@ -32,7 +32,6 @@ from vllm_haq.format import (
     ROUTING_METADATA_KEY,
     SAFETENSORS_INDEX,
     WEIGHT_SCALE,
-    INPUT_SMOOTH,
     HAQQuantConfig,
     is_ignored,
 )
@@ -40,7 +39,7 @@ from vllm_haq.quant import quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.calibrated import METHODS as METHOD_SPECS
-from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, InputStats, quantize_calibrated
+from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, WorkingTensors, quantize_calibrated
 from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
@@ -268,7 +267,8 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
                    hidden: torch.Tensor | None = None):
     """Quantize every target of layer ``i``; returns (tensors, #quantized, worst weight error, smoothing record).
 
-    Calibrated methods first run the float layer on ``hidden`` to collect input statistics.
+    Calibrated methods first run the float layer on ``hidden`` to collect input statistics. Takes ownership of
+    ``tensors``: source weights are dropped from it once quantized (routed experts: once the expert is done).
     """
     targets = []
     for module in spec.linear_modules(i):
@@ -281,39 +281,26 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
         if not torch.isfinite(w).all():
             raise SourceError(f"tensor {full}.weight has non-finite values (NaN/inf); the source model is damaged")
         targets.append(module)
-    method = METHOD_SPECS[opts.method]
-    record: dict = {}
-    if opts.method == "rtn":
-        reference = tensors
-        out = dict(tensors)
-        for module in targets:
-            out[f"{module}.weight"], out[f"{module}.{WEIGHT_SCALE}"] = quantize_weight_per_channel(tensors[f"{module}.weight"])
-    else:
-        # float32 while smoothing and rounding; untouched and folded tensors go back to their dtype after
-        work = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-        stats = InputStats()
-        lt = LayerTensors(work, observer=stats)
-        with torch.no_grad():
-            for c in range(0, hidden.shape[0], opts.chunk):
-                spec.layer_forward(i, lt, hidden[c : c + opts.chunk])
+    if opts.method != "rtn":
+        # float32 while smoothing and rounding (materialized per tensor); untouched and folded tensors keep their dtype
         gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
-        out, record, explicit, fallbacks = quantize_calibrated(spec, i, work, targets, stats, method, opts.alpha,
-                                                               gcfg, opts.moe_smoothing)
+        out, record, explicit, fallbacks, worst = quantize_calibrated(
+            spec, i, WorkingTensors(tensors), targets, hidden, METHOD_SPECS[opts.method], opts.alpha, gcfg,
+            opts.moe_smoothing, opts.chunk)
         if explicit:
             record["explicit"] = [prefix + block for block in explicit]
         if fallbacks:
             log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(fallbacks),
                      MIN_EXPERT_TOKENS)
-        reference = work
-        for k, v in out.items():
-            if v.is_floating_point() and k in tensors and not k.endswith((WEIGHT_SCALE, INPUT_SMOOTH)):
-                out[k] = v.to(tensors[k].dtype)
-    worst = 0.0
+        return out, len(targets), worst, record
+    out, worst = dict(tensors), 0.0
     for module in targets:
-        w = reference[f"{module}.weight"].float()
-        deq = out[f"{module}.weight"].float() * out[f"{module}.{WEIGHT_SCALE}"]
-        worst = max(worst, float((deq - w).norm() / w.norm().clamp(min=1e-12)))
-    return out, len(targets), worst, record
+        w = tensors.pop(f"{module}.weight")
+        q, scale = quantize_weight_per_channel(w)
+        out[f"{module}.weight"], out[f"{module}.{WEIGHT_SCALE}"] = q, scale
+        wf = w.float()
+        worst = max(worst, float((q.float() * scale - wf).norm() / wf.norm().clamp(min=1e-12)))
+    return out, len(targets), worst, {}
 
 
 def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, stats, chunk: int) -> torch.Tensor:

@@ -106,6 +106,14 @@ class ModelSpec:
             return c.get("num_experts", 0) > 0 and i not in (c.get("mlp_only_layers") or []) and (i + 1) % step == 0
         return False
 
+    def moe_block(self, i: int) -> tuple[str, tuple[str, str, str]] | None:
+        """(block name, (gate, up, down) linear names of each expert) if layer ``i`` is an MoE layer."""
+        if self.family == "mixtral":
+            return "block_sparse_moe", ("w1", "w3", "w2")
+        if self.family == "qwen2_moe" and self.is_moe_layer(i):
+            return "mlp", ("gate_proj", "up_proj", "down_proj")
+        return None
+
     @property
     def num_experts(self) -> int:
         c = self.config
@@ -211,11 +219,10 @@ class ModelSpec:
         x = _rms_norm(h, lt["input_layernorm.weight"], self._eps)
         h = h + self._attention(lt, x, out="self_attn.o_proj", rope=True)
         x = _rms_norm(h, lt["post_attention_layernorm.weight"], self._eps)
-        if self.family == "mixtral":
-            return h + self._moe(i, lt, x, "block_sparse_moe", ("w1", "w3", "w2"), True, sink)
-        if self.family == "qwen2_moe" and self.is_moe_layer(i):
-            out = self._moe(i, lt, x, "mlp", ("gate_proj", "up_proj", "down_proj"),
-                            bool(self.config.get("norm_topk_prob", False)), sink)
+        moe = self.moe_block(i)
+        if moe is not None:
+            renormalize = self.family == "mixtral" or bool(self.config.get("norm_topk_prob", False))
+            out = self._moe(i, lt, x, *moe, renormalize, sink)
             if lt.get("mlp.shared_expert.gate_proj.weight") is not None:
                 shared = _swiglu(lt, "mlp.shared_expert", ("gate_proj", "up_proj", "down_proj"), x)
                 out = out + torch.sigmoid(lt.linear("mlp.shared_expert_gate", x)) * shared

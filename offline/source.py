@@ -62,5 +62,11 @@ class SafetensorsCheckpoint:
             raise SourceError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
 
     def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors whose names start with ``prefix``, keyed by the rest of the name."""
-        return {n[len(prefix):]: self.get(n) for n in self.file_of if n.startswith(prefix)}
+        """All tensors whose names start with ``prefix``, keyed by the rest of the name.
+
+        The tensors map their file; the open files are let go afterwards, so a tensor's pages leave memory
+        as soon as the caller drops it (otherwise every layer converted so far would stay resident).
+        """
+        tensors = {n[len(prefix):]: self.get(n) for n in self.file_of if n.startswith(prefix)}
+        self._handles.clear()
+        return tensors

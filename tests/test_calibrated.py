@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offline.calibrated import InputStats, _apply_smoothing, _factors
+from offline.calibrated import ExpertInputs, InputStats, WorkingTensors, _apply_smoothing, _factors, _weight_absmax
 from offline.convert import METHODS, ConvertOptions, convert
 from offline.evaluate import hf_token_nll
 from offline.models import LayerTensors, spec_for
@@ -25,14 +25,51 @@ def test_folded_smoothing_leaves_each_layer_unchanged(family, tiny_dir):
     h = torch.randn(2, 24, 128)
     for i in range(spec.num_layers):
         p = spec.layer_prefix(i)
-        t = {k[len(p):]: v.double() for k, v in tensors.items() if k.startswith(p)}
+        t = WorkingTensors({k[len(p):]: v.double() for k, v in tensors.items() if k.startswith(p)}, torch.float64)
         stats = InputStats()
-        ref = spec.layer_forward(i, LayerTensors({k: v.float() for k, v in t.items()}, observer=stats), h)
+        ref = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}, observer=stats), h)
         targets = spec.linear_modules(i)
         for g in spec.smoothing_groups(i):
-            _apply_smoothing(t, g, _factors(t, g, [c for c in g.consumers if c in targets], stats, 0.5).double(), stats)
-        out = spec.layer_forward(i, LayerTensors({k: v.float() for k, v in t.items()}), h)
+            consumers = [c for c in g.consumers if c in targets]
+            s = _factors(stats.absmax[g.observed_module], _weight_absmax(t, consumers), g, 0.5).double()
+            _apply_smoothing(t, g, s, stats)
+        out = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}), h)
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_hessians_recomputed_one_at_a_time_equal_the_observed_ones(family, tiny_dir):
+    """The converter builds an expert's Hessians only when it quantizes that expert (bounded memory): from the
+    MoE input rows and the routing, through the unsmoothed expert, divided by the smoothing applied since."""
+    d = tiny_dir(family)
+    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    i = next(i for i in range(spec.num_layers) if spec.moe_block(i))
+    block, names = spec.moe_block(i)
+    p = spec.layer_prefix(i)
+    t = {k[len(p):]: v.float() for k, v in tensors.items() if k.startswith(p)}
+    h = torch.randn(3, 40, int(spec.config["hidden_size"]), generator=torch.Generator().manual_seed(1))
+    eager = InputStats()
+    spec.layer_forward(i, LayerTensors(t, observer=eager), h)
+    deferred = InputStats(hessians=lambda key: not key.startswith(f"{block}.experts."), keep_all=[f"{block}.gate"])
+    routes = []
+    spec.layer_forward(i, LayerTensors(t, observer=deferred), h, lambda _i, ids: routes.append(ids))
+    deferred.recompute = ExpertInputs(block, names, torch.cat(deferred.all_rows.pop(f"{block}.gate")),
+                                      torch.cat(routes), t, chunk_rows=7)
+    keys = [k for k in eager.count if k.startswith(f"{block}.experts.")]
+    assert len(keys) >= 2 * 3 and not any(k in deferred.hessians for k in keys)
+    gen = torch.Generator().manual_seed(2)
+    for key in keys:  # smoothing applied after the forward: both must describe the smoothed input
+        s = torch.rand(eager.absmax[key].shape[0], generator=gen) + 0.5
+        eager.rescale(key, s)
+        deferred.rescale(key, s)
+    for key in keys:
+        a, b = eager.take_hessian(key), deferred.take_hessian(key)
+        assert a.n == b.n == deferred.count[key] > 0
+        assert torch.allclose(b.h.double(), a.h.double(), rtol=1e-4, atol=1e-5 * float(a.h.abs().max())), key
+        assert torch.allclose(b.absmax, eager.absmax[key])
+    with pytest.raises(KeyError):
+        deferred.take_hessian(f"{block}.experts.0.nonexistent")
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "rtn"])
