@@ -22,6 +22,8 @@ rounded to nearest (their Hessian is too low-rank to steer GPTQ).
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -33,6 +35,8 @@ from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, HessianAccumulator
 from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
 
 from offline.models import LayerTensors, ModelSpec, SmoothGroup
+
+log = logging.getLogger("haq.convert")
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
     Returns (non-target tensors in their source dtype + int8 targets with scales + explicit smoothing,
     smoothing record, explicit-smoothing expert blocks, GPTQ fallbacks, worst relative weight error).
     """
+    t0 = time.time()
     dtypes = {k: v.dtype for k, v in t.source.items()}
     moe = spec.moe_block(i)
     target_inputs = {input_key(m) for m in targets}
@@ -236,7 +241,10 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
         stats.recompute = ExpertInputs(block, names, torch.cat(stats.all_rows.pop(f"{block}.gate")),
                                        torch.cat(routes), t.source)
 
+    t1 = time.time()
     record, explicit, explicit_blocks = _smooth(spec, i, t, targets, stats, method, alpha, moe_smoothing)
+    stats.rows.clear()  # the α search is done; GPTQ needs only the Hessians
+    t2 = time.time()
 
     out = {k: t[k].to(dtypes[k]) for k in t.names() if k.removesuffix(".weight") not in targets}
     fallbacks, worst = [], 0.0
@@ -244,11 +252,11 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
     for module in targets:
         by_input.setdefault(input_key(module), []).append(module)
     for key, modules in by_input.items():
-        ws = [t[f"{m}.weight"] for m in modules]
         if method.gptq and stats.count.get(key, 0) >= MIN_EXPERT_TOKENS:
             # Linears reading the same input (q/k/v, gate/up) share H: GPTQ's rows are independent
             # given H, so one stacked call (one factorization of H) gives each linear's own result.
             solver = GPTQSolver.from_accumulator(stats.take_hessian(key), gptq_cfg)
+            ws = [t[f"{m}.weight"] for m in modules]  # after the factorization: not alive at its peak
             q, s = solver.quantize(torch.cat(ws))
             del solver
             sizes = [w.shape[0] for w in ws]
@@ -257,6 +265,7 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
         else:
             if method.gptq:
                 fallbacks += modules
+            ws = [t[f"{m}.weight"] for m in modules]
             quantized = [quantize_weight_per_channel(w) for w in ws]
         for m, w, (qm, sm) in zip(modules, ws, quantized):
             out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm, sm
@@ -267,6 +276,8 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
             for n in moe[1]:
                 t.release(f"{moe[0]}.experts.{e}.{n}.weight")
     out.update(explicit)
+    log.info("layer %d: statistics %.1fs, smoothing %.1fs, %s %.1fs", i, t1 - t0, t2 - t1,
+              "GPTQ" if method.gptq else "rounding", time.time() - t2)
     return out, record, explicit_blocks, fallbacks, worst
 
 
