@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 
@@ -123,13 +124,27 @@ def _onednn_is_exact() -> bool:
     return _ONEDNN_EXACT
 
 
+TokenAmax = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ScaledInt8Gemm:
-    """One prepared int8 weight matrix ``w_q`` [N, K] with scales [N, 1], callable on activations."""
+    """One prepared int8 weight matrix ``w_q`` [N, K] with scales [N, 1], callable on activations.
+
+    ``shard_amax`` is for a tensor-parallel shard of the input (row-parallel layers): it maps this
+    shard's per-token max |x| [M, 1] to the max over all shards, so that each rank quantizes a token
+    with the scale of the unsharded layer and the ranks' int32 partial products add up to the
+    unsharded product. The global max enters as one extra input column against a zero weight column:
+    every backend's own per-token quantization then picks it up, and it adds nothing to the product.
+    """
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
-                 smooth: torch.Tensor | None = None, backend: str | None = None):
+                 smooth: torch.Tensor | None = None, backend: str | None = None,
+                 shard_amax: TokenAmax | None = None):
         if w_q.dtype != torch.int8 or w_q.dim() != 2:
             raise ValueError(f"expected int8 [N, K] weight, got {w_q.dtype} {tuple(w_q.shape)}")
+        self.shard_amax = shard_amax
+        if shard_amax is not None:
+            w_q = torch.cat([w_q, w_q.new_zeros(w_q.shape[0], 1)], dim=1)  # the phantom column's weight
         self.n, self.k = w_q.shape
         self.out_dtype = out_dtype
         self.smooth = None if smooth is None else smooth.float()
@@ -153,14 +168,27 @@ class ScaledInt8Gemm:
             # transposed row-major weight is the column-major operand cuBLASLt's int8 GEMM wants.
             self.w_t = w_q.t()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def token_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token max |x| [M, 1] (float32) of the activations this GEMM quantizes (after smoothing)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        return (x if self.smooth is None else x / self.smooth).abs().amax(-1, keepdim=True)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                 amax: torch.Tensor | None = None) -> torch.Tensor:
+        """``amax`` (with ``shard_amax``): the all-shard per-token max when the caller already has it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        smooth = self.smooth
+        if self.shard_amax is not None:
+            if smooth is not None:
+                x, smooth = x.float() / smooth, None
+            amax = self.shard_amax(self.token_amax(x)) if amax is None else amax
+            x = torch.cat([x, amax.to(x.dtype)], dim=1)
         if self.backend == "triton":  # smoothing is fused into its quantization
-            out = self._triton_linear(x, self.w_q, self.w_scale, bias, self.smooth, self.out_dtype)
+            out = self._triton_linear(x, self.w_q, self.w_scale, bias, smooth, self.out_dtype)
             return out.reshape(*shape[:-1], self.n)
-        if self.smooth is not None:
-            x = x.float() / self.smooth
+        if smooth is not None:
+            x = x.float() / smooth
         if self.backend == "onednn":
             x_q, x_s, _ = self._ops.onednn_scaled_int8_quant(x, None, None, True)
             out = torch.empty((x.shape[0], self.n), dtype=self.out_dtype, device=x.device)

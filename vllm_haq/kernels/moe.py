@@ -47,11 +47,16 @@ class RouteGroups:
         return self.tok[a : a + n], self.slot[a : a + n]
 
 
-def expert_mlp(x: torch.Tensor, w13: Gemm, w2: Gemm) -> torch.Tensor:
-    """``w2(silu(w1 x) * w3 x)`` for one expert, float32 [n, H]."""
+def expert_inter(x: torch.Tensor, w13: Gemm) -> torch.Tensor:
+    """``silu(w1 x) * w3 x`` for one expert: the down projection's input."""
     gate_up = w13(x)
     inter = gate_up.shape[-1] // 2
-    return w2(F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).float()
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+def expert_mlp(x: torch.Tensor, w13: Gemm, w2: Gemm) -> torch.Tensor:
+    """``w2(silu(w1 x) * w3 x)`` for one expert, float32 [n, H]."""
+    return w2(expert_inter(x, w13)).float()
 
 
 def expert_routes(
@@ -87,16 +92,34 @@ def int8_moe_forward(
     w13: Sequence[Gemm | None] | Mapping[int, Gemm],
     w2: Sequence[Gemm | None] | Mapping[int, Gemm],
     out: torch.Tensor | None = None,
+    shard_amax: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)``, all experts resident.
 
     ``out`` (float32 [M, H]) is accumulated into when given. Returns float32 [M, H].
+    ``shard_amax``: the experts' intermediate dimension is a tensor-parallel shard (``w2`` are
+    ScaledInt8Gemm built with the same ``shard_amax``); every route's down-projection input is
+    quantized with its max over all shards, exchanged in one call of fixed size [M·k, 1] per step.
     """
     groups = RouteGroups(topk_ids, len(w13))
     routes = new_route_buffer(x, topk_ids.shape[1])
     for e in groups.routed:
         if w13[e] is None or w2[e] is None:
             raise RuntimeError(f"expert {e} has routed tokens but no resident weights")
-        expert_routes(x, topk_weights, groups, e, w13[e], w2[e], routes)
+    if shard_amax is None:
+        for e in groups.routed:
+            expert_routes(x, topk_weights, groups, e, w13[e], w2[e], routes)
+    else:
+        k = topk_ids.shape[1]
+        inters = {e: expert_inter(x[groups.routes_of(e)[0]], w13[e]) for e in groups.routed}
+        amax = torch.zeros(x.shape[0] * k, 1, dtype=torch.float32, device=x.device)
+        for e, h in inters.items():
+            t, j = groups.routes_of(e)
+            amax[t * k + j] = w2[e].token_amax(h)
+        amax = shard_amax(amax)  # same size and order on every rank, whatever the routing
+        for e, h in inters.items():
+            t, j = groups.routes_of(e)
+            y = w2[e](h, amax=amax[t * k + j]).float()
+            routes[t, j] = y * topk_weights[t, j].float().unsqueeze(-1)
     total = routes.sum(1)
     return total if out is None else out.add_(total)

@@ -10,6 +10,7 @@ from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeigh
 
 from vllm_haq.format import SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values
 from vllm_haq.kernels import ScaledInt8Gemm
+from vllm_haq.vllm.tp import tp_shard_amax
 
 
 def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype, width: int | None) -> Callable:
@@ -63,12 +64,14 @@ class HAQLinearMethod(LinearMethodBase):
         layer.register_parameter("weight", weight)
         layer.register_parameter("weight_scale", scale)
         layer.haq_out_dtype = params_dtype
+        layer.haq_input_sharded = input_size_per_partition != input_size  # row-parallel under TP
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Plain Parameters from here on: the vLLM parameter subclasses only matter for loading.
         layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
-        self.gemm = ScaledInt8Gemm(layer.weight.data, layer.weight_scale.data, layer.haq_out_dtype)
+        self.gemm = ScaledInt8Gemm(layer.weight.data, layer.weight_scale.data, layer.haq_out_dtype,
+                                   shard_amax=tp_shard_amax(layer.haq_input_sharded))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.gemm(x, bias)

@@ -22,6 +22,7 @@ from vllm_haq.format import (SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_s
                              validate_routing_stats)
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
+from vllm_haq.vllm.tp import tp_shard_amax
 
 log = logging.getLogger("vllm_haq")
 
@@ -131,6 +132,15 @@ class HAQMoEMethod(FusedMoEMethodBase):
             "w2_weight_scale": ((num_experts, hidden_size, 1), SCALE_DTYPE),
         }
         self.offload.check_slots(num_experts, self.prefix)  # at load, before any weight is read
+        parallel = self.moe.moe_parallel_config
+        if parallel.use_ep:
+            raise ValueError(f"vllm-haq: {self.prefix}: expert parallelism (enable_expert_parallel) is not supported "
+                             "by the haq MoE method; use tensor parallelism without it")
+        # Under TP every rank holds a shard of each expert's intermediate dimension (w13 rows, w2 columns).
+        self.shard_amax = tp_shard_amax(parallel.tp_size > 1)
+        if self.shard_amax is not None and self.offload.offloading:
+            raise ValueError(f"vllm-haq offload: {self.prefix}: expert offloading with tensor_parallel_size > 1 is "
+                             "not supported yet; serve with tensor_parallel_size=1 or without an expert budget")
         # offloaded experts live in host memory (the engine pins them and owns the device cache)
         device = "cpu" if self.offload.offloading else None
         if self.offload.offloading and torch.cuda.is_available():
@@ -184,7 +194,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         # CUDA: the fused Triton MoE (all experts resident: slot = expert id). It has no per-expert
         # smoothing input, so explicitly smoothed layers take the per-expert GEMM loop below.
         self.fused = None
-        if layer.w13_weight.is_cuda and not self.explicit_smoothing and select_backend(layer.w13_weight.device) == "triton":
+        if (layer.w13_weight.is_cuda and not self.explicit_smoothing and self.shard_amax is None
+                and select_backend(layer.w13_weight.device) == "triton"):
             slots = torch.arange(e, dtype=torch.int32, device=layer.w13_weight.device)
             weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
             self.fused = (slots, weights)
@@ -192,8 +203,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else [None] * e
         self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
                                    smooth=smooth[i]) for i in range(e)]
-        self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype)
-                   for i in range(e)]
+        self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype,
+                                  shard_amax=self.shard_amax) for i in range(e)]
 
     def _register_with_engine(self, layer) -> None:
         qc = self.quant_config
@@ -219,7 +230,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         if self.fused is not None:
             slots, weights = self.fused
             return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights).to(x.dtype)
-        return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2).to(x.dtype)
+        return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2, shard_amax=self.shard_amax).to(x.dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
         return torch.ops.vllm.haq_moe_forward(x, topk_weights, topk_ids, self.layer_key)
