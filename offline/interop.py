@@ -1,11 +1,28 @@
-"""Interop with the quantization ecosystem: compressed-tensors W8A8 int8 checkpoints -> HAQ.
+"""Interop with the quantization ecosystem: HAQ <-> compressed-tensors W8A8 int8 checkpoints.
 
 llm-compressor's W8A8 int8 scheme (int8 symmetric per-channel weights, dynamic
-symmetric per-token int8 activations, "int-quantized" format) is the same
-arithmetic as HAQ's; only names and dtypes of the metadata differ. Importing
-rewrites ``quantization_config``, stores ``weight_scale`` as float32 and drops
-all-zero zero points, so the checkpoint is served by the ``haq`` method (and
-gains its validation and, later, its expert offloading).
+symmetric per-token int8 activations, format "int-quantized") is the same
+arithmetic as HAQ's; only names and dtypes of the metadata differ. The scheme is
+described once, in :mod:`vllm_haq.format` (``to_compressed_tensors`` /
+``from_compressed_tensors``, built from ``WEIGHT_SCHEME`` / ``ACTIVATION_SCHEME``),
+and used by both directions here and by the ``haq`` vLLM method, which serves
+llm-compressor checkpoints directly.
+
+* :func:`export_compressed_tensors` (``haq export``, ``haq convert --format
+  compressed-tensors``): HAQ -> a checkpoint stock vLLM and transformers (with the
+  ``compressed-tensors`` package) load without this plugin. The tensors are
+  HAQ's, unchanged (int8 ``weight``, float32 ``weight_scale`` [out, 1]: vLLM keeps
+  float32 scales, so it serves exactly HAQ's numbers); ``config.json`` gets
+  llm-compressor's ``quantization_config`` with an explicit ``ignore`` list of the
+  modules kept in float. Explicit (per-expert) ``input_smooth`` has no
+  compressed-tensors equivalent and is refused; smoothing folded into norms and
+  producers is plain weights and exports as is. ``haq_routing.safetensors`` stays
+  beside the weights: the safetensors index lists only the weight shards, and
+  vLLM and transformers read the shards the index names.
+* :func:`import_compressed_tensors` (``haq import``): compressed-tensors -> HAQ:
+  ``weight_scale`` stored as float32, all-zero zero points dropped, Mixtral experts
+  renamed from llm-compressor's ``gate_proj/up_proj/down_proj`` to HAQ's
+  ``w1/w3/w2``; routing statistics a HAQ export carried along come back.
 """
 
 from __future__ import annotations
@@ -15,68 +32,193 @@ import os
 import shutil
 
 from vllm_haq import __version__
-from vllm_haq.format import SAFETENSORS_INDEX, HAQQuantConfig, validate_checkpoint
+from vllm_haq.format import (
+    COMPRESSED_TENSORS,
+    EXPORT_KEY,
+    INPUT_SMOOTH,
+    QUANT_METHOD,
+    ROUTING_FILE,
+    SAFETENSORS_INDEX,
+    WEIGHT,
+    WEIGHT_SCALE,
+    WEIGHT_ZERO_POINT,
+    CheckpointError,
+    from_compressed_tensors,
+    read_config,
+    read_tensor_headers,
+    to_compressed_tensors,
+    validate_checkpoint,
+)
+
+FORMATS = (QUANT_METHOD, COMPRESSED_TENSORS)  # `haq convert --format`
+_SKIP_ON_COPY = ("*.safetensors", SAFETENSORS_INDEX, "config.json", "recipe.yaml", "*.tmp")
+# llm-compressor (transformers >= 5) names Mixtral's experts like Llama MLPs; HAQ keeps the w1/w3/w2 of the
+# original Mixtral checkpoints (vLLM maps both; transformers' Mixtral loader reads only w1/w3/w2)
+_MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
 
 
 class InteropError(ValueError):
-    """The checkpoint is not a compressed-tensors W8A8 int8 checkpoint HAQ can serve."""
+    """The checkpoint cannot be expressed in (or read from) the other format; the message says why."""
 
 
-_WANT_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
-_WANT_ACTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+def _ct_version() -> str | None:
+    """The compressed-tensors version recorded in the export (informational, as llm-compressor records it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("compressed-tensors")
+    except metadata.PackageNotFoundError:
+        return None
 
 
-def import_compressed_tensors(src: str, out: str) -> str:
-    """Write a HAQ checkpoint at ``out`` from the compressed-tensors W8A8 checkpoint ``src``."""
-    from safetensors.torch import load_file, save_file
+def _weight_shards(model_dir: str) -> list[str]:
+    with open(os.path.join(model_dir, SAFETENSORS_INDEX)) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
 
-    cfg_path = os.path.join(src, "config.json")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    qc = config.get("quantization_config") or config.get("compression_config")
-    if not qc or qc.get("quant_method") != "compressed-tensors":
-        raise InteropError(f"{cfg_path}: not a compressed-tensors checkpoint (quant_method {qc and qc.get('quant_method')!r})")
-    if qc.get("format") not in ("int-quantized", "naive-quantized"):
-        raise InteropError(f"{cfg_path}: compressed-tensors format {qc.get('format')!r}; HAQ reads int-quantized W8A8")
-    groups = list((qc.get("config_groups") or {}).values())
-    if len(groups) != 1:
-        raise InteropError(f"{cfg_path}: expected one config group, got {len(groups)}")
-    for part, want in (("weights", _WANT_WEIGHTS), ("input_activations", _WANT_ACTS)):
-        got = groups[0].get(part) or {}
-        for k, v in want.items():
-            if got.get(k) != v:
-                raise InteropError(f"{cfg_path}: config_groups.{part}.{k} is {got.get(k)!r}, HAQ needs {v!r}")
 
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", SAFETENSORS_INDEX, "recipe.yaml"))
-    shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    weight_map = {}
-    for shard in shards:
-        tensors = load_file(os.path.join(src, shard))
-        kept = {}
-        for name, t in tensors.items():
-            if name.endswith(".weight_zero_point") or name.endswith(".input_zero_point"):
-                if bool(t.ne(0).any()):
-                    raise InteropError(f"{os.path.join(src, shard)}: {name} is non-zero: asymmetric, not W8A8 symmetric")
-                continue
-            if name.endswith(".weight_scale"):
-                t = t.float().reshape(-1, 1)
-            kept[name] = t.contiguous()
-            weight_map[name] = shard
-        save_file(kept, os.path.join(tmp, shard), metadata={"format": "pt"})
-    with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-    config.pop("compression_config", None)
-    config["quantization_config"] = HAQQuantConfig(
-        ignore=list(qc.get("ignore") or []),
-        producer={"tool": "vllm-haq import", "version": __version__, "source": "compressed-tensors",
-                  "source_dir": os.path.abspath(src)},
-    ).to_dict()
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    validate_checkpoint(tmp)
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _publish(tmp: str, out: str, overwrite: bool) -> str:
+    """Rename the finished ``tmp`` to ``out`` (replacing ``out`` only now, and only with ``overwrite``)."""
     if os.path.exists(out):
+        if not overwrite:
+            raise InteropError(f"{out} already exists; pass --overwrite to replace it")
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _start(out: str, overwrite: bool) -> tuple[str, str]:
+    out = os.path.abspath(out.rstrip("/"))
+    if os.path.exists(out) and not overwrite:
+        raise InteropError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out, tmp
+
+
+def float_linear_modules(headers: dict) -> list[str]:
+    """Modules with a float 2-D ``weight`` that are not embeddings: the Linears a checkpoint keeps unquantized."""
+    names = set()
+    for name, (_, dtype, shape) in headers.items():
+        if not name.endswith("." + WEIGHT) or len(shape) != 2 or not dtype.is_floating_point:
+            continue
+        module = name[: -len(WEIGHT) - 1]
+        if module.rsplit(".", 1)[-1].startswith("embed"):
+            continue
+        names.add(module)
+    return sorted(names)
+
+
+def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -> str:
+    """Write at ``out`` a compressed-tensors W8A8 int8 checkpoint with the tensors of HAQ checkpoint ``haq_dir``.
+
+    ``out`` appears only when complete (written as ``out.partial``, then renamed).
+    """
+    qcfg = validate_checkpoint(haq_dir)
+    if qcfg.source_format != QUANT_METHOD:
+        raise InteropError(f"{haq_dir} is already a {qcfg.source_format} checkpoint")
+    explicit = list(qcfg.smoothing.get("explicit") or [])
+    headers = read_tensor_headers(haq_dir)
+    smooth = sorted(n for n in headers if n.endswith("." + INPUT_SMOOTH))
+    if explicit or smooth:
+        what = f"tensor {smooth[0]!r}" if smooth else f"MoE block {explicit[0]!r}"
+        raise InteropError(
+            f"{haq_dir}: {what} carries explicit per-expert smoothing (input_smooth, from --moe-smoothing "
+            "per-expert), which compressed-tensors cannot express; convert with --moe-smoothing shared "
+            "(smoothing folded into the norm) to export"
+        )
+    config = read_config(haq_dir)
+    out, tmp = _start(out, overwrite)
+    shutil.copytree(haq_dir, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+    # The tensors are exported as they are: copy the shards and their index byte for byte.
+    routing = [qcfg.routing_statistics] if qcfg.routing_statistics else []
+    for fname in _weight_shards(haq_dir) + [SAFETENSORS_INDEX] + routing:
+        shutil.copy2(os.path.join(haq_dir, fname), os.path.join(tmp, fname))
+    # compressed-tensors matches plain ignore names exactly (HAQ: as suffixes), so list the modules by name,
+    # as llm-compressor does; lm_head is a Linear in transformers even when tied to the embeddings.
+    ignore = sorted(set(float_linear_modules(headers)) | {"lm_head"})
+    config["quantization_config"] = to_compressed_tensors(ignore, _ct_version())
+    config[EXPORT_KEY] = {
+        "tool": "vllm-haq export", "version": __version__, "ignore": list(qcfg.ignore),
+        "smoothing": qcfg.smoothing, "routing_statistics": qcfg.routing_statistics, "producer": qcfg.producer,
+    }
+    _write_json(os.path.join(tmp, "config.json"), config)
+    try:
+        validate_checkpoint(tmp)  # the compressed-tensors reading of the result agrees with its tensors
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(tmp, out, overwrite)
+
+
+def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str:
+    """Write a HAQ checkpoint at ``out`` from the compressed-tensors W8A8 int8 checkpoint ``src``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg_path = os.path.join(src, "config.json")
+    config = read_config(src)
+    qc = config.get("quantization_config") or config.get("compression_config")
+    try:
+        qcfg = from_compressed_tensors(qc, f"{cfg_path}: quantization_config")
+    except CheckpointError as exc:
+        raise InteropError(str(exc)) from None
+    rename = _MIXTRAL_EXPERT_NAMES if config.get("model_type") == "mixtral" else {}
+
+    def haq_name(name: str) -> str:
+        if ".experts." in name:
+            for old, new in rename.items():
+                name = name.replace(old, new)
+        return name
+
+    out, tmp = _start(out, overwrite)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+    if os.path.exists(os.path.join(src, SAFETENSORS_INDEX)):
+        shards = _weight_shards(src)
+    else:
+        shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors") and f != ROUTING_FILE)
+    weight_map, total = {}, 0
+    try:
+        for shard in shards:
+            path = os.path.join(src, shard)
+            kept = {}
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name.endswith("." + WEIGHT_ZERO_POINT) or name.endswith(".input_zero_point"):
+                        if bool(t.ne(0).any()):
+                            raise InteropError(f"{path}: {name} is non-zero: asymmetric, not W8A8 symmetric")
+                        continue
+                    if name.endswith("." + WEIGHT_SCALE):
+                        t = t.float().reshape(-1, 1)
+                    kept[haq_name(name)] = t.contiguous()
+            weight_map.update({name: shard for name in kept})
+            save_file(kept, os.path.join(tmp, shard), metadata={"format": "pt"})
+            total += os.path.getsize(os.path.join(tmp, shard))
+        _write_json(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        exported = config.pop(EXPORT_KEY, None) or {}
+        config.pop("compression_config", None)
+        qcfg.producer = {"tool": "vllm-haq import", "version": __version__, "source": COMPRESSED_TENSORS,
+                         "source_dir": os.path.abspath(src)}
+        if exported.get("producer"):
+            qcfg.producer["exported_from"] = exported["producer"]
+        qcfg.smoothing = dict(exported.get("smoothing") or {})
+        routing = exported.get("routing_statistics")
+        if routing and os.path.exists(os.path.join(src, routing)):  # a HAQ export: its routing statistics return
+            shutil.copy2(os.path.join(src, routing), os.path.join(tmp, routing))
+            qcfg.routing_statistics = routing
+        else:
+            qcfg.routing_statistics = None
+        qcfg.source_format = QUANT_METHOD
+        config["quantization_config"] = qcfg.to_dict()
+        _write_json(os.path.join(tmp, "config.json"), config)
+        validate_checkpoint(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(tmp, out, overwrite)

@@ -11,7 +11,8 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from vllm_haq.format import QUANT_METHOD, CheckpointError, HAQQuantConfig, parse_quantization_config, validate_checkpoint
+from vllm_haq.format import (COMPRESSED_TENSORS, QUANT_METHOD, CheckpointError, HAQQuantConfig,
+                             checkpoint_quant_config, from_compressed_tensors, validate_checkpoint)
 
 log = logging.getLogger("vllm_haq")
 
@@ -23,7 +24,13 @@ _NOT_A_HAQ_CHECKPOINT = (
 
 @register_quantization_config(QUANT_METHOD)
 class HAQConfig(QuantizationConfig):
-    """W8A8 int8 (per-channel weights, dynamic per-token activations) from a HAQ checkpoint."""
+    """W8A8 int8 (per-channel weights, dynamic per-token activations) from a HAQ checkpoint.
+
+    Also serves llm-compressor's compressed-tensors W8A8 int8 checkpoints as they are, when asked to
+    (``quantization="haq"``): their scheme is HAQ's arithmetic (``vllm_haq.format.from_compressed_tensors``),
+    so they get HAQ's checks, kernels and expert offloading (without routing statistics: the planner
+    starts uniform and learns online).
+    """
 
     def __init__(self, qcfg: HAQQuantConfig | None = None):
         super().__init__()
@@ -56,11 +63,19 @@ class HAQConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "HAQConfig":
         if not config:
             raise CheckpointError(_NOT_A_HAQ_CHECKPOINT)
-        return cls(parse_quantization_config(config, "config.json: quantization_config"))
+        return cls(checkpoint_quant_config(config, "config.json: quantization_config"))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
-        if user_quant == QUANT_METHOD and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
+        if user_quant != QUANT_METHOD:
+            return None  # never take a checkpoint the user did not ask HAQ to serve
+        method = hf_quant_cfg.get("quant_method")
+        if method == QUANT_METHOD:
+            return QUANT_METHOD
+        if method == COMPRESSED_TENSORS:
+            # Asked for explicitly: a scheme HAQ cannot serve is an error naming the config key, not
+            # vLLM's generic "does not match" message.
+            from_compressed_tensors(hf_quant_cfg, "config.json: quantization_config")
             return QUANT_METHOD
         return None
 
@@ -69,7 +84,9 @@ class HAQConfig(QuantizationConfig):
         import os
 
         if os.path.isdir(model_name):
-            validate_checkpoint(model_name)
+            # a compressed-tensors export of a HAQ checkpoint names its routing statistics outside
+            # quantization_config: they seed the offload planner here too
+            self.qcfg.routing_statistics = validate_checkpoint(model_name).routing_statistics
         else:
             log.warning("vllm-haq: %s is not a local directory; skipping checkpoint validation", model_name)
 

@@ -13,24 +13,29 @@ from vllm_haq.kernels import ScaledInt8Gemm
 from vllm_haq.vllm.tp import tp_shard_amax
 
 
-def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype, width: int | None) -> Callable:
+def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype | tuple[torch.dtype, ...],
+                   width: int | None) -> Callable:
     """Wrap a vLLM weight loader with the checks vLLM's loaders skip.
 
     vLLM copies tensors into parameters without checking dtypes, so a bf16 weight
     would be silently truncated into int8; scales are checked for finite, > 0 values.
-    ``width`` is the expected size of the last (input) dimension, when known.
+    ``dtype`` may be a tuple of accepted dtypes (llm-compressor's scales come in the
+    model dtype; the float32 parameter takes them exactly). ``width`` is the expected
+    size of the last (input) dimension, when known.
     """
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    expected = " or ".join(str(d) for d in dtypes)
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = f" (shard {args[0]!r})" if args and args[0] is not None else ""
         what = f"{where}.{name}{shard}"
-        if loaded_weight.dtype != dtype:
-            raise CheckpointError(f"checkpoint tensor for {what} has dtype {loaded_weight.dtype}, expected {dtype}")
+        if loaded_weight.dtype not in dtypes:
+            raise CheckpointError(f"checkpoint tensor for {what} has dtype {loaded_weight.dtype}, expected {expected}")
         if width is not None and (loaded_weight.dim() < 2 or loaded_weight.shape[-1] != width):
             raise CheckpointError(
                 f"checkpoint tensor for {what} has shape {list(loaded_weight.shape)}, expected [*, {width}]"
             )
-        if dtype == SCALE_DTYPE:
+        if SCALE_DTYPE in dtypes:
             check_scale_values(loaded_weight, f"checkpoint tensor for {what}")
         return inner(param, loaded_weight, *args, **kwargs)
 
@@ -39,7 +44,8 @@ def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype, w
 
 @register_weight_loader_v2_supported_method
 class HAQLinearMethod(LinearMethodBase):
-    """Linear layer of a HAQ checkpoint (``weight`` int8 [N, K], ``weight_scale`` float32 [N, 1])."""
+    """Linear layer of a HAQ checkpoint (``weight`` int8 [N, K], ``weight_scale`` float32 [N, 1]; a
+    compressed-tensors checkpoint's scales may be bf16/fp16 and are held as float32)."""
 
     def __init__(self, quant_config, prefix: str):
         self.quant_config = quant_config
@@ -59,7 +65,7 @@ class HAQLinearMethod(LinearMethodBase):
         scale = ChannelQuantScaleParameter(
             data=torch.empty(n, 1, dtype=SCALE_DTYPE),
             output_dim=0,
-            weight_loader=checked_loader(loader, self.prefix, "weight_scale", SCALE_DTYPE, 1),
+            weight_loader=checked_loader(loader, self.prefix, "weight_scale", self.quant_config.qcfg.scale_dtypes, 1),
         )
         layer.register_parameter("weight", weight)
         layer.register_parameter("weight_scale", scale)

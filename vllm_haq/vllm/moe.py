@@ -43,14 +43,18 @@ def _haq_moe_forward_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
 direct_register_custom_op("haq_moe_forward", _haq_moe_forward, mutates_args=[], fake_impl=_haq_moe_forward_fake)
 
 
-def _checked_moe_loader(inner, where: str, name: str, dtype: torch.dtype):
-    """vLLM's expert loader with dtype and scale-value checks (it truncates bf16 into int8 silently)."""
+def _checked_moe_loader(inner, where: str, name: str, dtype: torch.dtype | tuple[torch.dtype, ...]):
+    """vLLM's expert loader with dtype and scale-value checks (it truncates bf16 into int8 silently).
+
+    ``dtype`` may be a tuple of accepted dtypes (compressed-tensors scales come in the model dtype)."""
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
 
     def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
         what = f"{where}: checkpoint tensor {weight_name!r} (expert {expert_id}, {shard_id}) for {name}"
-        if loaded_weight.dtype != dtype:
-            raise CheckpointError(f"{what} has dtype {loaded_weight.dtype}, expected {dtype}")
-        if dtype == SCALE_DTYPE:
+        if loaded_weight.dtype not in dtypes:
+            raise CheckpointError(f"{what} has dtype {loaded_weight.dtype}, expected "
+                                  + " or ".join(str(d) for d in dtypes))
+        if SCALE_DTYPE in dtypes:
             check_scale_values(loaded_weight, what)
         return inner(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
 
@@ -148,7 +152,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
             layer.register_parameter(name, param)
-            attrs = {"weight_loader": _checked_moe_loader(loader, self.prefix, name, dtype)}
+            accepted = self.quant_config.qcfg.scale_dtypes if dtype == SCALE_DTYPE else dtype
+            attrs = {"weight_loader": _checked_moe_loader(loader, self.prefix, name, accepted)}
             if dtype == SCALE_DTYPE:
                 attrs["quant_method"] = "channel"
             set_weight_attrs(param, attrs)
