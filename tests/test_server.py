@@ -87,3 +87,15 @@ def test_served_prompt_logprobs_match_int8_reference(server):
     ref = -hf_token_nll(ckpt, ids)[0].double()
     # bf16 activations vs float32 reference: bf16 rounding (not int8) dominates this difference.
     assert float((served - ref).abs().mean()) < 0.05
+
+
+def test_openai_client_example_against_the_server(server):
+    """examples/openai_client.py, as a user runs it, gets the same greedy completion as a raw request."""
+    base, ckpt, _ = server
+    prompt = "The quick brown fox"
+    raw = _post(base + "/v1/completions", {"model": ckpt, "prompt": prompt, "max_tokens": 6, "temperature": 0.0})
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "openai_client.py")
+    proc = subprocess.run([sys.executable, example, "--base-url", base + "/v1", "--max-tokens", "6", prompt],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"{prompt!r} -> {raw['choices'][0]['text']!r} (6 tokens)"

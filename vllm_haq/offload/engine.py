@@ -49,6 +49,10 @@ def _in_inference_mode(fn, *args):
         return fn(*args)
 
 
+def _on_host(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float32) if x.device.type != "cpu" else x
+
+
 class _InlineExecutor:
     """Runs each CPU expert job at once in the model thread (the CPU build: there the "device" is the
     same CPU, and a worker thread computing experts beside the model thread gave wrong expert outputs in
@@ -271,8 +275,11 @@ class OffloadEngine:
             self._prefetch(self.order[layer.pos + 1], layer, groups, record)
         moved += self._serve_on_device(layer, x, topk_weights, groups, hits, wave, pending, routes, step)
         for e, job in jobs:
+            try:
+                y = job.result()
+            except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
+                y = self._recover(layer, x, groups, e, "its CPU job", exc)
             t, j = groups.routes_of(e)
-            y = job.result()  # a worker's exception surfaces here, for this step
             routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
         out = routes.sum(1)
 
@@ -284,21 +291,45 @@ class OffloadEngine:
     def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int]):
         if not experts:
             return []
-        x_host = x.detach().to("cpu", torch.float32) if x.device.type != "cpu" else x
-        jobs = []
-        for e in experts:
-            if e not in layer.host_gemms:
-                layer.host_gemms[e] = layer.host.gemms(e, self.out_dtype)
-            t, _ = groups.routes_of(e)
-            rows = x_host[t.to(x_host.device)]
-            jobs.append((e, self._pool.submit(_in_inference_mode, expert_mlp, rows, *layer.host_gemms[e])))
-        return jobs
+        x_host = _on_host(x)
+        return [(e, self._pool.submit(_in_inference_mode, expert_mlp, *self._host_job(layer, x_host, groups, e)))
+                for e in experts]
+
+    def _host_job(self, layer: _Layer, x_host: torch.Tensor, groups: RouteGroups, expert: int):
+        """(rows, w13, w2) to compute ``expert``'s routes from host memory."""
+        if expert not in layer.host_gemms:
+            layer.host_gemms[expert] = layer.host.gemms(expert, self.out_dtype)
+        t, _ = groups.routes_of(expert)
+        return (x_host[t.to(x_host.device)], *layer.host_gemms[expert])
+
+    def _recover(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, expert: int, what: str,
+                 exc: BaseException) -> torch.Tensor:
+        """A CPU job or a copy failed: compute the expert once more from host memory, in this thread.
+
+        Inside vLLM an exception here would stop the engine for every request of the batch, so a
+        transient fault is absorbed (and counted); a second failure is this step's error.
+        """
+        log.warning("vllm-haq offload (%s): layer %d expert %d: %s failed (%s: %s); recomputing it from host "
+                    "memory", self.name, layer.index, expert, what, type(exc).__name__, exc)
+        try:
+            y = _in_inference_mode(expert_mlp, *self._host_job(layer, _on_host(x), groups, expert))
+        except Exception as again:
+            raise RuntimeError(f"offload engine {self.name}: layer {layer.index} expert {expert}: {what} failed "
+                               f"({exc}) and recomputing it from host memory failed too ({again})") from again
+        self.counters.recovered_faults += 1
+        return y
 
     def _compute_on_device(self, layer: _Layer, x, topk_weights, groups: RouteGroups, experts: list[int],
                            routes: torch.Tensor, step: int) -> None:
         for e in experts:
             s = layer.slot_of_expert[e]
-            self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
+            try:
+                self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
+            except Exception as exc:  # noqa: BLE001 - the slot is evicted; serve this expert from the host
+                y = self._recover(layer, x, groups, e, "its copy to the device", exc)
+                t, j = groups.routes_of(e)
+                routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
+                continue
             if s not in layer.slot_gemms:
                 layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend)
             expert_routes(x, topk_weights, groups, e, *layer.slot_gemms[s], routes)
@@ -340,7 +371,11 @@ class OffloadEngine:
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader
             with torch.cuda.stream(self._copy_stream):
-                moved = copy_expert(layer.cache, slot, layer.host, expert, non_blocking=True)
+                try:
+                    moved = copy_expert(layer.cache, slot, layer.host, expert, non_blocking=True)
+                except BaseException:
+                    layer.evict(slot)  # never serve a half-issued copy as a hit
+                    raise
                 handle = torch.cuda.Event()
                 handle.record(self._copy_stream)
         else:

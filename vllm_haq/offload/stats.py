@@ -104,6 +104,7 @@ class OffloadCounters:
     cpu_experts: int = 0  # misses computed by CPU workers
     cpu_expert_tokens: int = 0  # tokens those CPU computations covered
     bytes_h2d: int = 0  # expert bytes copied host -> device (fetches + prefetches)
+    recovered_faults: int = 0  # failed CPU jobs or copies whose expert was recomputed from host memory
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
