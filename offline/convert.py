@@ -88,16 +88,48 @@ class LayerReport:
     max_rel_error: float  # largest per-module relative weight reconstruction error
 
 
-def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None) -> list[LayerReport]:
+class ConvertEvents:
+    """Optional progress callbacks of a conversion (``haq convert`` draws progress bars with them); no-ops here."""
+
+    def calibration(self, step: str, done: int, total: int) -> None:
+        """Calibration set-up: ``step`` starts now, ``done`` of ``total`` steps (each source read, tokenizing,
+        embedding) are finished (``step`` is "done" when ``done == total``)."""
+
+    def layers(self, done: int, total: int) -> None:
+        """The layer loop starts; ``done`` layers are already converted (``--resume``)."""
+
+
+def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
+            events: ConvertEvents | None = None) -> list[LayerReport]:
     """Convert ``model_dir`` into a HAQ checkpoint at ``out_dir``; returns per-layer reports.
 
-    ``progress(report, num_layers)`` is called after each layer is committed.
+    ``progress(report, num_layers)`` is called after each layer is committed; ``events`` gets the other steps.
     """
-    return _Conversion(model_dir, out_dir, opts).run(progress)
+    conv = _Conversion(model_dir, out_dir, opts)
+    if events is not None:
+        conv.events = events
+    return conv.run(progress)
+
+
+def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:
+    """What ``convert`` would refuse (raised the same way), else the estimate of ``offline.estimate``; writes nothing
+    and reads no tensor data (config.json and the safetensors headers only)."""
+    from offline.calib import HF_DATASETS
+    from offline.estimate import estimate
+
+    conv = _Conversion(model_dir, out_dir, opts)
+    if conv.needs_calibration:
+        for source in opts.calib:
+            if source not in HF_DATASETS and not os.path.isfile(source):
+                raise CalibrationError(f"{source}: no such file (and not one of {sorted(HF_DATASETS)})")
+    return estimate(model_dir, conv.spec, conv.config, opts, fmt, routing_stats=conv.stats is not None,
+                    needs_calibration=conv.needs_calibration)
 
 
 class _Conversion:
     """State of one conversion: source, work directory, calibration activations, routing statistics."""
+
+    events = ConvertEvents()
 
     def __init__(self, model_dir: str, out_dir: str, opts: ConvertOptions):
         if opts.method not in METHODS:
@@ -143,6 +175,7 @@ class _Conversion:
                                "check that the output's parent exists and is writable") from exc
         try:
             hidden = self._start(done)
+            self.events.layers(done, self.spec.num_layers)
             reports = []
             for i in range(done, self.spec.num_layers):
                 t0 = time.time()
@@ -179,7 +212,11 @@ class _Conversion:
                 self.stats.load_state_dict(state, int(state.pop("_tokens").item()))
             return torch.load(self._path(HIDDEN), weights_only=True)
         globals_ = {n: self.src.get(n) for n in global_tensor_names(self.spec, self.src.names())}
-        hidden = self.spec.embed(globals_, _calibration_ids(self.model_dir, self.opts)) if self.needs_calibration else None
+        hidden = None
+        if self.needs_calibration:
+            ids = _calibration_ids(self.model_dir, self.opts, self.events)
+            hidden = self.spec.embed(globals_, ids)
+            self.events.calibration("done", len(self.opts.calib) + 2, len(self.opts.calib) + 2)
         _save_atomic(globals_, self._path(self.shard_names[0]))
         return hidden
 
@@ -315,7 +352,7 @@ def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, 
     return torch.cat(outs)
 
 
-def _calibration_ids(model_dir: str, opts: ConvertOptions) -> torch.Tensor:
+def _calibration_ids(model_dir: str, opts: ConvertOptions, events: ConvertEvents = ConvertEvents()) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     try:
@@ -323,9 +360,13 @@ def _calibration_ids(model_dir: str, opts: ConvertOptions) -> torch.Tensor:
     except Exception as exc:
         raise ConvertError(f"{model_dir}: cannot load the tokenizer needed for calibration text ({exc})") from exc
     docs = []
-    for source in opts.calib:
+    steps = len(opts.calib) + 2  # each source, tokenizing, embedding (by the caller)
+    for k, source in enumerate(opts.calib):
+        events.calibration(f"reading {os.path.basename(source)}", k, steps)
         docs += load_documents(source, "calib")
+    events.calibration(f"tokenizing {len(docs)} documents", steps - 2, steps)
     tokens = tokenize_documents(tok, docs)
+    events.calibration(f"embedding {opts.samples} x {opts.seq_len} of {tokens.numel()} tokens", steps - 1, steps)
     return calibration_batch(tokens, opts.samples, opts.seq_len, opts.seed, ", ".join(opts.calib))
 
 
@@ -393,4 +434,4 @@ def _read_json(path: str, what: str) -> dict:
         raise SourceError(f"{path}: {what} is not valid JSON ({exc})") from exc
 
 
-__all__ = ["convert", "ConvertOptions", "ConvertError", "CalibrationError", "METHODS"]
+__all__ = ["convert", "dry_run", "ConvertOptions", "ConvertError", "ConvertEvents", "CalibrationError", "METHODS"]

@@ -32,21 +32,33 @@ def eval_token_windows(model_dir: str, dataset: str, seq_len: int, max_windows: 
     return eval_windows(tokenize_documents(tok, load_documents(dataset, "eval")), seq_len, max_windows)
 
 
-def hf_token_nll(model_dir: str, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Per-token NLL [n, seq_len - 1] from the pure-PyTorch forward of ``model_dir``."""
+def hf_token_nll(model_dir: str, windows: torch.Tensor, batch: int = 8, progress=None) -> torch.Tensor:
+    """Per-token NLL [n, seq_len - 1] from the pure-PyTorch forward of ``model_dir``.
+
+    ``progress(windows, passes)`` is called after every batch: ``windows`` of them went through one more of the
+    ``passes`` (each decoder layer, then the head), layer by layer.
+    """
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
     spec = spec_for(config, os.path.join(model_dir, "config.json"))
     src = SafetensorsCheckpoint(model_dir)
     g = {n: src.get(n) for n in global_tensor_names(spec, src.names())}
+    passes = spec.num_layers + 1
+
+    def step(out: torch.Tensor) -> torch.Tensor:
+        if progress is not None:
+            progress(out.shape[0], passes)
+        return out
+
     with torch.no_grad():
         hidden = spec.embed(g, windows)
         for i in range(spec.num_layers):
             lt = LayerTensors(src.load_prefix(spec.layer_prefix(i)))
-            hidden = torch.cat([spec.layer_forward(i, lt, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
+            hidden = torch.cat([step(spec.layer_forward(i, lt, hidden[s : s + batch]))
+                                for s in range(0, len(hidden), batch)])
             del lt
         return torch.cat([
-            log_softmax_nll(spec.head(g, hidden[s : s + batch]), windows[s : s + batch])
+            step(log_softmax_nll(spec.head(g, hidden[s : s + batch]), windows[s : s + batch]))
             for s in range(0, len(hidden), batch)
         ])
 

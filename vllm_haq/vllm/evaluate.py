@@ -21,14 +21,15 @@ def make_llm(model_dir: str, max_model_len: int, **kwargs):
     return LLM(model=model_dir, **opts)
 
 
-def prompt_token_logprobs(llm, windows: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = 1..T-1 of every window: float64 [n, T - 1]."""
+def prompt_token_logprobs(llm, windows: torch.Tensor, use_tqdm: bool = False) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = 1..T-1 of every window: float64 [n, T - 1] (``use_tqdm``: vLLM's
+    progress bar over the windows, on stderr)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     prompts = [TokensPrompt(prompt_token_ids=w.tolist()) for w in windows]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     result = torch.empty(windows.shape[0], windows.shape[1] - 1, dtype=torch.float64)
     for r, (out, w) in enumerate(zip(outs, windows.tolist())):
         for t in range(1, len(w)):
@@ -36,10 +37,10 @@ def prompt_token_logprobs(llm, windows: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def vllm_token_nll(model_dir: str, windows: torch.Tensor, **llm_kwargs) -> torch.Tensor:
+def vllm_token_nll(model_dir: str, windows: torch.Tensor, use_tqdm: bool = False, **llm_kwargs) -> torch.Tensor:
     """Per-token NLL [n, T - 1] of ``windows`` under ``model_dir`` served by vLLM."""
     llm = make_llm(model_dir, max_model_len=windows.shape[1] + 1, **llm_kwargs)
     try:
-        return -prompt_token_logprobs(llm, windows)
+        return -prompt_token_logprobs(llm, windows, use_tqdm=use_tqdm)
     finally:
         del llm
