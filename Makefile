@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-moe clean
 
 install: $(STAMP)
 
@@ -40,8 +40,13 @@ $(DEMO_STAMP): $(STAMP)
 	if [ "$(VLLM_EXTRA)" = cpu ]; then $(VPY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
+# SmolLM2-135M-Instruct -> HAQ int8 (--method haq): perplexity bf16 vs HAQ, memory, vLLM's chat answers
 demo: $(DEMO_STAMP)
 	$(VPY) examples/demo.py
+
+# SmolLM2 sparsely upcycled to an 8-expert Mixtral -> HAQ int8, served with expert offloading (cache statistics)
+demo-moe: $(DEMO_STAMP)
+	$(VPY) examples/demo.py --moe
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
