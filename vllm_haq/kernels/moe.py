@@ -76,9 +76,15 @@ def expert_routes(
     t, j = groups.routes_of(expert)
     if t.numel() == 0:
         return 0
-    y = expert_mlp(x[t], w13, w2)
-    routes[t, j] = y * topk_weights[t, j].float().unsqueeze(-1)
+    write_routes(routes, topk_weights, groups, expert, expert_mlp(x[t], w13, w2))
     return t.numel()
+
+
+def write_routes(routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, expert: int,
+                 y: torch.Tensor) -> None:
+    """Store ``weight * y`` (``y``: ``expert``'s MLP output for its routes, any device) in each route's row."""
+    t, j = groups.routes_of(expert)
+    routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
 
 
 def new_route_buffer(x: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -119,7 +125,6 @@ def int8_moe_forward(
         amax = shard_amax(amax)  # same size and order on every rank, whatever the routing
         for e, h in inters.items():
             t, j = groups.routes_of(e)
-            y = w2[e](h, amax=amax[t * k + j]).float()
-            routes[t, j] = y * topk_weights[t, j].float().unsqueeze(-1)
+            write_routes(routes, topk_weights, groups, e, w2[e](h, amax=amax[t * k + j]).float())
     total = routes.sum(1)
     return total if out is None else out.add_(total)

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_haq.kernels import RouteGroups, expert_mlp, expert_routes, new_route_buffer, select_backend
+from vllm_haq.kernels import RouteGroups, expert_mlp, expert_routes, new_route_buffer, write_routes, select_backend
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
@@ -279,8 +279,7 @@ class OffloadEngine:
                 y = job.result()
             except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
                 y = self._recover(layer, x, groups, e, "its CPU job", exc)
-            t, j = groups.routes_of(e)
-            routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
+            write_routes(routes, topk_weights, groups, e, y)
         out = routes.sum(1)
 
         if record:
@@ -326,9 +325,7 @@ class OffloadEngine:
             try:
                 self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
             except Exception as exc:  # noqa: BLE001 - the slot is evicted; serve this expert from the host
-                y = self._recover(layer, x, groups, e, "its copy to the device", exc)
-                t, j = groups.routes_of(e)
-                routes[t, j] = y.to(routes.device) * topk_weights[t, j].float().unsqueeze(-1)
+                write_routes(routes, topk_weights, groups, e, self._recover(layer, x, groups, e, "its copy to the device", exc))
                 continue
             if s not in layer.slot_gemms:
                 layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend)
