@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
+from vllm_haq.offload import ExpertTensors
 from vllm_haq.quant import quantize_weight_per_channel
 
 
@@ -116,3 +117,72 @@ def test_moe_intermediate_shards_add_up_to_the_unsharded_experts():
     summed = sum(_run_ranks(rank, tp))
     assert coll.calls == 1  # one exchange per step, not one per expert
     assert torch.allclose(summed, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+
+
+def _shard_experts(full: ExpertTensors, r: int, tp: int) -> ExpertTensors:
+    """Rank ``r``'s experts as vLLM loads them: w1/w3 rows and w2 columns of the intermediate dimension
+    (w2's per-output-channel scales, taken over the whole row, are replicated)."""
+    inter = full.w2.shape[2]
+    rows = slice(r * inter // tp, (r + 1) * inter // tp)
+
+    def w13_rows(t):
+        return torch.cat([t[:, :inter][:, rows], t[:, inter:][:, rows]], dim=1).contiguous()
+
+    return ExpertTensors(w13_rows(full.w13), w13_rows(full.w13_scale), full.w2[:, :, rows].contiguous(),
+                         full.w2_scale.clone(), None if full.smooth is None else full.smooth.clone())
+
+
+@pytest.mark.parametrize("budget", [{"policy": "lru", "slots_per_layer": 1},  # waves reuse the one slot
+                                    {"policy": "static", "slots_per_layer": 0},  # every expert a CPU job
+                                    {"policy": "haq", "expert_fraction": 0.5, "prefetch": "always"}])
+def test_offload_engine_per_rank_adds_up_to_the_unsharded_experts(budget):
+    """Each rank runs its own offload engine on its shards (its own cache); the ranks' outputs add up to
+    the unsharded all-resident MoE, with one all-shard exchange per layer and step."""
+    from vllm_haq.offload import OffloadConfig, OffloadEngine
+    from vllm_haq.offload.cost import CostModel
+
+    e, h, inter, tp, k, layers, steps = 8, 64, 96, 2, 2, 3, 6
+    gen = torch.Generator().manual_seed(5)
+
+    def experts(smooth: bool) -> ExpertTensors:
+        w13 = [quantize_weight_per_channel(torch.randn(2 * inter, h, generator=gen)) for _ in range(e)]
+        w2 = [quantize_weight_per_channel(torch.randn(h, inter, generator=gen)) for _ in range(e)]
+        return ExpertTensors(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]).float(),
+                             torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2]).float(),
+                             torch.rand(e, h, generator=gen) + 0.5 if smooth else None)
+
+    full = [experts(smooth=(i == 1)) for i in range(layers)]
+    trace = []
+    for step in range(steps):
+        m = 1 if step % 2 else 7  # decode-like and prefill-like steps
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(m)]).int()
+        trace.append((torch.randn(m, h, generator=gen), ids,
+                      [torch.softmax(torch.randn(m, k, generator=gen), -1) for _ in range(layers)]))
+    coll = MaxAllReduce(tp)
+    cost = CostModel(h2d_bytes_per_s=1e12, expert_bytes=19_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4)
+
+    def rank(r):
+        engine = OffloadEngine(OffloadConfig(**budget), "cpu", torch.float32, cost=cost, shard_amax=coll.member(r))
+        for i in range(layers):
+            engine.add_layer(i, _shard_experts(full[i], r, tp))
+        outs = [[engine.forward(i, x, w[i], ids).double() for i in range(layers)] for x, ids, w in trace]
+        stats = engine.stats()
+        engine.close()
+        return outs, stats
+
+    (outs0, stats0), (outs1, stats1) = _run_ranks(rank, tp)
+    assert coll.calls == layers * steps  # one exchange per layer and step, whatever each rank served where
+    for s, (x, ids, w) in enumerate(trace):
+        for i in range(layers):
+            g13, g2 = zip(*(full[i].gemms(j, torch.float32) for j in range(e)))
+            want = int8_moe_forward(x, w[i], ids, list(g13), list(g2)).double()
+            got = outs0[s][i] + outs1[s][i]
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), (s, i)
+    for stats in (stats0, stats1):  # each rank's own cache holds its shards: half an unsharded expert each
+        assert stats["misses"] > 0
+        assert stats["expert_bytes"] < full[1].expert_bytes() * 0.6
+        assert stats["device_cache_bytes"] <= stats["slots"] * stats["expert_bytes"]
+    if budget["policy"] == "lru":
+        assert stats0["fetches"] > layers * steps  # more routed experts than slots: later waves reuse the slot
+    if budget["policy"] == "static":
+        assert stats0["cpu_experts"] == stats0["misses"]

@@ -14,6 +14,13 @@ slots). Per forward step, after routing:
    was served where (see :mod:`vllm_haq.kernels.moe`);
 5. the prefetcher starts copying layer l+1's likely experts (haq policy).
 
+Under tensor parallelism each rank holds a shard of every expert's intermediate
+dimension and runs its own engine (its own cache, sized by its own shard bytes).
+A route's down-projection input must then be quantized with its max over all
+shards, so every job above computes only the gate/up half; one all-shard max of
+fixed size [M·k, 1] is exchanged per layer and step (whatever each rank served
+where), and the down projections follow (``_down_projections``).
+
 No vLLM imports: the benchmark drives the same engine on a bare torch install.
 The "device" may be the CPU itself (vLLM's CPU build): every path then runs, the
 cache is a second host buffer and copies are memcpy.
@@ -26,11 +33,12 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_haq.kernels import RouteGroups, expert_mlp, expert_routes, new_route_buffer, write_routes, select_backend
+from vllm_haq.kernels import RouteGroups, expert_inter, expert_mlp, new_route_buffer, select_backend, write_routes
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
@@ -68,6 +76,27 @@ class _InlineExecutor:
 
     def shutdown(self, wait: bool = True) -> None:
         pass
+
+
+def _gate_up(x: torch.Tensor, w13, w2) -> torch.Tensor:
+    """An expert job under tensor parallelism: the down projection's input only (see ``_down_projections``)."""
+    return expert_inter(x, w13)
+
+
+class _StepOutputs:
+    """Where one step's expert results go: each expert's weighted output straight into its route rows, or
+    under tensor parallelism its down-projection input and the cache slot it was computed from (None: from
+    host memory), kept until the all-shard max is known."""
+
+    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool):
+        self.routes, self.topk_weights, self.groups = routes, topk_weights, groups
+        self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
+
+    def put(self, expert: int, y: torch.Tensor, slot: int | None) -> None:
+        if self.inters is None:
+            write_routes(self.routes, self.topk_weights, self.groups, expert, y)
+        else:
+            self.inters[expert] = (y, slot)
 
 
 def default_cpu_threads(device: torch.device) -> int:
@@ -116,9 +145,14 @@ class OffloadEngine:
     """Expert cache + CPU workers + prefetcher for all MoE layers of one model."""
 
     def __init__(self, config: OffloadConfig, device: torch.device | str, out_dtype: torch.dtype,
-                 routing: dict[str, torch.Tensor] | None = None, name: str = "model", cost: CostModel | None = None):
-        """``cost``: a known cost model instead of calibrating at start (deterministic plans in tests)."""
+                 routing: dict[str, torch.Tensor] | None = None, name: str = "model", cost: CostModel | None = None,
+                 shard_amax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``cost``: a known cost model instead of calibrating at start (deterministic plans in tests).
+        ``shard_amax``: the experts are tensor-parallel shards of their intermediate dimension; this maps a
+        per-route max [M·k, 1] to the max over all ranks (a collective: called once per layer and step)."""
         self.config = config
+        self.shard_amax = shard_amax
+        self._job = expert_mlp if shard_amax is None else _gate_up
         self.device = torch.device(device)
         self.out_dtype = out_dtype
         self.routing = routing
@@ -265,6 +299,7 @@ class OffloadEngine:
         fetch, cpu = split_misses(misses, self.cost, self.config.policy, layer.slots, device_busy_s=hits_s,
                                   admission=lambda: self._admission_values(layer, misses, hits, step))
         routes = new_route_buffer(x, topk_ids.shape[1])
+        outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None)
 
         jobs = self._submit_cpu(layer, x, groups, cpu)
         pending = list(fetch)
@@ -273,13 +308,15 @@ class OffloadEngine:
             # as soon as this layer has routed: the copies queue behind this layer's first demand wave and
             # run while this layer (and the next one's attention) computes
             self._prefetch(self.order[layer.pos + 1], layer, groups, record)
-        moved += self._serve_on_device(layer, x, topk_weights, groups, hits, wave, pending, routes, step)
+        moved += self._serve_on_device(layer, x, groups, hits, wave, pending, outputs, step)
         for e, job in jobs:
             try:
                 y = job.result()
             except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
                 y = self._recover(layer, x, groups, e, "its CPU job", exc)
-            write_routes(routes, topk_weights, groups, e, y)
+            outputs.put(e, y, None)
+        if self.shard_amax is not None:
+            self._down_projections(layer, x, outputs)
         out = routes.sum(1)
 
         if record:
@@ -291,15 +328,18 @@ class OffloadEngine:
         if not experts:
             return []
         x_host = _on_host(x)
-        return [(e, self._pool.submit(_in_inference_mode, expert_mlp, *self._host_job(layer, x_host, groups, e)))
+        return [(e, self._pool.submit(_in_inference_mode, self._job, *self._host_job(layer, x_host, groups, e)))
                 for e in experts]
 
     def _host_job(self, layer: _Layer, x_host: torch.Tensor, groups: RouteGroups, expert: int):
         """(rows, w13, w2) to compute ``expert``'s routes from host memory."""
-        if expert not in layer.host_gemms:
-            layer.host_gemms[expert] = layer.host.gemms(expert, self.out_dtype)
         t, _ = groups.routes_of(expert)
-        return (x_host[t.to(x_host.device)], *layer.host_gemms[expert])
+        return (x_host[t.to(x_host.device)], *self._host_gemms(layer, expert))
+
+    def _host_gemms(self, layer: _Layer, expert: int) -> tuple:
+        if expert not in layer.host_gemms:
+            layer.host_gemms[expert] = layer.host.gemms(expert, self.out_dtype, shard_amax=self.shard_amax)
+        return layer.host_gemms[expert]
 
     def _recover(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, expert: int, what: str,
                  exc: BaseException) -> torch.Tensor:
@@ -311,36 +351,66 @@ class OffloadEngine:
         log.warning("vllm-haq offload (%s): layer %d expert %d: %s failed (%s: %s); recomputing it from host "
                     "memory", self.name, layer.index, expert, what, type(exc).__name__, exc)
         try:
-            y = _in_inference_mode(expert_mlp, *self._host_job(layer, _on_host(x), groups, expert))
+            y = _in_inference_mode(self._job, *self._host_job(layer, _on_host(x), groups, expert))
         except Exception as again:
             raise RuntimeError(f"offload engine {self.name}: layer {layer.index} expert {expert}: {what} failed "
                                f"({exc}) and recomputing it from host memory failed too ({again})") from again
         self.counters.recovered_faults += 1
         return y
 
-    def _compute_on_device(self, layer: _Layer, x, topk_weights, groups: RouteGroups, experts: list[int],
-                           routes: torch.Tensor, step: int) -> None:
+    def _compute_on_device(self, layer: _Layer, x, groups: RouteGroups, experts: list[int],
+                           outputs: _StepOutputs, step: int) -> None:
         for e in experts:
             s = layer.slot_of_expert[e]
             try:
                 self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
             except Exception as exc:  # noqa: BLE001 - the slot is evicted; serve this expert from the host
-                write_routes(routes, topk_weights, groups, e, self._recover(layer, x, groups, e, "its copy to the device", exc))
+                outputs.put(e, self._recover(layer, x, groups, e, "its copy to the device", exc), None)
                 continue
             if s not in layer.slot_gemms:
-                layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend)
-            expert_routes(x, topk_weights, groups, e, *layer.slot_gemms[s], routes)
+                layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend, shard_amax=self.shard_amax)
+            outputs.put(e, self._job(x[groups.routes_of(e)[0]], *layer.slot_gemms[s]), s)
             layer.last_use[s] = step
 
-    def _serve_on_device(self, layer: _Layer, x, topk_weights, groups: RouteGroups, hits: list[int], wave: list,
-                         pending: list[int], routes: torch.Tensor, step: int) -> int:
+    def _down_projections(self, layer: _Layer, x: torch.Tensor, outputs: _StepOutputs) -> None:
+        """Tensor parallelism: the down projections of every expert computed this step.
+
+        Each route's input is quantized with its max over all ranks, exchanged in one call of fixed size
+        [M·k, 1] (every rank makes it once per layer and step, whatever it served where). An expert runs on
+        the slot it was computed from while that slot still holds it, else from host memory (a CPU job, a
+        recovered fault, or a slot a later wave of this step reused)."""
+        groups, k = outputs.groups, outputs.topk_weights.shape[1]
+        plan = {}
+        for e, (h, slot) in outputs.inters.items():
+            if slot is not None and layer.expert_of_slot[slot] == e:
+                plan[e] = (h, layer.slot_gemms[slot][1])
+            else:
+                plan[e] = (_on_host(h), self._host_gemms(layer, e)[1])
+        amax = torch.zeros(x.shape[0] * k, 1, dtype=torch.float32, device=x.device)
+        for e, (h, w2) in plan.items():
+            t, j = groups.routes_of(e)
+            amax[t * k + j] = w2.token_amax(h).to(amax.device)
+        amax = self.shard_amax(amax)
+        jobs = []
+        for e, (h, w2) in plan.items():
+            t, j = groups.routes_of(e)
+            a = amax[t * k + j].to(h.device)
+            if h.device == x.device:
+                write_routes(outputs.routes, outputs.topk_weights, groups, e, w2(h, amax=a).float())
+            else:
+                jobs.append((e, self._pool.submit(_in_inference_mode, w2, h, None, a)))
+        for e, job in jobs:
+            write_routes(outputs.routes, outputs.topk_weights, groups, e, job.result().float())
+
+    def _serve_on_device(self, layer: _Layer, x, groups: RouteGroups, hits: list[int], wave: list,
+                         pending: list[int], outputs: _StepOutputs, step: int) -> int:
         """Compute the hits while the first ``wave`` of fetches is copied, then each wave as it lands,
         issuing the ``pending`` rest into the slots computed (a step may route to more experts than
         there are free slots). Returns the bytes of the later waves."""
         moved = 0
-        self._compute_on_device(layer, x, topk_weights, groups, hits, routes, step)
+        self._compute_on_device(layer, x, groups, hits, outputs, step)
         while wave or pending:
-            self._compute_on_device(layer, x, topk_weights, groups, [e for e, _ in wave], routes, step)
+            self._compute_on_device(layer, x, groups, [e for e, _ in wave], outputs, step)
             wave, n = self._issue_wave(layer, pending, exclude=set(), step=step)  # computed slots are free again
             if not wave and pending:
                 raise RuntimeError(f"offload engine {self.name}: layer {layer.index} has no slot to fetch into")

@@ -140,11 +140,9 @@ class HAQMoEMethod(FusedMoEMethodBase):
         if parallel.use_ep:
             raise ValueError(f"vllm-haq: {self.prefix}: expert parallelism (enable_expert_parallel) is not supported "
                              "by the haq MoE method; use tensor parallelism without it")
-        # Under TP every rank holds a shard of each expert's intermediate dimension (w13 rows, w2 columns).
+        # Under TP every rank holds a shard of each expert's intermediate dimension (w13 rows, w2 columns);
+        # with offloading each rank's engine caches its own shards (the budget is per rank).
         self.shard_amax = tp_shard_amax(parallel.tp_size > 1)
-        if self.shard_amax is not None and self.offload.offloading:
-            raise ValueError(f"vllm-haq offload: {self.prefix}: expert offloading with tensor_parallel_size > 1 is "
-                             "not supported yet; serve with tensor_parallel_size=1 or without an expert budget")
         # offloaded experts live in host memory (the engine pins them and owns the device cache)
         device = "cpu" if self.offload.offloading else None
         if self.offload.offloading and torch.cuda.is_available():
@@ -217,7 +215,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
             qc.offload_engine = OffloadEngine(self.offload, device, self.out_dtype,
                                               routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics),
-                                              name=str(self._vllm_config.model_config.model))
+                                              name=str(self._vllm_config.model_config.model),
+                                              shard_amax=self.shard_amax)
         self.engine = qc.offload_engine
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else None
         self.engine.add_layer(self.layer_index, ExpertTensors(layer.w13_weight.data, layer.w13_weight_scale.data,
