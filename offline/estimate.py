@@ -17,8 +17,8 @@ minus ``--ignore``).
   chunks and their concatenation: 3 x samples x seq_len x hidden x 4 bytes; calibrated MoE layers also keep the
   MoE input rows); one forward chunk's temporaries (the quantized forward accumulates in float64); the
   α-search row samples; the GPTQ Hessians (every non-expert input's Hessian is collected during the forward and
-  alive until its turn; expert Hessians are rebuilt one at a time; factorizing one peaks at three n x n
-  matrices, float64 up to ``FLOAT64_MAX_INPUTS`` inputs, float32 above, + the float32 factor); float32 copies
+  alive until its turn; expert Hessians are rebuilt one at a time and factorized in their own memory,
+  float64 up to ``FLOAT64_MAX_INPUTS`` inputs, float32 above, + the float32 factor); float32 copies
   of the largest weight group. Checked against the measured peak RSS (GNU time) of 1-layer Llama-7B-width
   ``rtn`` (-7%) and ``smoothquant`` (+1%) conversions and a 2048-wide ``gptq`` layer with a 9000-wide MLP (-4%).
   An estimate: allocator slack and the tokenizer's working memory on a large corpus are approximate.
@@ -303,10 +303,9 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
     stats_phase = {"layer_source": src_bytes, "calibration_activations": act_bytes, "moe_input_rows": moe_rows,
                    "alpha_search_rows": search_rows, "gptq_hessians": hess_collected, "forward_chunk": forward_tmp}
     # GPTQ (or rounding) input by input: the Hessians not used yet + this one's factorization or solve. GPTQSolver
-    # keeps at most two n x n matrices of its own, but torch.cholesky_inverse adds a transient one: three in the
-    # Hessian's dtype (measured: 9000 inputs in float32 peaked 1.0 GB above the layer) + the float32 factor of a
-    # float64 Hessian. Solve: the float32 factor + float32 copies of the stacked weights (materialized, concatenated,
-    # permuted) + their int8 result.
+    # factorizes the Hessian in its own memory (LAPACK in place; benchmarks/results/gptq_factorization.md): the
+    # Hessian + the float32 factor of a float64 Hessian. Solve: the float32 factor + float32 copies of the stacked
+    # weights (materialized, concatenated, permuted) + their int8 result.
     order = list(by_input)
     worst = 0
     for pos, k in enumerate(order):
@@ -314,7 +313,7 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
         if method.gptq:
             later = sum(_hessian_bytes(in_features[c]) for c in collected if c in in_features and order.index(c) > pos)
             dt = 8 if n <= FLOAT64_MAX_INPUTS else 4
-            factorize = 3 * n * n * dt + (n * n * 4 if dt == 8 else 0)
+            factorize = n * n * dt + (n * n * 4 if dt == 8 else 0)
             solve = n * n * 4 + 3 * 4 * rows * n + rows * n
             work = later + max(factorize, solve)
         else:

@@ -130,3 +130,42 @@ def test_int8_matmul_reference_is_exact_at_the_int8_extremes():
     got = int8_matmul_reference(x, one, w, torch.ones(2, 1))
     exact = (x.long() @ w.long().t()).double()
     assert torch.equal(got, exact)
+
+
+def _reference_inverse_upper_cholesky(h: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTQ's factorization written out with torch (three n×n matrices): upper Cholesky factor of H⁻¹."""
+    h = h[perm][:, perm].double()
+    h = h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_in_place_factorization_equals_the_torch_reference(dtype, act_order):
+    from vllm_haq.quant.gptq import GPTQSolver
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 96, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, 96, dtype=torch.float64)
+    h = (2 / 400 * x.t() @ x).to(dtype)
+    solver = GPTQSolver(h, GPTQConfig(act_order=act_order))
+    want = _reference_inverse_upper_cholesky(h.double(), solver.perm, 0.01)
+    assert torch.equal(solver.perm, torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(96))
+    tol = 1e-6 if dtype == torch.float64 else 2e-5  # the factor is float32 either way
+    assert torch.allclose(solver.hinv.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert torch.equal(solver.hinv, torch.triu(solver.hinv))
+
+
+def test_not_positive_definite_hessian_gets_extra_dampening_in_place():
+    from vllm_haq.quant.gptq import _inverse_upper_cholesky_
+
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    eig = torch.linspace(1.0, 2.0, 64, dtype=torch.float64)
+    eig[0] = -3e-7  # slightly indefinite: the first extra step (1e-6 of the mean diagonal) fixes it
+    h = q @ torch.diag(eig) @ q.t()
+    h = (h + h.t()) / 2
+    fixed = h + 1e-6 * float(torch.diag(h).mean()) * torch.eye(64, dtype=torch.float64)
+    u = _inverse_upper_cholesky_(h.clone())
+    assert torch.allclose(u.t() @ u @ fixed, torch.eye(64, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(RuntimeError, match="not positive definite even after extra dampening"):
+        _inverse_upper_cholesky_(-torch.eye(8, dtype=torch.float64))

@@ -81,7 +81,7 @@ class GPTQSolver:
 
     Factorizes in ``hessian_dtype`` (float64 up to FLOAT64_MAX_INPUTS inputs) and runs the column updates in
     float32 like the reference implementation (Frantar et al.); the lazy-batch update applies each block's
-    accumulated error to the remaining columns with one matmul. At most two n×n matrices exist at a time.
+    accumulated error to the remaining columns with one matmul. The Hessian is factorized in its own memory.
     """
 
     def __init__(self, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()):
@@ -96,8 +96,8 @@ class GPTQSolver:
         return solver
 
     def _factorize(self, owned: list[torch.Tensor], cfg: GPTQConfig) -> None:
-        # ``owned`` holds the only reference to a Hessian this solver may overwrite; each step drops the previous
-        # matrix so that at most two n×n matrices are alive.
+        # ``owned`` holds the only reference to a Hessian this solver may overwrite: every step below works in
+        # its memory, so factorizing needs no n×n matrix besides it (a float64 Hessian: plus its float32 factor).
         h = owned.pop()
         n_in = h.shape[0]
         self.cfg = cfg
@@ -106,14 +106,9 @@ class GPTQSolver:
         self.perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(n_in)
         self.inv_perm = torch.argsort(self.perm)
         if cfg.act_order:
-            h = h.index_select(0, self.perm)
-            h = h.index_select(1, self.perm)
+            _permute_symmetric_(h, self.perm)
         h.diagonal().add_(cfg.dampening * torch.mean(torch.diag(h)))
-        low = _cholesky_adding_dampening(h)
-        del h
-        inv = torch.cholesky_inverse(low)
-        del low
-        self.hinv = torch.linalg.cholesky(inv, upper=True).float()  # upper Cholesky factor of H⁻¹
+        self.hinv = _inverse_upper_cholesky_(h).float()  # upper Cholesky factor of H⁻¹
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.float()
@@ -142,16 +137,75 @@ class GPTQSolver:
         return q[:, self.inv_perm], scale
 
 
-def _cholesky_adding_dampening(h: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of ``h``, adding to its diagonal (in place) until it is numerically positive definite."""
-    base = 1e-6 * float(torch.mean(torch.diag(h)))
+def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> None:
+    """``h ← h[perm][:, perm]`` in place, one row (then column) at a time along the permutation's cycles."""
+    order = perm.tolist()
+    for view in (h, h.t()):  # rows, then columns (rows of the transposed view)
+        done = [False] * len(order)
+        for start in range(len(order)):
+            if done[start] or order[start] == start:
+                done[start] = True
+                continue
+            saved = view[start].clone()
+            i = start
+            while order[i] != start:
+                view[i].copy_(view[order[i]])
+                done[i] = True
+                i = order[i]
+            view[i].copy_(saved)
+            done[i] = True
+
+
+def _inverse_upper_cholesky_(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) of a symmetric positive definite ``h``, computed in
+    ``h``'s own memory with LAPACK (potrf, potri, potrf) and returned as ``h``.
+
+    The reference computes the same with torch's cholesky, cholesky_inverse and cholesky(upper=True), which
+    hold three n×n matrices at once (1.6 GB of float32 beside a Mixtral expert's 14336-wide down projection
+    Hessian, which is 0.8 GB itself). Where H is not numerically positive definite, dampening is added to its
+    diagonal (1e-6, 1e-5, ... of its mean) until it is.
+    """
+    from scipy.linalg import lapack  # noqa: PLC0415 (the converter's numerics only)
+
+    if not h.is_contiguous() or h.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"expected a contiguous float32/float64 Hessian, got {h.dtype} {tuple(h.shape)}")
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), dtype=h.numpy().dtype)
+    # LAPACK is column-major: the transpose of h's row-major memory is h itself (h is symmetric), and its
+    # "lower" triangle is h's upper one. potrf(clean=0) leaves h's strict lower triangle, i.e. H, untouched.
+    a = h.numpy().T
+    diag = h.diagonal().clone()
+    base = 1e-6 * float(diag.mean())
     added = 0.0
     for _ in range(8):
-        low, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            return low
-        del low
+        low, info = potrf(a, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
+            break
+        if info < 0:
+            raise RuntimeError(f"GPTQ: LAPACK potrf rejected argument {-info}")
+        _restore_upper_(h, diag)  # potrf stopped part-way through: rebuild H from its untouched half
         step = max(added * 9, base)  # total extra dampening: base, 10·base, 100·base, ...
         h.diagonal().add_(step)
+        diag.add_(step)
         added += step
-    raise RuntimeError("GPTQ: the input Hessian is not positive definite even after extra dampening")
+    else:
+        raise RuntimeError("GPTQ: the input Hessian is not positive definite even after extra dampening")
+    inv, info = potri(low, lower=1, overwrite_c=1)  # lower triangle of H⁻¹ (column-major)
+    if info != 0:
+        raise RuntimeError(f"GPTQ: inverting the Hessian's Cholesky factor failed (LAPACK potri info {info})")
+    low, info = potrf(inv, lower=1, clean=1, overwrite_a=1)  # H⁻¹ = L Lᵀ, and U = Lᵀ is h's upper triangle
+    if info != 0:
+        raise RuntimeError(f"GPTQ: the inverse Hessian is not numerically positive definite (LAPACK potrf info {info})")
+    if not (low.ctypes.data == h.data_ptr() and low.flags.f_contiguous):
+        raise RuntimeError("GPTQ: LAPACK worked on a copy of the Hessian, not in place")
+    return h.triu_()
+
+
+def _restore_upper_(h: torch.Tensor, diag: torch.Tensor, block: int = 1024) -> None:
+    """Copy ``h``'s strict lower triangle onto its upper one and set its diagonal (a symmetric H again)."""
+    n = h.shape[0]
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        h[i0:i1, i1:].copy_(h[i1:, i0:i1].t())
+        d = h[i0:i1, i0:i1]
+        d.copy_(torch.tril(d, -1) + torch.tril(d, -1).t())
+    h.diagonal().copy_(diag)
