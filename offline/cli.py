@@ -297,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--dry-run prints the estimated disk, peak RAM and time instead.")
     c.add_argument("model", metavar="MODEL_DIR", help="input model directory (Hugging Face layout, safetensors)")
     c.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when the conversion is complete")
-    c.add_argument("--method", default="rtn", choices=("rtn", "gptq", "smoothquant", "haq"),
-                   help="rtn: round to nearest; gptq: Hessian-aware rounding; smoothquant: smoothing (--alpha) + "
-                        "rtn; haq: smoothing with alpha searched per layer + GPTQ (all but rtn need --calib)")
+    c.add_argument("--method", default="haq", choices=("rtn", "gptq", "smoothquant", "haq"),
+                   help="haq: smoothing with alpha searched per layer + GPTQ; rtn: round to nearest (no calibration "
+                        "text needed for dense models); gptq: Hessian-aware rounding only; smoothquant: smoothing "
+                        "(--alpha) + rtn (all but rtn need --calib)")
     c.add_argument("--alpha", type=float, default=0.5, help="smoothing strength for --method smoothquant")
     c.add_argument("--moe-smoothing", choices=("shared", "per-expert"), default="shared",
                    help="MoE experts: one smoothing vector folded into the shared input norm, or one per expert "

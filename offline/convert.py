@@ -63,7 +63,7 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
-    method: str = "rtn"
+    method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
     calib: list[str] = field(default_factory=list)
     samples: int = 32
     seq_len: int = 512
@@ -157,11 +157,12 @@ class _Conversion:
         # RTN needs activations only for routing statistics; every other method calibrates.
         self.needs_calibration = want_stats or opts.method != "rtn"
         if self.needs_calibration and not opts.calib:
-            why = (f"--method {opts.method} calibrates on text" if opts.method != "rtn"
-                   else "this is an MoE model: routing statistics need calibration text")
+            why = (f"--method {opts.method}{' (the default)' if opts.method == 'haq' else ''} calibrates on text"
+                   if opts.method != "rtn" else "this is an MoE model: routing statistics need calibration text")
             raise ConvertError(
                 f"{why}. Pass --calib FILE.txt (or wikitext2/c4/pile with network access)"
-                + ("" if opts.method != "rtn" else ", or --no-routing-stats")
+                + (", or --method rtn to round without calibration (dense models)" if opts.method != "rtn"
+                   else ", or --no-routing-stats")
             )
         self.smoothing: dict[str, dict] = {}
         n = self.spec.num_layers + 1  # shard 1: embeddings, final norm, LM head; shard i + 2: layer i

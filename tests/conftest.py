@@ -60,7 +60,7 @@ def haq_dir(tiny_dir, calib_file, tmp_path_factory):
     def get(family: str) -> str:
         if family not in cache:
             out = str(tmp_path_factory.mktemp(f"haq-{family}") / "ckpt")
-            convert(tiny_dir(family), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64))
+            convert(tiny_dir(family), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64))
             cache[family] = out
         return cache[family]
 

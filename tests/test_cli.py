@@ -130,7 +130,7 @@ def test_reference_documents_every_subcommand_and_flag_and_they_parse():
                 if action.nargs == 0:
                     value = []
                 elif action.choices:
-                    value = [list(action.choices)[-1]]
+                    value = [[c for c in action.choices if c != action.default][-1]]
                 elif action.type in (int, float):
                     value = ["7"]
                 else:
@@ -216,7 +216,7 @@ def test_dry_run_estimates_without_writing_and_its_disk_estimate_holds(family, e
     from offline.cli import main
 
     model = tiny_dir(family)
-    extra = extra + (["--calib", calib_file] if family == "mixtral" else [])
+    extra = extra + ["--method", "rtn"] + (["--calib", calib_file] if family == "mixtral" else [])
     before = _tree(model)
     out = str(tmp_path / "out")
     assert main(["convert", model, out, "--dry-run", "--json", *extra]) == 0
@@ -244,15 +244,15 @@ def test_dry_run_estimates_without_writing_and_its_disk_estimate_holds(family, e
 def test_dry_run_refuses_what_the_conversion_refuses(tiny_dir, calib_file, tmp_path, capsys):
     from offline.cli import main
 
-    assert main(["convert", tiny_dir("mixtral"), str(tmp_path / "o"), "--dry-run"]) == 1
+    assert main(["convert", tiny_dir("mixtral"), str(tmp_path / "o"), "--method", "rtn", "--dry-run"]) == 1
     assert "routing statistics need calibration text" in capsys.readouterr().err
     assert main(["convert", tiny_dir("llama"), str(tmp_path / "o"), "--dry-run", "--method", "gptq", "--calib",
                  str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt: no such file" in capsys.readouterr().err
-    assert main(["convert", tiny_dir("llama"), str(tmp_path), "--dry-run"]) == 1  # exists, no --overwrite
+    assert main(["convert", tiny_dir("llama"), str(tmp_path), "--method", "rtn", "--dry-run"]) == 1  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
     # compressed-tensors: the same tensors; converting needs OUT_DIR.haq beside OUT_DIR for a while
-    assert main(["convert", tiny_dir("llama"), str(tmp_path / "ct"), "--dry-run", "--json",
+    assert main(["convert", tiny_dir("llama"), str(tmp_path / "ct"), "--method", "rtn", "--dry-run", "--json",
                  "--format", "compressed-tensors"]) == 0
     est = json.loads(capsys.readouterr().out)
     assert est["format"] == "compressed-tensors" and est["disk"]["peak_bytes"] >= 2 * est["disk"]["output_bytes"]
@@ -298,10 +298,10 @@ def test_resume_through_the_cli_reports_the_layers_of_this_run(tiny_dir, tmp_pat
         real_save(tensors, path)
 
     monkeypatch.setattr(convert_module, "_save_atomic", crash_on_second_layer)
-    assert main(["convert", tiny_dir("llama"), out, "--no-progress"]) == 1
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--no-progress"]) == 1
     assert "rerun with --resume" in capsys.readouterr().err and os.path.isdir(out + ".partial")
     monkeypatch.setattr(convert_module, "_save_atomic", real_save)
-    assert main(["convert", tiny_dir("llama"), out, "--no-progress", "--resume", "--json"]) == 0
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--no-progress", "--resume", "--json"]) == 0
     captured = capsys.readouterr()
     assert [r["index"] for r in json.loads(captured.out)["layers"]] == [1]
     assert "[haq] layer 2/2:" in captured.err and "[haq] layer 1/2" not in captured.err

@@ -72,14 +72,14 @@ def test_routing_statistics_are_consistent(family, haq_dir):
 
 def test_conversion_is_deterministic(tiny_dir, calib_file, haq_dir, tmp_path):
     out = str(tmp_path / "again")
-    convert(tiny_dir("mixtral"), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64))
+    convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64))
     a, b = _all_tensors(out), _all_tensors(haq_dir("mixtral"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_interrupted_conversion_resumes_to_identical_output(tiny_dir, calib_file, haq_dir, tmp_path):
     out = str(tmp_path / "resumed")
-    opts = ConvertOptions(calib=[calib_file], samples=4, seq_len=64)
+    opts = ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64)
     calls = {"n": 0}
 
     def crash_after_first_layer(rep, total):
@@ -92,9 +92,9 @@ def test_interrupted_conversion_resumes_to_identical_output(tiny_dir, calib_file
     with pytest.raises(ConvertError, match="--resume"):
         convert(tiny_dir("mixtral"), out, opts)
     with pytest.raises(ConvertError, match="different model or options"):
-        convert(tiny_dir("mixtral"), out, ConvertOptions(calib=[calib_file], samples=5, seq_len=64, resume=True))
+        convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=5, seq_len=64, resume=True))
     layers = []
-    convert(tiny_dir("mixtral"), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64, resume=True),
+    convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True),
             progress=lambda rep, total: layers.append(rep.index))
     assert layers == [1]  # only the unfinished layer ran again
     assert not os.path.exists(out + ".partial")
@@ -105,17 +105,17 @@ def test_interrupted_conversion_resumes_to_identical_output(tiny_dir, calib_file
 
 def test_refusals_name_the_cause(tiny_dir, calib_file, haq_dir, tmp_path):
     with pytest.raises(ConvertError, match="already exists"):
-        convert(tiny_dir("opt"), haq_dir("opt"), ConvertOptions())
+        convert(tiny_dir("opt"), haq_dir("opt"), ConvertOptions(method="rtn"))
     with pytest.raises(ConvertError, match="routing statistics need calibration"):
-        convert(tiny_dir("mixtral"), str(tmp_path / "x"), ConvertOptions())
+        convert(tiny_dir("mixtral"), str(tmp_path / "x"), ConvertOptions(method="rtn"))
     with pytest.raises(ConvertError, match="already quantized"):
-        convert(haq_dir("opt"), str(tmp_path / "y"), ConvertOptions())
+        convert(haq_dir("opt"), str(tmp_path / "y"), ConvertOptions(method="rtn"))
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(CalibrationError, match="need at least"):
-        convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(calib=[str(short)], seq_len=64))
+        convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(method="rtn", calib=[str(short)], seq_len=64))
     with pytest.raises(CalibrationError, match="no such file"):
-        convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(calib=[str(tmp_path / "nope.txt")]))
+        convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(method="rtn", calib=[str(tmp_path / "nope.txt")]))
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir("llama"), broken)
     t = load_file(str(broken / "model.safetensors"))
@@ -124,7 +124,7 @@ def test_refusals_name_the_cause(tiny_dir, calib_file, haq_dir, tmp_path):
 
     save_file(t, str(broken / "model.safetensors"))
     with pytest.raises(SourceError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has non-finite"):
-        convert(str(broken), str(tmp_path / "w"), ConvertOptions())
+        convert(str(broken), str(tmp_path / "w"), ConvertOptions(method="rtn"))
     assert not os.path.exists(tmp_path / "w")
 
 
@@ -132,11 +132,11 @@ def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     from offline.cli import main
 
     out = str(tmp_path / "cli")
-    assert main(["convert", tiny_dir("llama"), out, "--calib", calib_file, "--samples", "2", "--seq-len", "32"]) == 0
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--calib", calib_file, "--samples", "2", "--seq-len", "32"]) == 0
     assert main(["eval", out, "--dataset", calib_file, "--backend", "hf", "--seq-len", "32", "--max-windows", "3"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["windows"] == 3 and line["tokens"] == 3 * 31 and 1 < line["ppl"] < 1e5
-    assert main(["convert", tiny_dir("llama"), out]) == 1  # exists -> one-line error, exit 1
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn"]) == 1  # exists -> one-line error, exit 1
     assert "already exists" in capsys.readouterr().err
     out2 = str(tmp_path / "cli-haq")
     assert main(["convert", tiny_dir("llama"), out2, "--calib", calib_file, "--samples", "2", "--seq-len", "32",
@@ -147,6 +147,11 @@ def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     assert producer["gptq"] == {"block_size": 64, "dampening": 0.02, "act_order": False}
     assert main(["convert", tiny_dir("llama"), str(tmp_path / "x"), "--method", "gptq"]) == 1
     assert "--method gptq calibrates on text" in capsys.readouterr().err
+    # the default method is haq: without calibration text the error says so and names the data-free way
+    assert main(["convert", tiny_dir("llama"), str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert "--method haq (the default) calibrates on text" in err and "--method rtn" in err
+    assert not os.path.exists(str(tmp_path / "d")) and not os.path.exists(str(tmp_path / "d.partial"))
 
 
 def test_full_disk_fails_with_one_line_cause_and_keeps_finished_layers(tiny_dir, calib_file, haq_dir, tmp_path,
@@ -156,7 +161,7 @@ def test_full_disk_fails_with_one_line_cause_and_keeps_finished_layers(tiny_dir,
     import offline.convert as convert_module
 
     out = str(tmp_path / "full")
-    opts = ConvertOptions(calib=[calib_file], samples=4, seq_len=64)
+    opts = ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64)
     real_save, calls = convert_module._save_atomic, {"n": 0}
 
     def save_until_full(tensors, path):
@@ -172,7 +177,7 @@ def test_full_disk_fails_with_one_line_cause_and_keeps_finished_layers(tiny_dir,
     assert "\n" not in msg and "No space left on device" in msg and "rerun with --resume" in msg, msg
     assert not os.path.exists(out) and os.path.isdir(out + ".partial")
     monkeypatch.setattr(convert_module, "_save_atomic", real_save)
-    convert(tiny_dir("mixtral"), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64, resume=True))
+    convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True))
     a, b = _all_tensors(out), _all_tensors(haq_dir("mixtral"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -181,4 +186,4 @@ def test_unwritable_output_location_is_one_line(tiny_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(ConvertError, match=r"cannot create the work directory .*parent exists and is writable"):
-        convert(tiny_dir("opt"), str(blocker / "out"), ConvertOptions())
+        convert(tiny_dir("opt"), str(blocker / "out"), ConvertOptions(method="rtn"))

@@ -208,7 +208,7 @@ def test_convert_format_compressed_tensors_cli(tiny_dir, haq_dir, tmp_path):
     from offline.cli import main
 
     out = str(tmp_path / "ct")
-    assert main(["convert", tiny_dir("llama"), out, "--format", "compressed-tensors"]) == 0
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--format", "compressed-tensors"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["ct"]  # the intermediate OUT.haq is gone
     _check_like_llm_compressor(_qc(out))
     assert _qc(out)["ignore"] == ["lm_head"]
