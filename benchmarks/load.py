@@ -124,7 +124,7 @@ def haq_checkpoint(src: str, work: str) -> str:
     out = os.path.join(work, "tiny-mixtral-rtn")
     if not os.path.exists(out):
         calib = os.path.join(SHARED, "data", "corpora", "wiki.train.txt")
-        subprocess.run([sys.executable, "-m", "offline.cli", "convert", src, out, "--calib", calib,
+        subprocess.run([sys.executable, "-m", "offline.cli", "convert", src, out, "--method", "rtn", "--calib", calib,
                         "--samples", "8", "--seq-len", "256"], check=True, cwd=REPO)
     return out
 
