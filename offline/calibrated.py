@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
+from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel, relative_weight_error
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, HessianAccumulator
 from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
 
@@ -94,6 +94,10 @@ class WorkingTensors:
 
     def __contains__(self, name: str) -> bool:
         return name in self.source
+
+    def shape(self, name: str) -> torch.Size:
+        """The tensor's shape, without materializing it."""
+        return self.source[name].shape
 
     def get(self, name: str, default=None):
         return self[name] if name in self.source else default
@@ -256,21 +260,20 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
             # Linears reading the same input (q/k/v, gate/up) share H: GPTQ's rows are independent
             # given H, so one stacked call (one factorization of H) gives each linear's own result.
             solver = GPTQSolver.from_accumulator(stats.take_hessian(key), gptq_cfg)
-            ws = [t[f"{m}.weight"] for m in modules]  # after the factorization: not alive at its peak
-            q, s = solver.quantize(torch.cat(ws))
+            # each weight is materialized (float32, smoothed) only while it is copied into the solver's stack
+            sizes = [t.shape(f"{m}.weight")[0] for m in modules]
+            q, s = solver.quantize((t[f"{m}.weight"] for m in modules), rows=sum(sizes))
             del solver
-            sizes = [w.shape[0] for w in ws]
             quantized = [(qm.contiguous(), sm.contiguous()) for qm, sm in zip(q.split(sizes), s.split(sizes))]
             del q
         else:
             if method.gptq:
                 fallbacks += modules
-            ws = [t[f"{m}.weight"] for m in modules]
-            quantized = [quantize_weight_per_channel(w) for w in ws]
-        for m, w, (qm, sm) in zip(modules, ws, quantized):
+            quantized = [quantize_weight_per_channel(t[f"{m}.weight"]) for m in modules]
+        for m, (qm, sm) in zip(modules, quantized):
             out[f"{m}.weight"], out[f"{m}.weight_scale"] = qm, sm
-            worst = max(worst, float((qm.float() * sm - w).norm() / w.norm().clamp(min=1e-12)))
-        del ws, quantized
+            worst = max(worst, relative_weight_error(t[f"{m}.weight"], qm, sm))
+        del quantized
         e = stats.recompute.expert_of(key) if moe else None
         if e is not None and key.endswith(f".{moe[1][2]}"):  # the expert's last input: free its weights
             for n in moe[1]:

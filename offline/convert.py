@@ -35,7 +35,7 @@ from vllm_haq.format import (
     HAQQuantConfig,
     is_ignored,
 )
-from vllm_haq.quant import quantize_weight_per_channel
+from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.calibrated import METHODS as METHOD_SPECS
@@ -336,8 +336,7 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
         w = tensors.pop(f"{module}.weight")
         q, scale = quantize_weight_per_channel(w)
         out[f"{module}.weight"], out[f"{module}.{WEIGHT_SCALE}"] = q, scale
-        wf = w.float()
-        worst = max(worst, float((q.float() * scale - wf).norm() / wf.norm().clamp(min=1e-12)))
+        worst = max(worst, relative_weight_error(w, q, scale))
     return out, len(targets), worst, {}
 
 

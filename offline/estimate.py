@@ -304,8 +304,9 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
                    "alpha_search_rows": search_rows, "gptq_hessians": hess_collected, "forward_chunk": forward_tmp}
     # GPTQ (or rounding) input by input: the Hessians not used yet + this one's factorization or solve. GPTQSolver
     # factorizes the Hessian in its own memory (LAPACK in place; benchmarks/results/gptq_factorization.md): the
-    # Hessian + the float32 factor of a float64 Hessian. Solve: the float32 factor + float32 copies of the stacked
-    # weights (materialized, concatenated, permuted) + their int8 result.
+    # Hessian + the float32 factor of a float64 Hessian. Solve: the float32 factor + the permuted float32 stack of the
+    # weights that read this input (each weight materialized only while it is copied in) + the int8 result and
+    # its un-permuted copy.
     order = list(by_input)
     worst = 0
     for pos, k in enumerate(order):
@@ -314,7 +315,8 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
             later = sum(_hessian_bytes(in_features[c]) for c in collected if c in in_features and order.index(c) > pos)
             dt = 8 if n <= FLOAT64_MAX_INPUTS else 4
             factorize = n * n * dt + (n * n * 4 if dt == 8 else 0)
-            solve = n * n * 4 + 3 * 4 * rows * n + rows * n
+            largest = max((shapes[m][0] for m in by_input[k] if m in shapes), default=0)
+            solve = n * n * 4 + 4 * rows * n + 4 * largest * n + 2 * rows * n
             work = later + max(factorize, solve)
         else:
             work = 3 * 4 * rows * n

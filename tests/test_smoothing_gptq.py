@@ -114,6 +114,24 @@ def test_gptq_on_stacked_weights_equals_gptq_per_weight():
     for w, q, s in zip(ws, q_all.split([32, 16, 16]), s_all.split([32, 16, 16])):
         q1, s1 = gptq_quantize(w, acc.h, cfg)
         assert torch.equal(q, q1) and torch.equal(s, s1)
+    # the converter's form: the weights streamed one at a time (bf16 as in a checkpoint) into one solve
+    from vllm_haq.quant.gptq import GPTQSolver
+
+    solver = GPTQSolver(acc.h, cfg)
+    q_s, s_s = solver.quantize((w.bfloat16() for w in ws), rows=64)
+    q_b, s_b = solver.quantize(torch.cat(ws).bfloat16())
+    assert torch.equal(q_s, q_b) and torch.equal(s_s, s_b)
+    with pytest.raises(ValueError, match="65 weight rows expected, got 64"):
+        solver.quantize(iter(ws), rows=65)
+
+
+def test_relative_weight_error_in_row_chunks_equals_the_whole_norm():
+    from vllm_haq.quant import relative_weight_error
+
+    w = torch.randn(300, 40)
+    q, s = quantize_weight_per_channel(w)
+    want = float((q.float() * s - w).double().norm() / w.double().norm())
+    assert abs(relative_weight_error(w, q, s, rows_per_chunk=64) - want) < 1e-6 * want
 
 
 def test_int8_matmul_reference_is_exact_at_the_int8_extremes():

@@ -7,6 +7,7 @@ from vllm_haq.quant.int8 import (
     quantize_per_token,
     quantize_weight_per_channel,
     quantize_with_scale,
+    relative_weight_error,
     w8a8_linear_reference,
     weight_scale_from_amax,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_weight_per_channel",
     "quantize_with_scale",
+    "relative_weight_error",
     "w8a8_linear_reference",
     "weight_scale_from_amax",
 ]

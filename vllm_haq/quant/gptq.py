@@ -12,6 +12,7 @@ the same int8 format as round-to-nearest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -110,11 +111,32 @@ class GPTQSolver:
         h.diagonal().add_(cfg.dampening * torch.mean(torch.diag(h)))
         self.hinv = _inverse_upper_cholesky_(h).float()  # upper Cholesky factor of H⁻¹
 
-    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = w.float()
-        n_in = w.shape[1]
-        scale = weight_scale_from_amax(w.abs().amax(dim=1, keepdim=True))
-        w = w[:, self.perm]  # a copy: the caller's weight stays untouched
+    def quantize(self, w: torch.Tensor | Iterable[torch.Tensor], rows: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Int8 weights and float32 scales of ``w`` [out, in] (left untouched), or of the weights an iterable
+        yields (``rows`` in all), stacked in order: each is copied into the permuted float32 working matrix
+        as it comes and can be let go, so no second stacked copy exists."""
+        parts = [w] if isinstance(w, torch.Tensor) else w
+        n_in = self.perm.numel()
+        if rows is None:
+            parts = list(parts)
+            rows = sum(p.shape[0] for p in parts)
+        scale = torch.empty(rows, 1, dtype=torch.float32)
+        work = torch.empty(rows, n_in, dtype=torch.float32)
+        r = 0
+        for part in parts:
+            k = part.shape[0]
+            if r + k > rows or part.dim() != 2 or part.shape[1] != n_in:
+                raise ValueError(f"GPTQ: weights of {rows} rows x {n_in} inputs expected, got one of shape "
+                                 f"{tuple(part.shape)} at row {r}")
+            part = part.float()
+            scale[r : r + k] = weight_scale_from_amax(torch.linalg.vector_norm(part, float("inf"), dim=1, keepdim=True))
+            torch.index_select(part, 1, self.perm, out=work[r : r + k])
+            r += k
+            del part
+        if r != rows:
+            raise ValueError(f"GPTQ: {rows} weight rows expected, got {r}")
+        w = work
         w[:, self.dead[self.perm]] = 0.0
         hinv = self.hinv
         q = torch.empty(w.shape, dtype=torch.int8)
@@ -132,8 +154,8 @@ class GPTQSolver:
                 err = (col - qcol * scale) / hinv_blk[j, j]
                 w_blk[:, j + 1 :].sub_(err * hinv_blk[j : j + 1, j + 1 :])
                 err_blk[:, j : j + 1] = err
-            if b1 < n_in:
-                w[:, b1:].sub_(err_blk @ hinv[b0:b1, b1:])
+            if b1 < n_in:  # in place: no [out, in] temporary for the product
+                w[:, b1:].addmm_(err_blk, hinv[b0:b1, b1:], alpha=-1.0)
         return q[:, self.inv_perm], scale
 
 

@@ -38,6 +38,18 @@ def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float().clamp(min=_MIN_AMAX) / INT8_MAX).to(torch.float32)
 
 
+def relative_weight_error(weight: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                          rows_per_chunk: int = 4096) -> float:
+    """‖qweight · scale − weight‖ / ‖weight‖ (Frobenius), in row chunks: no full-size float temporaries beside
+    a large weight (a Mixtral expert's gate/up is 28672 × 4096)."""
+    err = ref = 0.0
+    for r0 in range(0, weight.shape[0], rows_per_chunk):
+        w = weight[r0 : r0 + rows_per_chunk].float()
+        err += float((qweight[r0 : r0 + rows_per_chunk].float() * scale[r0 : r0 + rows_per_chunk] - w).pow(2).sum())
+        ref += float(w.pow(2).sum())
+    return (err / max(ref, 1e-24)) ** 0.5
+
+
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``round(x / scale)`` clamped to [-127, 127] as int8 (round half to even, like torch.round)."""
     return torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
