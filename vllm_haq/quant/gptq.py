@@ -51,7 +51,10 @@ class HessianAccumulator:
         # XᵀX of one batch in float32 (float64 input stays float64); the running mean is in H's dtype.
         x = x if x.dtype == torch.float64 else x.float()
         total = self.n + x.shape[0]
-        self.h.mul_(self.n / total).add_((x.t() @ x).to(self.h.dtype), alpha=2.0 / total)
+        if self.h.dtype == torch.float32 and x.dtype == torch.float32:  # wide inputs: no n×n temporary
+            self.h.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
+        else:
+            self.h.mul_(self.n / total).add_((x.t() @ x).to(self.h.dtype), alpha=2.0 / total)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).double())
         self.n = total
 

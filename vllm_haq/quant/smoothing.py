@@ -31,9 +31,21 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return s.clamp(min=_MIN).float()
 
 
+_ROWS_PER_CHUNK = 1024  # float64 temporaries of a few rows, not of a whole Mixtral expert (28672 x 4096)
+
+
+def _rowwise(w: torch.Tensor, dtype: torch.dtype, fn) -> torch.Tensor:
+    """``fn(rows.double()).to(dtype)`` of ``w`` in row chunks: the same values as on the whole matrix."""
+    out = torch.empty(w.shape, dtype=dtype)
+    for r0 in range(0, w.shape[0], _ROWS_PER_CHUNK):
+        out[r0 : r0 + _ROWS_PER_CHUNK] = fn(w[r0 : r0 + _ROWS_PER_CHUNK].double(), r0).to(dtype)
+    return out
+
+
 def smooth_weight(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """W · s along the input dimension (the consumer's side of the smoothing)."""
-    return (w.double() * s.double().unsqueeze(0)).to(w.dtype if w.is_floating_point() else torch.float32)
+    s = s.double().unsqueeze(0)
+    return _rowwise(w, w.dtype if w.is_floating_point() else torch.float32, lambda rows, r0: rows * s)
 
 
 def fold_into_norm(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor):
@@ -45,6 +57,7 @@ def fold_into_norm(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Ten
 
 def fold_into_producer_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor):
     """A linear producer (v_proj for o_proj, up_proj for down_proj) whose outputs are divided by s."""
-    w = (weight.double() / s.double().unsqueeze(1)).to(weight.dtype)
+    s64 = s.double().unsqueeze(1)
+    w = _rowwise(weight, weight.dtype, lambda rows, r0: rows / s64[r0 : r0 + rows.shape[0]])
     b = None if bias is None else (bias.double() / s.double()).to(bias.dtype)
     return w, b
