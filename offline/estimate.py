@@ -50,10 +50,13 @@ TOKENIZER_BYTES = 370 * 2**20  # + transformers and the tokenizer, loaded when c
 RTN_PARAMS_PER_S = 2.5e7  # round-to-nearest incl. reading and writing: 4096x4096 bf16 weights measured at 2.2e7/s;
 #                           a 2-layer Mixtral-8x7B-width RTN conversion took 126 s for 2.9e9 parameters
 FORWARD_FLOPS = 4.0e10  # float32 GEMM throughput of the calibration forward (F.linear 2048x4096x4096: 42 GFLOP/s)
-GPTQ_S_PER_WEIGHT = 1.5e-6  # GPTQ's column loop, per weight element (measured 1.3-2.0 us, 2048 inputs)
-FACTORIZE_FLOPS = 1.5e10  # dampened Cholesky, its inverse, the factor of H^-1, counted as 4 n^3 flops (measured
-#                           13-18 GFLOP/s at n = 2048-4096, float32 and float64 alike). Check: a 1-layer Llama of
-#                           width 2048 with a 9000-wide MLP, --method gptq: 253 s of GPTQ measured, 308 s estimated
+# GPTQ's solve of a [rows, n] stack (the idle AVX-512 host; fitted within 2% to 1024-4096 inputs x 512-16384 rows):
+GPTQ_S_PER_COLUMN = 4.8e-5  # the Python column loop's fixed cost per input column
+GPTQ_S_PER_WEIGHT = 4.8e-8  # its per-element work within a 128-column block
+GPTQ_UPDATE_FLOPS = 2.8e11  # the lazy block updates, 2 rows n^2 flops in all (float32 GEMM)
+# in-place potrf + potri + potrf, counted as 4/3 n^3 flops (idle host: 54 GFLOP/s float64 at n = 4096, 105 float32
+# at n = 8193). Check: a Mixtral-8x7B-width layer (2 jobs sharing the 2 cores): 511 s of GPTQ measured, 550 s estimated
+FACTORIZE_FLOPS = {"float64": 5.4e10, "float32": 1.05e11}  # by the Hessian dtype (float64 up to FLOAT64_MAX_INPUTS)
 STARTUP_S = 5.0  # interpreter, torch and safetensors imports (a tiny RTN conversion took 4.5-5.4 s in all)
 TOKENIZER_S = 12.0  # + transformers and the tokenizer when calibrating (measured 10-19 s on the loaded host)
 
@@ -258,8 +261,12 @@ def estimate(model_dir: str, spec: ModelSpec, config: dict, opts, fmt: str = "ha
         "time": {"seconds": time_s, "parts": time_parts,
                  "basis": "measured throughputs of this converter on a loaded 2-core AVX2 EPYC "
                           f"(rtn {RTN_PARAMS_PER_S:.2g} params/s, forward {FORWARD_FLOPS / 1e9:.0f} GFLOP/s, "
-                          f"GPTQ {GPTQ_S_PER_WEIGHT * 1e6:.1f} us per weight, Cholesky {FACTORIZE_FLOPS / 1e9:.0f} "
-                          f"GFLOP/s, start-up {STARTUP_S:.0f} s + {TOKENIZER_S:.0f} s with calibration); offline/estimate.py"},
+                          f"start-up {STARTUP_S:.0f} s + {TOKENIZER_S:.0f} s with calibration) and of GPTQ on the "
+                          f"idle 2-core AVX-512 EPYC ({GPTQ_S_PER_COLUMN * 1e6:.0f} us per column + "
+                          f"{GPTQ_S_PER_WEIGHT * 1e9:.0f} ns per weight + block updates at "
+                          f"{GPTQ_UPDATE_FLOPS / 1e9:.0f} GFLOP/s, factorization at "
+                          f"{FACTORIZE_FLOPS['float64'] / 1e9:.0f}/{FACTORIZE_FLOPS['float32'] / 1e9:.0f} "
+                          "GFLOP/s float64/float32); offline/estimate.py"},
     }
 
 
@@ -376,19 +383,19 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
     if method.search_alpha:  # 7 candidates per consumer: quantize the weight, one [1024, in] x [in, out] product
         rows = min(SEARCH_ROWS, tokens)
         parts["alpha_search"] = 7 * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
-    if method.gptq:
-        factor = 0.0
+    if method.gptq:  # one solve per distinct input: the linears that read it are stacked
+        seconds = 0.0
         for i in range(spec.num_layers):
             prefix = spec.layer_prefix(i)
-            seen = set()
+            stacks: dict[str, list[int]] = {}  # input -> [rows, inputs]
             for m in spec.linear_modules(i):
-                key = input_key(m)
                 shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
-                if key in seen or not shape or is_ignored(prefix + m, opts.ignore):
-                    continue
-                seen.add(key)
-                factor += 4 * shape[1] ** 3 / FACTORIZE_FLOPS
-        parts["gptq"] = quantized * GPTQ_S_PER_WEIGHT + factor
+                if shape and not is_ignored(prefix + m, opts.ignore):
+                    stacks.setdefault(input_key(m), [0, shape[1]])[0] += shape[0]
+            for rows, n in stacks.values():
+                seconds += (n * GPTQ_S_PER_COLUMN + rows * n * GPTQ_S_PER_WEIGHT + 2 * rows * n * n / GPTQ_UPDATE_FLOPS
+                            + 4 / 3 * n ** 3 / FACTORIZE_FLOPS["float64" if n <= FLOAT64_MAX_INPUTS else "float32"])
+        parts["gptq"] = seconds
     total = sum(parts.values())
     return total, parts
 
