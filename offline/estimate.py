@@ -293,7 +293,9 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
         phases = {"round to nearest": {"layer_source": src_bytes, "layer_int8_output": out_bytes,
                                        "calibration_activations": act_bytes, "float32_copies": 3 * 4 * max_numel}}
         if calibrating:  # routing statistics: the quantized layer runs on the calibration activations
-            phases["quantized forward"] = {"layer_source": src_bytes, "layer_int8_output": out_bytes,
+            # rounding popped every target's source (offline/convert.py): only the rest stays mapped
+            rest = sum(_nbytes(*v) for k, v in tensors.items() if k.removesuffix(".weight") not in targets)
+            phases["quantized forward"] = {"layer_source": rest, "layer_int8_output": out_bytes,
                                            "calibration_activations": 3 * act_bytes, "forward_chunk": qforward_tmp}
         return phases
 
@@ -328,11 +330,20 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
         else:
             work = 3 * 4 * rows * n
         worst = max(worst, work)
-    quant_phase = {"layer_source": src_bytes, "layer_int8_output": out_bytes, "calibration_activations": act_bytes,
+    # An MoE layer lets go of each expert's source once the expert is quantized (offline/calibrated.py): the experts'
+    # int8 output replaces their larger bf16 source, so at most one expert's output adds to the mapped source, and the
+    # quantized forward runs with only the non-expert source mapped (measured at Mixtral width: the file-mapped RSS
+    # falls from 3.1 GB to 0.3 GB over the experts).
+    def non_expert(d):
+        return sum(_nbytes(*v) for k, v in d.items() if not (expert_prefix and k.startswith(expert_prefix)))
+
+    expert_out = max((_nbytes(*v) * 3 for k, v in out.items() if expert_prefix and k.startswith(f"{expert_prefix}0.")
+                      and k.endswith(".weight")), default=0)  # about one expert's int8 weights (w1, w2, w3 alike)
+    quant_out = non_expert(out) + expert_out if moe else out_bytes
+    quant_phase = {"layer_source": src_bytes, "layer_int8_output": quant_out, "calibration_activations": act_bytes,
                    "moe_input_rows": moe_rows, ("gptq_work" if method.gptq else "float32_copies"): worst}
-    # the source stays mapped (the layer's norms are still referenced) until the layer is written
-    run_phase = {"layer_source": src_bytes, "layer_int8_output": out_bytes, "calibration_activations": 3 * act_bytes,
-                 "forward_chunk": qforward_tmp}
+    run_phase = {"layer_source": non_expert(tensors) if moe else src_bytes, "layer_int8_output": out_bytes,
+                 "calibration_activations": 3 * act_bytes, "forward_chunk": qforward_tmp}
     return {"statistics forward": stats_phase, "quantization": quant_phase, "quantized forward": run_phase}
 
 
