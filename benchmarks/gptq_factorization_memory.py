@@ -29,16 +29,13 @@ def _rss_peak_bytes() -> int:
 def _run_one(variant: str, n: int) -> dict:
     import torch
 
-    from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, hessian_dtype
+    from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, _restore_upper_, hessian_dtype
 
     dtype = hessian_dtype(n)
     g = torch.Generator().manual_seed(0)
     h = torch.rand(n, n, generator=g, dtype=dtype)
-    for i0 in range(0, n, 1024):  # mirror the upper triangle block by block: no second n x n matrix
-        h[i0 + 1024:, i0:i0 + 1024] = h[i0:i0 + 1024, i0 + 1024:].t()
-        blk = h[i0:i0 + 1024, i0:i0 + 1024]
-        blk.copy_(torch.triu(blk) + torch.triu(blk, 1).t())
-    h.diagonal().add_(n)  # symmetric, diagonally dominant: positive definite
+    # symmetric (mirrored block by block: no second n x n matrix), diagonally dominant: positive definite
+    _restore_upper_(h, h.diagonal() + n)
     del g
     base = _rss_peak_bytes()
     t0 = time.perf_counter()

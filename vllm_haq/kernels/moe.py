@@ -36,6 +36,7 @@ class RouteGroups:
         if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
             raise ValueError(f"topk_ids out of range [0, {num_experts}): min {int(topk_ids.min())}, "
                              f"max {int(topk_ids.max())}")
+        self.top_k = topk_ids.shape[1]
         self.tok, self.slot, counts = group_by_expert(topk_ids, num_experts)
         self.counts = counts.tolist()
         self.starts = (torch.cumsum(counts, 0) - counts).tolist()
@@ -45,6 +46,23 @@ class RouteGroups:
         """(token indices, top-k positions) of the routes to ``expert``."""
         a, n = self.starts[expert], self.counts[expert]
         return self.tok[a : a + n], self.slot[a : a + n]
+
+
+def all_shard_route_amax(inters: Mapping[int, tuple[torch.Tensor, Gemm]], groups: RouteGroups, num_tokens: int,
+                         shard_amax: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Tensor parallelism: each route's down-projection input max over all shards, [M·k, 1] in route order
+    (row ``t·k + j``). ``inters``: expert -> (its routes' down-projection inputs, its w2 ScaledInt8Gemm). The
+    exchange has the same size and order on every rank, whatever each rank computed where."""
+    amax = torch.zeros(num_tokens * groups.top_k, 1, dtype=torch.float32, device=device)
+    for e, (h, w2) in inters.items():
+        amax[route_rows(groups, e)] = w2.token_amax(h).to(device)
+    return shard_amax(amax)
+
+
+def route_rows(groups: RouteGroups, expert: int) -> torch.Tensor:
+    """Rows ``t·k + j`` of ``expert``'s routes in a per-route [M·k, ...] buffer."""
+    t, j = groups.routes_of(expert)
+    return t * groups.top_k + j
 
 
 def expert_inter(x: torch.Tensor, w13: Gemm) -> torch.Tensor:
@@ -116,15 +134,9 @@ def int8_moe_forward(
         for e in groups.routed:
             expert_routes(x, topk_weights, groups, e, w13[e], w2[e], routes)
     else:
-        k = topk_ids.shape[1]
-        inters = {e: expert_inter(x[groups.routes_of(e)[0]], w13[e]) for e in groups.routed}
-        amax = torch.zeros(x.shape[0] * k, 1, dtype=torch.float32, device=x.device)
-        for e, h in inters.items():
-            t, j = groups.routes_of(e)
-            amax[t * k + j] = w2[e].token_amax(h)
-        amax = shard_amax(amax)  # same size and order on every rank, whatever the routing
-        for e, h in inters.items():
-            t, j = groups.routes_of(e)
-            write_routes(routes, topk_weights, groups, e, w2[e](h, amax=amax[t * k + j]).float())
+        inters = {e: (expert_inter(x[groups.routes_of(e)[0]], w13[e]), w2[e]) for e in groups.routed}
+        amax = all_shard_route_amax(inters, groups, x.shape[0], shard_amax, x.device)
+        for e, (h, g2) in inters.items():
+            write_routes(routes, topk_weights, groups, e, g2(h, amax=amax[route_rows(groups, e)]).float())
     total = routes.sum(1)
     return total if out is None else out.add_(total)

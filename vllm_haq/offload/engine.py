@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from vllm_haq.kernels import RouteGroups, expert_inter, expert_mlp, new_route_buffer, select_backend, write_routes
+from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
@@ -379,22 +380,17 @@ class OffloadEngine:
         [M·k, 1] (every rank makes it once per layer and step, whatever it served where). An expert runs on
         the slot it was computed from while that slot still holds it, else from host memory (a CPU job, a
         recovered fault, or a slot a later wave of this step reused)."""
-        groups, k = outputs.groups, outputs.topk_weights.shape[1]
+        groups = outputs.groups
         plan = {}
         for e, (h, slot) in outputs.inters.items():
             if slot is not None and layer.expert_of_slot[slot] == e:
                 plan[e] = (h, layer.slot_gemms[slot][1])
             else:
                 plan[e] = (_on_host(h), self._host_gemms(layer, e)[1])
-        amax = torch.zeros(x.shape[0] * k, 1, dtype=torch.float32, device=x.device)
-        for e, (h, w2) in plan.items():
-            t, j = groups.routes_of(e)
-            amax[t * k + j] = w2.token_amax(h).to(amax.device)
-        amax = self.shard_amax(amax)
+        amax = all_shard_route_amax(plan, groups, x.shape[0], self.shard_amax, x.device)
         jobs = []
         for e, (h, w2) in plan.items():
-            t, j = groups.routes_of(e)
-            a = amax[t * k + j].to(h.device)
+            a = amax[route_rows(groups, e)].to(h.device)
             if h.device == x.device:
                 write_routes(outputs.routes, outputs.topk_weights, groups, e, w2(h, amax=a).float())
             else:
