@@ -7,7 +7,8 @@ Methods (``haq convert --method``):
 * ``smoothquant``  smoothing with one fixed α (``--alpha``), then round to nearest;
 * ``haq``          smoothing with α searched per layer and producer (none, or a grid),
                    by the output error of the quantized W8A8 consumers on calibration
-                   rows, then GPTQ with the Hessians of the *smoothed* activations.
+                   rows, rounded as they will be (the shortlist is re-scored with GPTQ),
+                   then GPTQ with the Hessians of the *smoothed* activations.
 
 Smoothing is folded exactly into the producers (norms, v_proj, up_proj/w3,
 OPT's fc1 through ReLU). For the experts of an MoE layer, which share one input
@@ -54,6 +55,7 @@ METHODS = {
 }
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SEARCH_ROWS = 1024  # calibration rows kept per observed input for the α search
+GPTQ_SHORTLIST = 2  # α values (best by the round-to-nearest score) scored again with GPTQ, besides no smoothing
 MIN_EXPERT_TOKENS = 16
 # Linears that always see exactly the same input as another one: one set of statistics serves both.
 _SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
@@ -246,7 +248,8 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
                                        torch.cat(routes), t.source)
 
     t1 = time.time()
-    record, explicit, explicit_blocks = _smooth(spec, i, t, targets, stats, method, alpha, moe_smoothing)
+    record, explicit, explicit_blocks = _smooth(spec, i, t, targets, stats, method, alpha, moe_smoothing,
+                                                gptq_cfg if method.gptq else None)
     stats.rows.clear()  # the α search is done; GPTQ needs only the Hessians
     t2 = time.time()
 
@@ -289,7 +292,7 @@ def _is_routed_expert(moe: tuple[str, tuple[str, str, str]] | None, key: str) ->
 
 
 def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stats: InputStats, method: Method,
-            alpha: float, moe_smoothing: str):
+            alpha: float, moe_smoothing: str, gptq_cfg: GPTQConfig | None = None):
     """Choose and apply the smoothing of every group of layer ``i``; returns (record, explicit tensors, blocks)."""
     record: dict[str, float | None] = {}
     explicit: dict[str, torch.Tensor] = {}
@@ -309,7 +312,7 @@ def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stat
         act_absmax = stats.absmax[input_key(g.observed_module)]
         a = alpha
         if method.search_alpha:
-            a = _search_alpha(t, g, consumers, stats, w_absmax)
+            a = _search_alpha(t, g, consumers, stats, w_absmax, gptq_cfg)
         record[g.consumers[0]] = a
         if a is not None:
             _apply_smoothing(t, g, _factors(act_absmax, w_absmax, g, a), stats)
@@ -366,25 +369,67 @@ def _apply_smoothing(t: WorkingTensors, g: SmoothGroup, s: torch.Tensor, stats: 
 
 
 def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,
-                  w_absmax: torch.Tensor) -> float | None:
-    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers.
+                  w_absmax: torch.Tensor, gptq_cfg: GPTQConfig | None = None) -> float | None:
+    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers on calibration rows.
 
-    Consumers are materialized one at a time (an MoE group has two per expert).
+    Every candidate is first scored with the consumers' weights rounded to nearest (materialized one at a
+    time: an MoE group has two per expert). With ``gptq_cfg`` (the layer is rounded by GPTQ afterwards),
+    no smoothing and the GPTQ_SHORTLIST best α are scored again with the weights GPTQ will round, those
+    whose Hessian is at hand (non-expert inputs), rounded by GPTQ under that candidate's smoothed Hessian:
+    smoothing trades activation error for weight error and GPTQ removes much of the weight part, so the
+    best α for round-to-nearest is not the best one for GPTQ, and GPTQ alone (no smoothing) can win.
     """
     x = stats.sample(g.observed_module)
     act_absmax = stats.absmax[input_key(g.observed_module)]
     candidates = [None] + [_factors(act_absmax, w_absmax, g, alpha) for alpha in ALPHA_GRID]
     quantized_x = [quantize_per_token(x if s is None else x / s) for s in candidates]
-    errors = [0.0] * len(candidates)
+    by_key: dict[str, list[str]] = {}  # consumers GPTQ will round, by the input whose Hessian it uses
+    for c in consumers:
+        if gptq_cfg is not None and input_key(c) in stats.hessians:
+            by_key.setdefault(input_key(c), []).append(c)
+    errors = [0.0] * len(candidates)  # of every consumer, rounded to nearest
+    rtn_only = [0.0] * len(candidates)  # of the consumers GPTQ will not round
     for c in consumers:
         w = t[f"{c}.weight"].float()
         y = x @ w.t()
-        for k, (s, (xq, xsc)) in enumerate(zip(candidates, quantized_x)):
-            wq, wsc = quantize_weight_per_channel(w if s is None else w * s)
-            y_hat = (xq.float() @ wq.float().t()) * xsc * wsc.t()
-            errors[k] += float((y_hat - y).pow(2).sum())
-    best_alpha, best = None, errors[0]
-    for alpha, e in zip(ALPHA_GRID, errors[1:]):
-        if e < best:
-            best_alpha, best = alpha, e
-    return best_alpha
+        for k, (s, xq) in enumerate(zip(candidates, quantized_x)):
+            e = _output_error(y, xq, quantize_weight_per_channel(w if s is None else smooth_weight(w, s)))
+            errors[k] += e
+            if not any(c in cs for cs in by_key.values()):
+                rtn_only[k] += e
+    best = min(range(len(candidates)), key=errors.__getitem__)  # ties: no smoothing, then the smaller α
+    if by_key:
+        shortlist = [0] + sorted(range(1, len(candidates)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
+        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, candidates[k], x,
+                                                            quantized_x[k], gptq_cfg) for key, cs in by_key.items())
+                    for k in shortlist}
+        best = min(shortlist, key=rescored.__getitem__)
+    return None if best == 0 else ALPHA_GRID[best - 1]
+
+
+def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tuple[torch.Tensor, torch.Tensor]
+                  ) -> float:
+    """‖Q(x)·Q(W)ᵀ − y‖² of a W8A8 product (per-token activation scales, per-channel weight scales)."""
+    (xi, xsc), (wi, wsc) = xq, wq
+    return float(((xi.float() @ wi.float().t()) * xsc * wsc.t() - y).pow(2).sum())
+
+
+def _gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor, s: torch.Tensor | None,
+                       x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], cfg: GPTQConfig) -> float:
+    """Output error on rows ``x`` of ``consumers`` (one input, Hessian ``h``) smoothed by ``s`` and rounded by
+    GPTQ under the smoothed Hessian diag(1/s)·H·diag(1/s); one copy of H, factorized in place."""
+    hs = h.clone()
+    if s is not None:
+        sd = s.to(hs.dtype)
+        hs.div_(sd.unsqueeze(1)).div_(sd.unsqueeze(0))
+    solver = GPTQSolver.from_owned(hs, cfg)
+    del hs
+    sizes = [t.shape(f"{c}.weight")[0] for c in consumers]
+    weights = (t[f"{c}.weight"].float() if s is None else smooth_weight(t[f"{c}.weight"].float(), s) for c in consumers)
+    q, scale = solver.quantize(weights, rows=sum(sizes))
+    del solver
+    err, r = 0.0, 0
+    for c, n in zip(consumers, sizes):
+        err += _output_error(x @ t[f"{c}.weight"].float().t(), xq, (q[r : r + n], scale[r : r + n]))
+        r += n
+    return err

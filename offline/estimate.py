@@ -17,7 +17,7 @@ minus ``--ignore``).
   chunks and their concatenation: 3 x samples x seq_len x hidden x 4 bytes; calibrated MoE layers also keep the
   MoE input rows); one forward chunk's temporaries (the quantized forward accumulates in float64); the
   α-search row samples; the GPTQ Hessians (every non-expert input's Hessian is collected during the forward and
-  alive until its turn; expert Hessians are rebuilt one at a time and factorized in their own memory,
+  alive until its turn; HAQ's α search factorizes a copy of one of them at a time; expert Hessians are rebuilt one at a time and factorized in their own memory,
   float64 up to ``FLOAT64_MAX_INPUTS`` inputs, float32 above, + the float32 factor); float32 copies
   of the largest weight group. Checked against the measured peak RSS (GNU time) of 1-layer Llama-7B-width
   ``rtn`` (-7%) and ``smoothquant`` (+1%) conversions and a 2048-wide ``gptq`` layer with a 9000-wide MLP (-4%).
@@ -37,7 +37,7 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import METHODS, SEARCH_ROWS, input_key
+from offline.calibrated import GPTQ_SHORTLIST, METHODS, SEARCH_ROWS, input_key
 from offline.convert import COPIED_FILES
 from offline.models import ModelSpec, global_tensor_names
 
@@ -317,18 +317,22 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
     # weights that read this input (each weight materialized only while it is copied in) + the int8 result and
     # its un-permuted copy.
     order = list(by_input)
+
+    def gptq_work(k: str) -> int:
+        n, rows = in_features.get(k, 0), out_rows.get(k, 0)
+        dt = 8 if n <= FLOAT64_MAX_INPUTS else 4
+        factorize = n * n * dt + (n * n * 4 if dt == 8 else 0)
+        largest = max((shapes[m][0] for m in by_input[k] if m in shapes), default=0)
+        solve = n * n * 4 + 4 * rows * n + 4 * largest * n + 2 * rows * n
+        return max(factorize, solve)
+
     worst = 0
     for pos, k in enumerate(order):
-        n, rows = in_features.get(k, 0), out_rows.get(k, 0)
         if method.gptq:
             later = sum(_hessian_bytes(in_features[c]) for c in collected if c in in_features and order.index(c) > pos)
-            dt = 8 if n <= FLOAT64_MAX_INPUTS else 4
-            factorize = n * n * dt + (n * n * 4 if dt == 8 else 0)
-            largest = max((shapes[m][0] for m in by_input[k] if m in shapes), default=0)
-            solve = n * n * 4 + 4 * rows * n + 4 * largest * n + 2 * rows * n
-            work = later + max(factorize, solve)
+            work = later + gptq_work(k)
         else:
-            work = 3 * 4 * rows * n
+            work = 3 * 4 * out_rows.get(k, 0) * in_features.get(k, 0)
         worst = max(worst, work)
     # An MoE layer lets go of each expert's source once the expert is quantized (offline/calibrated.py): the experts'
     # int8 output replaces their larger bf16 source, so at most one expert's output adds to the mapped source, and the
@@ -344,7 +348,13 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
                    "moe_input_rows": moe_rows, ("gptq_work" if method.gptq else "float32_copies"): worst}
     run_phase = {"layer_source": non_expert(tensors) if moe else src_bytes, "layer_int8_output": out_bytes,
                  "calibration_activations": 3 * act_bytes, "forward_chunk": qforward_tmp}
-    return {"statistics forward": stats_phase, "quantization": quant_phase, "quantized forward": run_phase}
+    phases = {"statistics forward": stats_phase}
+    if method.search_alpha and method.gptq:  # the α shortlist scored with GPTQ: a copy of one collected Hessian at a
+        # time is factorized and solved while every collected Hessian and the row samples are still held
+        scoring = max((gptq_work(k) for k in collected if k in in_features), default=0)
+        phases["α search"] = {**{k: v for k, v in stats_phase.items() if k != "forward_chunk"}, "gptq_scoring": scoring}
+    phases.update({"quantization": quant_phase, "quantized forward": run_phase})
+    return phases
 
 
 def _calib_text_bytes(sources: list[str]) -> int:
@@ -395,7 +405,7 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
         rows = min(SEARCH_ROWS, tokens)
         parts["alpha_search"] = 7 * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
     if method.gptq:  # one solve per distinct input: the linears that read it are stacked
-        seconds = 0.0
+        seconds, scoring = 0.0, 0.0
         for i in range(spec.num_layers):
             prefix = spec.layer_prefix(i)
             stacks: dict[str, list[int]] = {}  # input -> [rows, inputs]
@@ -403,10 +413,16 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
                 shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
                 if shape and not is_ignored(prefix + m, opts.ignore):
                     stacks.setdefault(input_key(m), [0, shape[1]])[0] += shape[0]
-            for rows, n in stacks.values():
-                seconds += (n * GPTQ_S_PER_COLUMN + rows * n * GPTQ_S_PER_WEIGHT + 2 * rows * n * n / GPTQ_UPDATE_FLOPS
-                            + 4 / 3 * n ** 3 / FACTORIZE_FLOPS["float64" if n <= FLOAT64_MAX_INPUTS else "float32"])
+            moe = spec.moe_block(i)
+            for key, (rows, n) in stacks.items():
+                solve = (n * GPTQ_S_PER_COLUMN + rows * n * GPTQ_S_PER_WEIGHT + 2 * rows * n * n / GPTQ_UPDATE_FLOPS
+                         + 4 / 3 * n ** 3 / FACTORIZE_FLOPS["float64" if n <= FLOAT64_MAX_INPUTS else "float32"])
+                seconds += solve
+                if method.search_alpha and not (moe and key.startswith(f"{moe[0]}.experts.")):
+                    scoring += (1 + GPTQ_SHORTLIST) * solve  # non-expert inputs: the α shortlist scored with GPTQ
         parts["gptq"] = seconds
+        if scoring:
+            parts["alpha_search_gptq"] = scoring
     total = sum(parts.values())
     return total, parts
 

@@ -8,12 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offline.calibrated import ExpertInputs, InputStats, WorkingTensors, _apply_smoothing, _factors, _weight_absmax
+from offline.calibrated import (ALPHA_GRID, GPTQ_SHORTLIST, ExpertInputs, InputStats, WorkingTensors, _apply_smoothing,
+                                _factors, _search_alpha, _weight_absmax)
 from offline.convert import METHODS, ConvertOptions, convert
 from offline.evaluate import hf_token_nll
-from offline.models import LayerTensors, spec_for
+from offline.models import LayerTensors, SmoothGroup, spec_for
 from tiny_models import FAMILIES
 from vllm_haq.format import validate_checkpoint
+from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
+from vllm_haq.quant.gptq import GPTQConfig, gptq_quantize
+from vllm_haq.quant.smoothing import smooth_weight
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -114,3 +118,45 @@ def test_per_expert_smoothing_round_trips_into_the_runtime(tiny_dir, calib_file,
         shutdown_llm(llm)
     diff = (served + hf_token_nll(out, ids).double()).abs()
     assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.15
+
+
+def _w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, wq) -> float:
+    xq, xsc = quantize_per_token(x if s is None else x / s)
+    return float(((xq.double() @ wq[0].double().t()) * xsc.double() * wq[1].double().t() - x.double() @ w.double().t())
+                 .pow(2).sum())
+
+
+def test_alpha_search_scores_its_shortlist_with_the_rounding_gptq_will_do():
+    """HAQ's α is chosen for GPTQ-rounded weights: none and the two best α by the round-to-nearest score are
+    scored again with GPTQ under each candidate's smoothed Hessian, recomputed here from the smoothed rows."""
+    picked_differently = 0
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(512, 64, generator=gen) * (1 + 30 * (torch.rand(64, generator=gen) > 0.9))  # outliers
+        columns = torch.exp(torch.randn(64, generator=gen)) * 0.05  # input channels of uneven weight ranges
+        weights = {"attn.q_proj": torch.randn(96, 64, generator=gen) * columns,
+                   "attn.k_proj": torch.randn(32, 64, generator=gen) * columns}
+        stats = InputStats(keep_rows_every=1)
+        stats("attn.q_proj", x)  # k_proj reads the same input: one Hessian for both, as the converter keeps it
+        g = SmoothGroup(list(weights), norm="norm")
+        t = WorkingTensors({f"{m}.weight": w for m, w in weights.items()})
+        w_absmax = _weight_absmax(t, g.consumers)
+        rtn, gptq = {}, {}
+        for a in (None, *ALPHA_GRID):
+            s = None if a is None else _factors(stats.absmax["attn.q_proj"], w_absmax, g, a)
+            xs = x.double() if s is None else x.double() / s.double()
+            h = 2 / x.shape[0] * xs.t() @ xs
+            rtn[a] = gptq[a] = 0.0
+            for w in weights.values():
+                ws = w if s is None else smooth_weight(w, s)
+                rtn[a] += _w8a8_error(x, w, s, quantize_weight_per_channel(ws))
+                gptq[a] += _w8a8_error(x, w, s, gptq_quantize(ws, h, GPTQConfig()))
+        by_rtn = min(rtn, key=rtn.get)
+        shortlist = [None] + sorted(ALPHA_GRID, key=rtn.get)[:GPTQ_SHORTLIST]
+        expected = min(shortlist, key=gptq.get)
+        assert _search_alpha(t, g, g.consumers, stats, w_absmax) == by_rtn
+        before = stats.hessians["attn.q_proj"].h.clone()
+        assert _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig()) == expected
+        assert torch.equal(stats.hessians["attn.q_proj"].h, before)  # scoring works on copies
+        picked_differently += expected != by_rtn
+    assert picked_differently  # the re-scoring changes the choice for some of these layers

@@ -94,8 +94,12 @@ class GPTQSolver:
     @classmethod
     def from_accumulator(cls, acc: HessianAccumulator, cfg: GPTQConfig = GPTQConfig()) -> "GPTQSolver":
         """Factorize ``acc``'s Hessian in place (``acc`` is emptied): one n×n matrix fewer than a copy."""
+        return cls.from_owned(acc.take(), cfg)
+
+    @classmethod
+    def from_owned(cls, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> "GPTQSolver":
+        """Factorize ``h`` in its own memory: the caller hands it over and must not use it afterwards."""
         solver = cls.__new__(cls)
-        h = acc.take()
         solver._factorize([h if h.dtype == hessian_dtype(h.shape[0]) else h.to(hessian_dtype(h.shape[0]))], cfg)
         return solver
 
