@@ -37,7 +37,7 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import GPTQ_SHORTLIST, METHODS, SEARCH_ROWS, input_key
+from offline.calibrated import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, SEARCH_ROWS, input_key
 from offline.convert import COPIED_FILES
 from offline.models import ModelSpec, global_tensor_names
 
@@ -349,10 +349,14 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
     run_phase = {"layer_source": non_expert(tensors) if moe else src_bytes, "layer_int8_output": out_bytes,
                  "calibration_activations": 3 * act_bytes, "forward_chunk": qforward_tmp}
     phases = {"statistics forward": stats_phase}
-    if method.search_alpha and method.gptq:  # the α shortlist scored with GPTQ: a copy of one collected Hessian at a
-        # time is factorized and solved while every collected Hessian and the row samples are still held
+    if method.search_alpha:  # one group at a time: every candidate's int8 copy of its row sample; with GPTQ, the
+        # shortlist is scored by factorizing and solving a copy of one collected Hessian at a time, while every
+        # collected Hessian and the row samples are still held
+        widest = max(in_features.values(), default=0)
+        candidates = (1 + len(ALPHA_GRID)) * min(SEARCH_ROWS, opts.samples * opts.seq_len) * (widest + 4)
         scoring = max((gptq_work(k) for k in collected if k in in_features), default=0)
-        phases["α search"] = {**{k: v for k, v in stats_phase.items() if k != "forward_chunk"}, "gptq_scoring": scoring}
+        phases["α search"] = {**{k: v for k, v in stats_phase.items() if k != "forward_chunk"},
+                              "candidate_rows": candidates, "gptq_scoring": scoring}
     phases.update({"quantization": quant_phase, "quantized forward": run_phase})
     return phases
 
@@ -401,9 +405,9 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
                 per_token += n
         passes = 1 if opts.method == "rtn" else 2  # statistics forward (float) + quantized forward
         parts["calibration_forward"] = passes * 2 * per_token * tokens / FORWARD_FLOPS
-    if method.search_alpha:  # 7 candidates per consumer: quantize the weight, one [1024, in] x [in, out] product
+    if method.search_alpha:  # per candidate (none + the grid) and consumer: round the weight, one [rows, in] x [in, out]
         rows = min(SEARCH_ROWS, tokens)
-        parts["alpha_search"] = 7 * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
+        parts["alpha_search"] = (1 + len(ALPHA_GRID)) * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
     if method.gptq:  # one solve per distinct input: the linears that read it are stacked
         seconds, scoring = 0.0, 0.0
         for i in range(spec.num_layers):
