@@ -16,8 +16,9 @@ minus ``--ignore``).
   that share its files mapped); its int8 output; the calibration activations (the layer's input, its output
   chunks and their concatenation: 3 x samples x seq_len x hidden x 4 bytes; calibrated MoE layers also keep the
   MoE input rows); one forward chunk's temporaries (the quantized forward accumulates in float64); the
-  α-search row samples; the GPTQ Hessians (every non-expert input's Hessian is collected during the forward and
-  alive until its turn; HAQ's α search factorizes a copy of one of them at a time; expert Hessians are rebuilt one at a time and factorized in their own memory,
+  α-search row samples and each candidate's int8 copy of them; the GPTQ Hessians (every non-expert input's
+  Hessian is collected during the forward and alive until its turn; HAQ's α search factorizes a copy of one of
+  them at a time; expert Hessians are rebuilt one at a time and factorized in their own memory,
   float64 up to ``FLOAT64_MAX_INPUTS`` inputs, float32 above, + the float32 factor); float32 copies
   of the largest weight group. Checked against the measured peak RSS (GNU time) of 1-layer Llama-7B-width
   ``rtn`` (-7%) and ``smoothquant`` (+1%) conversions and a 2048-wide ``gptq`` layer with a 9000-wide MLP (-4%).
