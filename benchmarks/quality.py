@@ -9,6 +9,13 @@ only), llm-compressor W8A8 (SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-l
 with the reason if it is missing or fails). Calibration: the train splits of both corpora.
 Every perplexity is measured through vLLM with the plugin (the served model); the table also
 gives the hf-backend perplexity of each HAQ checkpoint, each converter's wall time and peak RSS.
+
+Two views that separate method quality from luck: each HAQ column minus every baseline, paired
+over the same windows (mean and 95% interval of the per-window NLL difference, as a perplexity
+ratio), and KL(bf16 || column) per token from the hf backend's full next-token distributions
+(--kl-windows first windows per corpus). A W8A8 perplexity change of a few tenths of a percent
+is mostly whether the quantization's small shift happens to favour the evaluated tokens; KL
+measures the shift itself.
 """
 
 from __future__ import annotations
@@ -62,8 +69,8 @@ def models() -> dict:
     }
 
 
-def score(model_dir: str, windows: dict, backend: str) -> dict[str, float]:
-    """Perplexity per corpus; one vLLM engine scores all corpora."""
+def score(model_dir: str, windows: dict, backend: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Perplexity and the per-window mean NLL, per corpus; one vLLM engine scores all corpora."""
     import torch
 
     names = list(windows)
@@ -76,11 +83,27 @@ def score(model_dir: str, windows: dict, backend: str) -> dict[str, float]:
         from offline.evaluate import hf_token_nll
 
         nll = hf_token_nll(model_dir, allw)
-    out, start = {}, 0
+    ppl, per_window, start = {}, {}, 0
     for n in names:
         k = windows[n].shape[0]
-        out[n] = math.exp(float(nll[start : start + k].double().mean()))
+        ppl[n] = math.exp(float(nll[start : start + k].double().mean()))
+        per_window[n] = [round(float(v), 6) for v in nll[start : start + k].double().mean(1)]
         start += k
+    return ppl, per_window
+
+
+def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, float]:
+    """Mean per-token KL(reference || model) per corpus, hf backend (``reference``: hf_final_hidden of the
+    concatenated ``windows``)."""
+    import torch
+
+    from offline.evaluate import hf_token_nll_kl
+
+    _, kl = hf_token_nll_kl(model_dir, torch.cat(list(windows.values())), reference)
+    out, start = {}, 0
+    for n, w in windows.items():
+        out[n] = float(kl[start : start + w.shape[0]].double().mean())
+        start += w.shape[0]
     return out
 
 
@@ -89,6 +112,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="markdown file to write (default: stdout only)")
     ap.add_argument("--work", default="/tmp/haq-quality", help="where checkpoints are written")
     ap.add_argument("--max-windows", type=int, default=None, help="512-token windows per corpus (default: all)")
+    ap.add_argument("--kl-windows", type=int, default=10,
+                    help="windows per corpus (the first ones) for KL to bf16 through the hf backend")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--models", nargs="*", default=None, help="subset of model names")
     ap.add_argument("--columns", nargs="*", default=None,
@@ -99,7 +124,9 @@ def main() -> int:
         if unknown:
             ap.error(f"unknown columns {sorted(unknown)}")
 
-    from offline.evaluate import eval_token_windows
+    import torch
+
+    from offline.evaluate import eval_token_windows, hf_final_hidden
 
     calib = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
     corpora = {"wiki.test": os.path.join(CORPORA, "wiki.test.txt"), "sotu.test": os.path.join(CORPORA, "sotu.test.txt")}
@@ -110,7 +137,7 @@ def main() -> int:
         "id": run_id, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "vllm": _vllm_version(),
         "command": ".venv/bin/python benchmarks/quality.py " + " ".join(sys.argv[1:]),
-        "windows": args.max_windows, "samples": args.samples, "notes": [],
+        "windows": args.max_windows, "kl_windows": args.kl_windows, "samples": args.samples, "notes": [],
     })
     results = []
     for name, locate in models().items():
@@ -119,7 +146,10 @@ def main() -> int:
         src = locate()
         moe = "num_local_experts" in json.load(open(os.path.join(src, "config.json")))
         windows = {c: eval_token_windows(src, p, 512, args.max_windows) for c, p in corpora.items()}
-        row = {"model": name, "ppl": {"bf16": score(src, windows, "vllm")}, "cost": {}, "hf": {}, "notes": []}
+        kl_windows = {c: w[: args.kl_windows] for c, w in windows.items()}
+        reference = hf_final_hidden(src, torch.cat(list(kl_windows.values())))
+        row = {"model": name, "ppl": {}, "window_nll": {}, "kl": {}, "cost": {}, "hf": {}, "notes": []}
+        row["ppl"]["bf16"], row["window_nll"]["bf16"] = score(src, windows, "vllm")
         save_partial(store, row, run_id, args.out)
         for col, opts in HAQ_METHODS.items():
             if col == "HAQ per-expert" and not moe or args.columns and col not in args.columns:
@@ -132,10 +162,11 @@ def main() -> int:
             if not cost["ok"]:
                 row["notes"].append(f"{col}: conversion failed: {cost.get('error')}")
                 continue
-            row["ppl"][col] = score(out, windows, "vllm")
+            row["ppl"][col], row["window_nll"][col] = score(out, windows, "vllm")
+            row["kl"][col] = kl_to_reference(out, kl_windows, reference)
             save_partial(store, row, run_id, args.out)
             if col.startswith("HAQ"):
-                row["hf"][col] = score(out, windows, "hf")
+                row["hf"][col] = score(out, windows, "hf")[0]
                 save_partial(store, row, run_id, args.out)
         if args.columns and "llm-compressor" not in args.columns:
             pass
@@ -154,7 +185,8 @@ def main() -> int:
                 haq_ct = os.path.join(args.work, f"{name}-llmc-haq")
                 shutil.rmtree(haq_ct, ignore_errors=True)
                 import_compressed_tensors(ct, haq_ct)
-                row["ppl"]["llm-compressor"] = score(haq_ct, windows, "vllm")
+                row["ppl"]["llm-compressor"], row["window_nll"]["llm-compressor"] = score(haq_ct, windows, "vllm")
+                row["kl"]["llm-compressor"] = kl_to_reference(haq_ct, kl_windows, reference)
             else:
                 row["notes"].append(f"llm-compressor failed: {cost.get('error')}")
         results.append(row)
@@ -210,6 +242,11 @@ def merge(store: dict, row: dict, run_id: int) -> None:
     for col, v in row["ppl"].items():
         old["ppl"][col] = v
         old["run"][col] = run_id
+        for key in ("window_nll", "kl"):  # measured with this cell, or not at all (older runs): never mixed
+            if col in row.get(key, {}):
+                old.setdefault(key, {})[col] = row[key][col]
+            else:
+                old.get(key, {}).pop(col, None)
     for key in ("cost", "hf"):
         old[key].update(row[key])
     notes = store["runs"][-1]["notes"]
@@ -250,6 +287,7 @@ def render(store: dict) -> str:
                 else:
                     cells.append(f"{v:.3f} ({100 * (v / base[corpus] - 1):+.2f}%)")
             lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + f" | {runs} |")
+    lines += _paired_table(store) + _kl_table(store, cols[1:])
     lines += ["", "## hf backend vs vLLM backend (HAQ checkpoints)", "", "| model | column | corpus | vLLM | hf | diff |",
               "|---|---|---|---|---|---|"]
     for r in store["rows"]:
@@ -264,6 +302,52 @@ def render(store: dict) -> str:
     for section in store.get("sections", []):
         lines += ["", section.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Perplexity ratio − 1 of ``a`` over ``b`` (per-window mean NLLs of the same equal-length windows) and its 95%
+    interval from the spread of the per-window differences."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
+    return math.expm1(m), math.expm1(m - 1.96 * se), math.expm1(m + 1.96 * se)
+
+
+def _paired_table(store: dict) -> list[str]:
+    baselines = ["RTN", "SmoothQuant", "GPTQ", "llm-compressor"]
+    lines = ["", "## HAQ minus each baseline, paired over windows (vLLM backend)", "",
+             "Perplexity ratio − 1 of the HAQ column over the baseline on the same windows, with the 95% interval of "
+             "the mean per-window NLL difference; negative: HAQ better. An interval that contains 0 is a difference "
+             "these windows cannot tell from chance.", "",
+             "| model | corpus | HAQ column | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+             "|---|---|---|" + "---|" * len(baselines)]
+    for r in store["rows"]:
+        per = r.get("window_nll", {})
+        for haq in ("HAQ shared", "HAQ per-expert"):
+            for corpus in per.get(haq, {}):
+                cells = []
+                for b in baselines:
+                    if corpus not in per.get(b, {}):
+                        cells.append("–")
+                        continue
+                    m, lo, hi = paired_difference(per[haq][corpus], per[b][corpus])
+                    cells.append(f"{100 * m:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+                lines.append(f"| {r['model']} | {corpus} | {haq} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _kl_table(store: dict, cols: list[str]) -> list[str]:
+    kw = sorted({r.get("kl_windows") for r in store["runs"] if r.get("kl_windows")})
+    lines = ["", "## KL(bf16 ‖ column) per token, 10⁻³ nats (hf backend)", "",
+             f"Mean over every position of the first {'/'.join(map(str, kw)) or '?'} windows of each corpus of the KL "
+             "divergence between the bf16 model's next-token distribution and the column's; lower: closer to bf16.",
+             "", "| model | corpus | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for r in store["rows"]:
+        kl = r.get("kl", {})
+        for corpus in sorted({c for per in kl.values() for c in per}, reverse=True):
+            cells = [f"{1e3 * kl[c][corpus]:.3f}" if corpus in kl.get(c, {}) else "–" for c in cols]
+            lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _vllm_version() -> str:

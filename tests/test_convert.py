@@ -128,6 +128,32 @@ def test_refusals_name_the_cause(tiny_dir, calib_file, haq_dir, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_hf_eval_kl_matches_transformers(tiny_dir, calib_file, tmp_path, capsys):
+    """haq eval --reference: the mean per-token KL(reference || model) equals the one computed from transformers'
+    logits of the two models (a second tiny llama with other weights), and is 0 for a model against itself."""
+    from transformers import AutoModelForCausalLM
+
+    from offline.cli import main
+    from offline.evaluate import eval_token_windows
+    from tiny_models import build_tiny_model
+
+    ref, other = tiny_dir("llama"), build_tiny_model("llama", str(tmp_path / "other"), seed=1)
+    ev = ["--dataset", calib_file, "--backend", "hf", "--seq-len", "32", "--max-windows", "3", "--reference", ref]
+    assert main(["eval", other, *ev]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    windows = eval_token_windows(other, calib_file, 32, 3)
+    with torch.no_grad():
+        lp_ref, lp = (torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(windows)
+                                        .logits[:, :-1].double(), -1) for d in (ref, other))
+    expected = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
+    assert expected > 0.05 and line["kl"] == pytest.approx(expected, rel=1e-3)
+    assert line["reference"] == os.path.abspath(ref)
+    assert main(["eval", ref, *ev]) == 0
+    assert abs(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kl"]) < 1e-6
+    with pytest.raises(SystemExit, match="--reference needs --backend hf"):
+        main(["eval", ref, *ev[:2], "--reference", ref])
+
+
 def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     from offline.cli import main
 
