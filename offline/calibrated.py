@@ -388,20 +388,24 @@ def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats
     for c in consumers:
         if gptq_cfg is not None and input_key(c) in stats.hessians:
             by_key.setdefault(input_key(c), []).append(c)
+    gptq_rounded = {c for cs in by_key.values() for c in cs}
     errors = [0.0] * len(candidates)  # of every consumer, rounded to nearest
     rtn_only = [0.0] * len(candidates)  # of the consumers GPTQ will not round
+    outputs: dict[str, torch.Tensor] = {}  # the float outputs of the GPTQ-rounded consumers, for the re-scoring
     for c in consumers:
         w = t[f"{c}.weight"].float()
         y = x @ w.t()
+        if c in gptq_rounded:
+            outputs[c] = y
         for k, (s, xq) in enumerate(zip(candidates, quantized_x)):
             e = _output_error(y, xq, quantize_weight_per_channel(w if s is None else smooth_weight(w, s)))
             errors[k] += e
-            if not any(c in cs for cs in by_key.values()):
+            if c not in gptq_rounded:
                 rtn_only[k] += e
     best = min(range(len(candidates)), key=errors.__getitem__)  # ties: no smoothing, then the smaller α
     if by_key:
         shortlist = [0] + sorted(range(1, len(candidates)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
-        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, candidates[k], x,
+        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, candidates[k], outputs,
                                                             quantized_x[k], gptq_cfg) for key, cs in by_key.items())
                     for k in shortlist}
         best = min(shortlist, key=rescored.__getitem__)
@@ -416,9 +420,11 @@ def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tu
 
 
 def _gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor, s: torch.Tensor | None,
-                       x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], cfg: GPTQConfig) -> float:
-    """Output error on rows ``x`` of ``consumers`` (one input, Hessian ``h``) smoothed by ``s`` and rounded by
-    GPTQ under the smoothed Hessian diag(1/s)·H·diag(1/s); one copy of H, factorized in place."""
+                       outputs: dict[str, torch.Tensor], xq: tuple[torch.Tensor, torch.Tensor], cfg: GPTQConfig
+                       ) -> float:
+    """Output error of ``consumers`` (one input, Hessian ``h``; float ``outputs`` on the search rows, whose
+    quantized smoothed values are ``xq``) smoothed by ``s`` and rounded by GPTQ under the smoothed Hessian
+    diag(1/s)·H·diag(1/s); one copy of H, factorized in place."""
     hs = h.clone()
     if s is not None:
         sd = s.to(hs.dtype)
@@ -431,6 +437,6 @@ def _gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor,
     del solver
     err, r = 0.0, 0
     for c, n in zip(consumers, sizes):
-        err += _output_error(x @ t[f"{c}.weight"].float().t(), xq, (q[r : r + n], scale[r : r + n]))
+        err += _output_error(outputs[c], xq, (q[r : r + n], scale[r : r + n]))
         r += n
     return err
