@@ -51,11 +51,12 @@ def timed_subprocess(cmd: list[str]) -> dict:
     t0 = time.time()
     proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB %M", *cmd], capture_output=True, text=True)
     out = {"seconds": round(time.time() - t0, 1), "ok": proc.returncode == 0}
-    for line in proc.stderr.splitlines():
+    lines = proc.stderr.strip().splitlines()
+    for line in lines:
         if line.startswith("PEAK_RSS_KB"):
             out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)
     if proc.returncode != 0:
-        out["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+        out["error"] = ([ln for ln in lines if not ln.startswith(("PEAK_RSS_KB", "Command exited"))] or ["?"])[-1][:300]
     return out
 
 
@@ -92,9 +93,9 @@ def score(model_dir: str, windows: dict, backend: str) -> tuple[dict[str, float]
     return ppl, per_window
 
 
-def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, float]:
-    """Mean per-token KL(reference || model) per corpus, hf backend (``reference``: hf_final_hidden of the
-    concatenated ``windows``)."""
+def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, list[float]]:
+    """Per-window mean of the per-token KL(reference || model), per corpus, hf backend (``reference``:
+    hf_final_hidden of the concatenated ``windows``)."""
     import torch
 
     from offline.evaluate import hf_token_nll_kl
@@ -102,7 +103,7 @@ def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, float
     _, kl = hf_token_nll_kl(model_dir, torch.cat(list(windows.values())), reference)
     out, start = {}, 0
     for n, w in windows.items():
-        out[n] = float(kl[start : start + w.shape[0]].double().mean())
+        out[n] = [round(float(v), 9) for v in kl[start : start + w.shape[0]].double().mean(1)]
         start += w.shape[0]
     return out
 
@@ -155,7 +156,8 @@ def main() -> int:
             if col == "HAQ per-expert" and not moe or args.columns and col not in args.columns:
                 continue
             out = os.path.join(args.work, f"{name}-{col.replace(' ', '-')}")
-            shutil.rmtree(out, ignore_errors=True)
+            for stale in (out, out + ".partial"):  # this benchmark's own earlier output, finished or interrupted
+                shutil.rmtree(stale, ignore_errors=True)
             cost = timed_subprocess([sys.executable, "-m", "offline.cli", "convert", src, out, "--calib", *calib,
                                      "--samples", str(args.samples), *opts])
             row["cost"][col] = cost
@@ -337,17 +339,30 @@ def _paired_table(store: dict) -> list[str]:
 
 
 def _kl_table(store: dict, cols: list[str]) -> list[str]:
-    kw = sorted({r.get("kl_windows") for r in store["runs"] if r.get("kl_windows")})
     lines = ["", "## KL(bf16 ‖ column) per token, 10⁻³ nats (hf backend)", "",
-             f"Mean over every position of the first {'/'.join(map(str, kw)) or '?'} windows of each corpus of the KL "
-             "divergence between the bf16 model's next-token distribution and the column's; lower: closer to bf16.",
-             "", "| model | corpus | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "Mean over every position of the first `windows` windows of each corpus of the KL "
+             "divergence between the bf16 model's next-token distribution and the column's, ± the 95% interval's "
+             "half-width over windows; lower: closer to bf16. In an MoE model a quantization that flips a token's "
+             "expert choice moves that token's distribution far, so its KL varies more from window to window.",
+             "", "| model | corpus | windows | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for r in store["rows"]:
         kl = r.get("kl", {})
         for corpus in sorted({c for per in kl.values() for c in per}, reverse=True):
-            cells = [f"{1e3 * kl[c][corpus]:.3f}" if corpus in kl.get(c, {}) else "–" for c in cols]
-            lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + " |")
+            cells = [_mean_and_halfwidth(kl[c][corpus], 1e3) if corpus in kl.get(c, {}) else "–" for c in cols]
+            kw = {run["id"]: run.get("kl_windows") for run in store["runs"]}  # older runs stored only the mean
+            n = {len(per[corpus]) if isinstance(per[corpus], list) else kw.get(r["run"].get(c), "?")
+                 for c, per in kl.items() if corpus in per}
+            lines.append(f"| {r['model']} | {corpus} | {'/'.join(sorted(map(str, n))) or '?'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _mean_and_halfwidth(values: float | list[float], unit: float) -> str:
+    """``mean ±h`` (h: 1.96 standard errors) of per-window values, or a bare mean (older runs stored only that)."""
+    if not isinstance(values, list):
+        return f"{unit * values:.3f}"
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return f"{unit * m:.3f} ±{unit * 1.96 * sd / math.sqrt(len(values)):.3f}"
 
 
 def _vllm_version() -> str:
