@@ -84,13 +84,14 @@ def score(model_dir: str, windows: dict, backend: str) -> tuple[dict[str, float]
         from offline.evaluate import hf_token_nll
 
         nll = hf_token_nll(model_dir, allw)
-    ppl, per_window, start = {}, {}, 0
-    for n in names:
-        k = windows[n].shape[0]
-        ppl[n] = math.exp(float(nll[start : start + k].double().mean()))
-        per_window[n] = [round(float(v), 6) for v in nll[start : start + k].double().mean(1)]
-        start += k
-    return ppl, per_window
+    per_corpus = _split_by_corpus(nll, windows)
+    ppl = {n: math.exp(float(v.double().mean())) for n, v in per_corpus.items()}
+    return ppl, {n: [round(float(x), 6) for x in v.double().mean(1)] for n, v in per_corpus.items()}
+
+
+def _split_by_corpus(per_token, windows: dict) -> dict:
+    """Rows of ``per_token`` (one per window of the concatenated ``windows``), per corpus."""
+    return dict(zip(windows, per_token.split([w.shape[0] for w in windows.values()])))
 
 
 def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, list[float]]:
@@ -101,11 +102,7 @@ def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, list[
     from offline.evaluate import hf_token_nll_kl
 
     _, kl = hf_token_nll_kl(model_dir, torch.cat(list(windows.values())), reference)
-    out, start = {}, 0
-    for n, w in windows.items():
-        out[n] = [round(float(v), 9) for v in kl[start : start + w.shape[0]].double().mean(1)]
-        start += w.shape[0]
-    return out
+    return {n: [round(float(x), 9) for x in v.double().mean(1)] for n, v in _split_by_corpus(kl, windows).items()}
 
 
 def main() -> int:
@@ -309,10 +306,15 @@ def render(store: dict) -> str:
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Perplexity ratio − 1 of ``a`` over ``b`` (per-window mean NLLs of the same equal-length windows) and its 95%
     interval from the spread of the per-window differences."""
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    m = sum(d) / len(d)
-    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("inf")
+    m, se = _mean_and_se([x - y for x, y in zip(a, b, strict=True)])
     return math.expm1(m), math.expm1(m - 1.96 * se), math.expm1(m + 1.96 * se)
+
+
+def _mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (inf for a single value)."""
+    m = sum(values) / len(values)
+    n = len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("inf")
 
 
 def _paired_table(store: dict) -> list[str]:
@@ -345,11 +347,11 @@ def _kl_table(store: dict, cols: list[str]) -> list[str]:
              "half-width over windows; lower: closer to bf16. In an MoE model a quantization that flips a token's "
              "expert choice moves that token's distribution far, so its KL varies more from window to window.",
              "", "| model | corpus | windows | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    kw = {run["id"]: run.get("kl_windows") for run in store["runs"]}  # older runs stored only the mean
     for r in store["rows"]:
         kl = r.get("kl", {})
         for corpus in sorted({c for per in kl.values() for c in per}, reverse=True):
             cells = [_mean_and_halfwidth(kl[c][corpus], 1e3) if corpus in kl.get(c, {}) else "–" for c in cols]
-            kw = {run["id"]: run.get("kl_windows") for run in store["runs"]}  # older runs stored only the mean
             n = {len(per[corpus]) if isinstance(per[corpus], list) else kw.get(r["run"].get(c), "?")
                  for c, per in kl.items() if corpus in per}
             lines.append(f"| {r['model']} | {corpus} | {'/'.join(sorted(map(str, n))) or '?'} | " + " | ".join(cells) + " |")
@@ -360,9 +362,8 @@ def _mean_and_halfwidth(values: float | list[float], unit: float) -> str:
     """``mean ±h`` (h: 1.96 standard errors) of per-window values, or a bare mean (older runs stored only that)."""
     if not isinstance(values, list):
         return f"{unit * values:.3f}"
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return f"{unit * m:.3f} ±{unit * 1.96 * sd / math.sqrt(len(values)):.3f}"
+    m, se = _mean_and_se(values)
+    return f"{unit * m:.3f} ±{unit * 1.96 * se:.3f}"
 
 
 def _vllm_version() -> str:

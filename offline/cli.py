@@ -211,14 +211,14 @@ def _eval(args) -> int:
     t0 = time.time()
     if args.backend == "hf":
         bar = None
-        models = 2 if args.reference else 1
 
         def progress(n: int, passes: int) -> None:
             nonlocal bar
-            if bar is None:
-                what = "layers + head" if models == 1 else "the reference's layers, the model's layers + head"
-                bar = _tqdm(total=windows.shape[0] * (passes * models - models + 1), unit="window",
-                            desc=f"[haq] eval hf ({passes * models - models + 1} passes: {what})")
+            if bar is None:  # passes: the model's layers + head; a reference adds its layers
+                total = 2 * passes - 1 if args.reference else passes
+                what = "the reference's layers, the model's layers + head" if args.reference else "layers + head"
+                bar = _tqdm(total=windows.shape[0] * total, unit="window",
+                            desc=f"[haq] eval hf ({total} passes: {what})")
             bar.update(n)
 
         try:
