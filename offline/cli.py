@@ -124,6 +124,9 @@ def _convert(args) -> int:
         if args.moe_smoothing == "per-expert":
             raise ValueError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
                              "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
+        if args.rotation in ("search", "all"):
+            raise ValueError(f"--format compressed-tensors cannot express --rotation {args.rotation} (rotated "
+                             "inputs); use --rotation none, or --format haq")
         if os.path.exists(out) and not args.overwrite:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     opts = ConvertOptions(
@@ -132,6 +135,7 @@ def _convert(args) -> int:
         routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
         alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size, gptq_dampening=args.gptq_dampening,
         act_order=not args.no_act_order,
+        rotation=args.rotation or ("none" if args.format == "compressed-tensors" else None),
     )
     if args.dry_run:
         target = (args.out, opts) if args.format == "haq" else (out + ".haq", dataclasses.replace(opts, overwrite=True))
@@ -314,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--moe-smoothing", choices=("shared", "per-expert"), default="shared",
                    help="MoE experts: one smoothing vector folded into the shared input norm, or one per expert "
                         "kept explicit (input_smooth) and applied at run time")
+    c.add_argument("--rotation", choices=("search", "all", "none"), default=None,
+                   help="haq: block-Hadamard rotation of dense layers' inputs (applied at run time before the "
+                        "per-token quantization; format v2). search: the per-layer search may choose it (default "
+                        "for haq); all: every dense layer that can be rotated is; none: never (format v1, "
+                        "readable by older vllm-haq; the default of the other methods and of --format "
+                        "compressed-tensors, which cannot express it)")
     c.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-update block size")
     c.add_argument("--gptq-dampening", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of activation order")

@@ -39,7 +39,7 @@ from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.calibrated import METHODS as METHOD_SPECS
-from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, WorkingTensors, quantize_calibrated
+from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, ROTATION_MODES, WorkingTensors, quantize_calibrated
 from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
@@ -74,6 +74,13 @@ class ConvertOptions:
     overwrite: bool = False
     alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
     moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.calibrated)
+    # block-Hadamard rotation of dense layers' inputs (format v2, see vllm_haq.quant.rotation): "search" (haq's
+    # default), "all" or "none" (every other method); see offline.calibrated.ROTATION_MODES
+    rotation: str | None = None
+
+    @property
+    def rotation_mode(self) -> str:
+        return self.rotation or ("search" if self.method == "haq" else "none")
     gptq_block_size: int = 128
     gptq_dampening: float = 0.01
     act_order: bool = True
@@ -136,6 +143,11 @@ class _Conversion:
             raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
         if opts.moe_smoothing not in MOE_SMOOTHING:
             raise ConvertError(f"--moe-smoothing {opts.moe_smoothing!r} is not one of {list(MOE_SMOOTHING)}")
+        if opts.rotation_mode not in ROTATION_MODES:
+            raise ConvertError(f"--rotation {opts.rotation!r} is not one of {list(ROTATION_MODES)}")
+        if opts.rotation_mode != "none" and opts.method != "haq":
+            raise ConvertError(f"--rotation {opts.rotation} needs --method haq (its per-layer search chooses the "
+                               f"smoothing that goes with the rotation); --method {opts.method} converts unrotated")
         self.model_dir, self.opts = model_dir, opts
         self.config = _read_json(os.path.join(model_dir, "config.json"), "model config")
         if "quantization_config" in self.config:
@@ -230,7 +242,8 @@ class _Conversion:
         if record:
             self.smoothing[str(i)] = record
         if hidden is not None:
-            hidden = _run_layer(self.spec, i, LayerTensors(qtensors), hidden, self.stats, self.opts.chunk)
+            hidden = _run_layer(self.spec, i, LayerTensors(qtensors, rotations=record.get("rotation")), hidden,
+                                self.stats, self.opts.chunk)
         _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))
         return hidden, n_quantized, err
 
@@ -270,6 +283,8 @@ class _Conversion:
                 "alpha": self.smoothing, "folded": bool(self.smoothing),
                 "explicit": sorted(b for rec in self.smoothing.values() for b in rec.get("explicit", [])),
             },
+            input_rotation={self.spec.layer_prefix(int(i)) + m: block for i, rec in self.smoothing.items()
+                            for m, block in rec.get("rotation", {}).items()},
             routing_statistics=ROUTING_FILE if self.stats is not None else None,
             producer={
                 "tool": "vllm-haq", "version": __version__, "method": opts.method,
@@ -277,6 +292,7 @@ class _Conversion:
                 "seq_len": opts.seq_len, "seed": opts.seed, "alpha": opts.alpha,
                 "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
                          "act_order": opts.act_order},
+                "rotation": opts.rotation_mode,
             },
         )
         _write_json(self._path("config.json"), {**self.config, "quantization_config": qcfg.to_dict()})
@@ -324,7 +340,7 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
         gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
         out, record, explicit, fallbacks, worst = quantize_calibrated(
             spec, i, WorkingTensors(tensors), targets, hidden, METHOD_SPECS[opts.method], opts.alpha, gcfg,
-            opts.moe_smoothing, opts.chunk)
+            opts.moe_smoothing, opts.chunk, opts.rotation_mode)
         if explicit:
             record["explicit"] = [prefix + block for block in explicit]
         if fallbacks:

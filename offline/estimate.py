@@ -38,7 +38,7 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, SEARCH_ROWS, input_key
+from offline.calibrated import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROWS, input_key
 from offline.convert import COPIED_FILES
 from offline.models import ModelSpec, global_tensor_names
 
@@ -354,7 +354,7 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
         # shortlist is scored by factorizing and solving a copy of one collected Hessian at a time, while every
         # collected Hessian and the row samples are still held
         widest = max(in_features.values(), default=0)
-        candidates = (1 + len(ALPHA_GRID)) * min(SEARCH_ROWS, opts.samples * opts.seq_len) * (widest + 4)
+        candidates = _search_candidates(opts) * min(SEARCH_ROWS, opts.samples * opts.seq_len) * (widest + 4)
         scoring = max((gptq_work(k) for k in collected if k in in_features), default=0)
         phases["α search"] = {**{k: v for k, v in stats_phase.items() if k != "forward_chunk"},
                               "candidate_rows": candidates, "gptq_scoring": scoring}
@@ -406,9 +406,9 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
                 per_token += n
         passes = 1 if opts.method == "rtn" else 2  # statistics forward (float) + quantized forward
         parts["calibration_forward"] = passes * 2 * per_token * tokens / FORWARD_FLOPS
-    if method.search_alpha:  # per candidate (none + the grid) and consumer: round the weight, one [rows, in] x [in, out]
-        rows = min(SEARCH_ROWS, tokens)
-        parts["alpha_search"] = (1 + len(ALPHA_GRID)) * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
+    if method.search_alpha:  # per candidate (none + the grid [+ rotated]) and consumer: round the weight, one
+        rows = min(SEARCH_ROWS, tokens)  # [rows, in] x [in, out] product
+        parts["alpha_search"] = _search_candidates(opts) * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
     if method.gptq:  # one solve per distinct input: the linears that read it are stacked
         seconds, scoring = 0.0, 0.0
         for i in range(spec.num_layers):
@@ -475,3 +475,10 @@ def format_estimate(e: dict) -> str:
         + f"; {t['basis']})",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _search_candidates(opts) -> int:
+    """Candidates haq's search scores per group, at most: none + the α grid, plus the rotated ones (upper bound:
+    groups that cannot be rotated score fewer)."""
+    rotation = {"search": 1 + len(ALPHA_GRID) + len(ROTATION_ALPHAS), "all": len(ROTATION_ALPHAS)}
+    return rotation.get(opts.rotation_mode, 1 + len(ALPHA_GRID))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from offline.calib import eval_windows, load_documents, tokenize_documents
-from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
+from offline.models import LayerTensors, ModelSpec, global_tensor_names, layer_rotations, spec_for
 from offline.source import SafetensorsCheckpoint
 
 
@@ -59,7 +59,8 @@ def hf_final_hidden(model_dir: str, windows: torch.Tensor, batch: int = 8, progr
     with torch.no_grad():
         hidden = spec.embed(g, windows)
         for i in range(spec.num_layers):
-            lt = LayerTensors(src.load_prefix(spec.layer_prefix(i)))
+            prefix = spec.layer_prefix(i)
+            lt = LayerTensors(src.load_prefix(prefix), rotations=layer_rotations(config, prefix))
             parts = []
             for s in range(0, len(hidden), batch):
                 parts.append(spec.layer_forward(i, lt, hidden[s : s + batch]))

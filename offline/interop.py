@@ -132,6 +132,12 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
             "per-expert), which compressed-tensors cannot express; convert with --moe-smoothing shared "
             "(smoothing folded into the norm) to export"
         )
+    if qcfg.input_rotation:
+        module = sorted(qcfg.input_rotation)[0]
+        raise InteropError(
+            f"{haq_dir}: quantization_config.input_rotation rotates the input of {module!r} (and "
+            f"{len(qcfg.input_rotation) - 1} more), which compressed-tensors' W8A8 scheme cannot express; convert "
+            "with --rotation none (--format compressed-tensors does) to export")
     config = read_config(haq_dir)
     out, tmp = _start(out, overwrite)
     shutil.copytree(haq_dir, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))

@@ -5,7 +5,7 @@ the ``hf`` evaluation backend and the tests need a forward pass that applies
 exactly HAQ's int8 arithmetic to a checkpoint's tensors. Both come from here:
 every family is described by its tensor names and a float32 forward pass whose
 linear layers dispatch on the stored tensors — int8 ``weight`` + ``weight_scale``
-(+ ``input_smooth``) run W8A8 via :mod:`vllm_haq.quant`, float weights run a
+(+ ``input_smooth``, + the input rotation named in the config) run W8A8 via :mod:`vllm_haq.quant`, float weights run a
 plain matmul. Tests check these forwards against ``transformers``.
 
 Supported: OPT (pre-LayerNorm), Llama (incl. SmolLM2), Mixtral, Qwen2-MoE.
@@ -32,9 +32,11 @@ class UnsupportedModelError(ValueError):
 class LayerTensors:
     """The tensors of one decoder layer, by name relative to the layer prefix."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], observer: Callable[[str, torch.Tensor], None] | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], observer: Callable[[str, torch.Tensor], None] | None = None,
+                 rotations: dict[str, int] | None = None):
         self.t = tensors
         self.observer = observer  # sees every linear's input (calibration statistics)
+        self.rotations = rotations or {}  # module -> block-Hadamard order of its input (quantization_config)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.t.get(name)
@@ -50,9 +52,16 @@ class LayerTensors:
         bias = self.t.get(f"{module}.bias")
         if w.dtype == torch.int8:
             return w8a8_linear_reference(
-                x, w, self.t[f"{module}.weight_scale"], bias, self.t.get(f"{module}.input_smooth")
+                x, w, self.t[f"{module}.weight_scale"], bias, self.t.get(f"{module}.input_smooth"),
+                self.rotations.get(module),
             )
         return F.linear(x, w.float(), None if bias is None else bias.float())
+
+
+def layer_rotations(config: dict, prefix: str) -> dict[str, int]:
+    """The input rotations (module relative to ``prefix`` -> block) that ``config.json`` gives one layer."""
+    rotation = (config.get("quantization_config") or {}).get("input_rotation") or {}
+    return {name[len(prefix):]: block for name, block in rotation.items() if name.startswith(prefix)}
 
 
 @dataclass

@@ -154,9 +154,9 @@ def test_alpha_search_scores_its_shortlist_with_the_rounding_gptq_will_do():
         by_rtn = min(rtn, key=rtn.get)
         shortlist = [None] + sorted(ALPHA_GRID, key=rtn.get)[:GPTQ_SHORTLIST]
         expected = min(shortlist, key=gptq.get)
-        assert _search_alpha(t, g, g.consumers, stats, w_absmax) == by_rtn
+        assert _search_alpha(t, g, g.consumers, stats, w_absmax) == (by_rtn, None)
         before = stats.hessians["attn.q_proj"].h.clone()
-        assert _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig()) == expected
+        assert _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig()) == (expected, None)
         assert torch.equal(stats.hessians["attn.q_proj"].h, before)  # scoring works on copies
         picked_differently += expected != by_rtn
     assert picked_differently  # the re-scoring changes the choice for some of these layers

@@ -33,6 +33,12 @@ def _edit_tensor(d, name, fn):
     save_file(t, path, metadata={"format": "pt"})
 
 
+def _rotate(rotation, version=2):
+    def edit(cfg):
+        cfg["quantization_config"].update(format_version=version, input_rotation=rotation)
+    return edit
+
+
 def _edit_config(d, fn):
     path = os.path.join(d, "config.json")
     cfg = json.load(open(path))
@@ -210,6 +216,14 @@ CASES = {
                        rf"{Q}\.weight_scale'.*-0\.5"),
     "unknown format_version": (lambda d: _edit_config(d, lambda c: c["quantization_config"].__setitem__("format_version", 7)),
                                r"config\.json: quantization_config: unknown format_version 7"),
+    "rotation in a version-1 config": (lambda d: _edit_config(d, _rotate({Q: 64}, version=1)),
+                                       r"quantization_config: input_rotation needs format_version 2, the config says 1"),
+    "rotation block not a power of two": (lambda d: _edit_config(d, _rotate({Q: 48})),
+                                          rf"input_rotation\['{Q}'\] is 48, expected a power of two"),
+    "rotation of a float module": (lambda d: _edit_config(d, _rotate({"lm_head": 64})),
+                                   r"input_rotation names 'lm_head', which has no int8 weight 'lm_head\.weight'"),
+    "rotation block wider than the layer": (lambda d: _edit_config(d, _rotate({Q: 256})),
+                                            rf"{Q}\.weight': its 128 input features are not a multiple of the rotation block 256"),
     "unsupported weight scheme": (lambda d: _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__("num_bits", 4)),
                                   r"config_groups\.weights\.num_bits is 4"),
     "truncated shard": (_truncate_shard, r"model-0000\d-of-0000\d\.safetensors: .*(truncated|not a readable)"),
@@ -257,5 +271,13 @@ def test_quantization_config_parsing():
     with pytest.raises(CheckpointError, match="not a valid regex"):
         parse_quantization_config(bad)
     assert parse_quantization_config(HAQQuantConfig().to_dict()) == HAQQuantConfig()
+    rotated = HAQQuantConfig(input_rotation={"a.q_proj": 64, "a.k_proj": 64, "a.o_proj": 128})
+    assert rotated.to_dict()["format_version"] == 2 and HAQQuantConfig().to_dict()["format_version"] == 1
+    assert parse_quantization_config(rotated.to_dict()).input_rotation == rotated.input_rotation
+    assert rotated.rotation_of(["a.q_proj", "a.k_proj"], "a.qkv_proj") == 64
+    assert rotated.rotation_of(["a.gate_proj", "a.up_proj"], "a.gate_up_proj") is None
+    with pytest.raises(CheckpointError, match=r"gives \['128', 'None'\] for \['a.o_proj', 'a.v_proj'\], which vLLM "
+                                              r"fuses into one layer 'x'"):
+        rotated.rotation_of(["a.o_proj", "a.v_proj"], "x")
     assert is_ignored("lm_head", ["lm_head"]) and is_ignored("model.layers.0.mlp.gate", ["re:.*mlp\\.gate$"])
     assert not is_ignored("model.layers.0.mlp.gate_proj", ["re:.*mlp\\.gate$"])

@@ -21,7 +21,7 @@ import torch
 
 from conftest import shutdown_llm
 from offline.evaluate import hf_token_nll
-from offline.models import LayerTensors, global_tensor_names, spec_for
+from offline.models import LayerTensors, global_tensor_names, layer_rotations, spec_for
 from offline.source import SafetensorsCheckpoint
 
 CASES = [("opt", True), ("llama", False), ("mixtral", False), ("qwen2_moe", True)]  # (family, enforce_eager)
@@ -32,13 +32,15 @@ def reference_next_logits(model_dir: str, ids: list[int]) -> torch.Tensor:
     import json
     import os
 
-    spec = spec_for(json.load(open(os.path.join(model_dir, "config.json"))))
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    spec = spec_for(config)
     src = SafetensorsCheckpoint(model_dir)
     g = {n: src.get(n) for n in global_tensor_names(spec, src.names())}
     with torch.no_grad():
         h = spec.embed(g, torch.tensor([ids]))
         for i in range(spec.num_layers):
-            h = spec.layer_forward(i, LayerTensors(src.load_prefix(spec.layer_prefix(i))), h)
+            prefix = spec.layer_prefix(i)
+            h = spec.layer_forward(i, LayerTensors(src.load_prefix(prefix), rotations=layer_rotations(config, prefix)), h)
         return spec.head(g, h)[0, -1]
 
 

@@ -10,6 +10,14 @@ A HAQ checkpoint is an ordinary Hugging Face model directory whose
                                           before per-token quantization
 * ``P.bias``          unchanged (model dtype)
 
+Format version 2 adds ``quantization_config.input_rotation``: module name →
+block size b. Such a layer's activations are rotated by the block-diagonal
+normalized Hadamard matrix R of order b (after any ``input_smooth``) before
+per-token quantization, and its ``weight`` holds W R (``vllm_haq.quant.rotation``).
+A checkpoint without rotated layers is written as version 1, which every
+reader understands; a version-1 reader refuses version 2 instead of serving
+the rotated layers unrotated.
+
 Routing statistics of MoE models live in ``haq_routing.safetensors``:
 ``expert_counts`` int64 [L, E], ``transition_counts`` int64 [L-1, E, E]
 (routes of a token at MoE layer l → its routes at MoE layer l+1) and
@@ -34,7 +42,8 @@ import torch
 
 QUANT_METHOD = "haq"
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+ROTATION_FORMAT_VERSION = 2  # the first version with quantization_config.input_rotation
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 ROUTING_FILE = "haq_routing.safetensors"
 ROUTING_METADATA_KEY = "haq_routing"  # safetensors metadata: JSON {"tokens": int, "corpus": [names]}
 CONFIG_FILE = "config.json"
@@ -92,6 +101,7 @@ class HAQQuantConfig:
     smoothing: dict = field(default_factory=dict)
     routing_statistics: str | None = None
     producer: dict = field(default_factory=dict)
+    input_rotation: dict[str, int] = field(default_factory=dict)  # module name -> block-Hadamard order
     # the checkpoint's own format: "haq", or "compressed-tensors" when its config.json is llm-compressor's
     # (served or imported as is; not written by to_dict)
     source_format: str = QUANT_METHOD
@@ -102,9 +112,10 @@ class HAQQuantConfig:
         return (SCALE_DTYPE,) if self.source_format == QUANT_METHOD else CT_SCALE_DTYPES
 
     def to_dict(self) -> dict:
+        rotation = {"input_rotation": dict(sorted(self.input_rotation.items()))} if self.input_rotation else {}
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": self.format_version,
+            "format_version": ROTATION_FORMAT_VERSION if self.input_rotation else FORMAT_VERSION,
             "config_groups": {
                 "group_0": {
                     "targets": ["Linear"],
@@ -116,7 +127,17 @@ class HAQQuantConfig:
             "smoothing": dict(self.smoothing),
             "routing_statistics": self.routing_statistics,
             "producer": dict(self.producer),
+            **rotation,
         }
+
+    def rotation_of(self, module_names: Iterable[str], where: str) -> int | None:
+        """The rotation block shared by ``module_names`` (the checkpoint modules vLLM fuses into one layer)."""
+        blocks = {self.input_rotation.get(m) for m in module_names}
+        if len(blocks) > 1:
+            raise CheckpointError(f"quantization_config.input_rotation gives {sorted(map(str, blocks))} for "
+                                  f"{list(module_names)}, which vLLM fuses into one layer {where!r}: they read "
+                                  "one input, so they need one rotation")
+        return blocks.pop() if blocks else None
 
     def is_ignored(self, module_name: str) -> bool:
         return is_ignored(module_name, self.ignore)
@@ -171,6 +192,15 @@ def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> 
     routing = cfg.get("routing_statistics")
     if routing is not None and not isinstance(routing, str):
         raise CheckpointError(f"{source}: routing_statistics must be a file name or null, got {routing!r}")
+    rotation = cfg.get("input_rotation") or {}
+    if not isinstance(rotation, dict):
+        raise CheckpointError(f"{source}: input_rotation must map module names to block sizes, got {rotation!r}")
+    if rotation and version < ROTATION_FORMAT_VERSION:
+        raise CheckpointError(f"{source}: input_rotation needs format_version {ROTATION_FORMAT_VERSION}, "
+                              f"the config says {version}")
+    for module, block in rotation.items():
+        if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
+            raise CheckpointError(f"{source}: input_rotation[{module!r}] is {block!r}, expected a power of two >= 2")
     return HAQQuantConfig(
         format_version=version,
         weights=dict(weights),
@@ -179,6 +209,7 @@ def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> 
         smoothing=dict(cfg.get("smoothing") or {}),
         routing_statistics=routing,
         producer=dict(cfg.get("producer") or {}),
+        input_rotation=dict(rotation),
     )
 
 
@@ -445,6 +476,15 @@ def validate_tensors(model_dir: str, qcfg: HAQQuantConfig, headers: dict | None 
                     f"{where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE}: the module is not in "
                     f"quantization_config.ignore, so the runtime would read it as int8"
                 )
+    for module, block in qcfg.input_rotation.items():
+        wname = f"{module}.{WEIGHT}"
+        if wname not in headers or headers[wname][1] != WEIGHT_DTYPE:
+            raise CheckpointError(f"{model_dir}: quantization_config.input_rotation names {module!r}, which has no "
+                                  f"int8 weight {wname!r}")
+        width = headers[wname][2][1]
+        if width % block:
+            raise CheckpointError(f"{where(wname)}: its {width} input features are not a multiple of the "
+                                  f"rotation block {block} in quantization_config.input_rotation")
     return headers
 
 

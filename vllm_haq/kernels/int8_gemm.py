@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from vllm_haq.quant import quantize_per_token
+from vllm_haq.quant.rotation import check_block, rotate
 
 log = logging.getLogger("vllm_haq.kernels")
 
@@ -139,7 +140,7 @@ class ScaledInt8Gemm:
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
                  smooth: torch.Tensor | None = None, backend: str | None = None,
-                 shard_amax: TokenAmax | None = None):
+                 shard_amax: TokenAmax | None = None, rotation: int | None = None):
         if w_q.dtype != torch.int8 or w_q.dim() != 2:
             raise ValueError(f"expected int8 [N, K] weight, got {w_q.dtype} {tuple(w_q.shape)}")
         self.shard_amax = shard_amax
@@ -148,6 +149,9 @@ class ScaledInt8Gemm:
         self.n, self.k = w_q.shape
         self.out_dtype = out_dtype
         self.smooth = None if smooth is None else smooth.float()
+        self.rotation = rotation  # block-Hadamard order applied to the (smoothed) activations, or None
+        if rotation is not None:
+            check_block(rotation, self.k - (shard_amax is not None), "ScaledInt8Gemm")
         self.w_scale = w_scale.float().reshape(self.n, 1).contiguous()
         self.backend = select_backend(w_q.device, backend)
         ops = _vllm_ops() if self.backend in ("onednn", "cutlass") else None
@@ -170,8 +174,13 @@ class ScaledInt8Gemm:
 
     def token_amax(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token max |x| [M, 1] (float32) of the activations this GEMM quantizes (after smoothing)."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        return (x if self.smooth is None else x / self.smooth).abs().amax(-1, keepdim=True)
+        return self._rotated(x.reshape(-1, x.shape[-1]).float(), self.smooth)[0].abs().amax(-1, keepdim=True)
+
+    def _rotated(self, x: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, smoothing still to apply): with a rotation, x / smooth rotated, in float32."""
+        if self.rotation is None:
+            return (x if smooth is None else x.float() / smooth), None
+        return rotate(x.float() if smooth is None else x.float() / smooth, self.rotation), None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                  amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,6 +188,8 @@ class ScaledInt8Gemm:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         smooth = self.smooth
+        if self.rotation is not None:  # block-diagonal: a shard of whole blocks rotates on its own
+            x, smooth = self._rotated(x, smooth)
         if self.shard_amax is not None:
             if smooth is not None:
                 x, smooth = x.float() / smooth, None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_haq.quant.rotation import rotate
+
 INT8_MAX = 127
 # A zero row (or channel) would give scale 0 and 0/0 = NaN; clamp the amax.
 _MIN_AMAX = 1e-8
@@ -105,15 +107,21 @@ def w8a8_linear_reference(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
+    rotation: int | None = None,
 ) -> torch.Tensor:
     """float32 output of a W8A8 linear layer computed the way the runtime does.
 
+    The activations are divided by ``smooth``, then rotated by the block-Hadamard
+    of order ``rotation`` (``vllm_haq.quant.rotation``), then quantized per token;
     int32-exact accumulation via float64, then scales, then bias. This is the
     pure-PyTorch path the converter uses to run quantized layers and tests use
     as the reference for the served model.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if rotation is not None:
+        x2 = rotate(x2.float() if smooth is None else x2.float() / smooth, rotation)
+        smooth = None
     x_q, x_s = quantize_per_token(x2, smooth)
     y = int8_matmul_reference(x_q, x_s, w_q, w_scale).float()
     if bias is not None:

@@ -97,7 +97,7 @@ class HAQConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             if self._skipped(prefix):
                 return UnquantizedLinearMethod()
-            return HAQLinearMethod(self, prefix)
+            return HAQLinearMethod(self, prefix, self.qcfg.rotation_of(self._checkpoint_names(prefix), prefix))
         if isinstance(layer, RoutedExperts):
             return HAQMoEMethod(self, layer.moe_config, prefix)
         return None

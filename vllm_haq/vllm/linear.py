@@ -45,11 +45,13 @@ def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype | 
 @register_weight_loader_v2_supported_method
 class HAQLinearMethod(LinearMethodBase):
     """Linear layer of a HAQ checkpoint (``weight`` int8 [N, K], ``weight_scale`` float32 [N, 1]; a
-    compressed-tensors checkpoint's scales may be bf16/fp16 and are held as float32)."""
+    compressed-tensors checkpoint's scales may be bf16/fp16 and are held as float32). ``rotation``: the
+    block-Hadamard order its input is rotated by before quantization (format v2 ``input_rotation``)."""
 
-    def __init__(self, quant_config, prefix: str):
+    def __init__(self, quant_config, prefix: str, rotation: int | None = None):
         self.quant_config = quant_config
         self.prefix = prefix
+        self.rotation = rotation
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -71,13 +73,18 @@ class HAQLinearMethod(LinearMethodBase):
         layer.register_parameter("weight_scale", scale)
         layer.haq_out_dtype = params_dtype
         layer.haq_input_sharded = input_size_per_partition != input_size  # row-parallel under TP
+        if self.rotation is not None and input_size_per_partition % self.rotation:
+            raise CheckpointError(
+                f"{self.prefix}: quantization_config.input_rotation block {self.rotation} does not divide this "
+                f"rank's {input_size_per_partition} input features (tensor parallelism splits the input); use a "
+                "tensor-parallel size that keeps whole blocks per rank")
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         # Plain Parameters from here on: the vLLM parameter subclasses only matter for loading.
         layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(layer.weight_scale.data, requires_grad=False)
         self.gemm = ScaledInt8Gemm(layer.weight.data, layer.weight_scale.data, layer.haq_out_dtype,
-                                   shard_amax=tp_shard_amax(layer.haq_input_sharded))
+                                   shard_amax=tp_shard_amax(layer.haq_input_sharded), rotation=self.rotation)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.gemm(x, bias)
