@@ -21,8 +21,8 @@ gives every expert its own vector from the tokens routed to it, kept explicit as
 expert's per-token quantization; the shared expert then stays unsmoothed.
 Experts that saw fewer than ``MIN_EXPERT_TOKENS`` calibration tokens are
 rounded to nearest (their Hessian is too low-rank to steer GPTQ). Rotation is
-offered only to dense groups whose consumers are all quantized (the MoE runtime
-does not rotate expert inputs; a float consumer would read the input unrotated).
+offered to groups whose consumers are all quantized, except routed experts' down
+projections (the MoE runtime rotates only the input all experts share).
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ class InputStats:
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.all_rows: dict[str, list[torch.Tensor]] = {key: [] for key in keep_all}
         self.scale: dict[str, torch.Tensor] = {}  # inputs without a Hessian yet: the divisor applied since observed
+        self.rotation: dict[str, int] = {}  # inputs without a Hessian yet: the rotation applied after that divisor
         self.every = keep_rows_every
         self.wants_hessian = hessians
         self.recompute: Callable[[str], Iterable[torch.Tensor]] | None = None
@@ -190,18 +191,20 @@ class InputStats:
             self.scale[key] = self.scale[key] * sd if key in self.scale else sd
 
     def rotate(self, module: str, block: int) -> None:
-        """The input of ``module`` is now x R (block-Hadamard): rotate its rows and Hessian.
+        """The input of ``module`` is now x R (block-Hadamard; after every smoothing): rotate what is kept for it.
 
         Its channel max is taken again over the kept rows (it is no longer a function of the old one); nothing
-        reads it after the group's smoothing and rotation are chosen.
+        reads it after the group's smoothing and rotation are chosen. A recomputed Hessian is rotated when built.
         """
         key = input_key(module)
-        if self.recompute is not None and self.recompute.expert_of(key) is not None:
-            raise RuntimeError(f"{key}: a routed expert's input cannot be rotated (the MoE runtime does not)")
+        if key not in self.count:  # an expert no calibration token was routed to
+            return
         self.rows[key] = [rotate(r, block) for r in self.rows[key]]
+        self.absmax[key] = torch.cat(self.rows[key]).abs().amax(0).double()
         if key in self.hessians:
             self.hessians[key].h = rotate_hessian(self.hessians[key].h, block)
-        self.absmax[key] = torch.cat(self.rows[key]).abs().amax(0).double()
+        else:
+            self.rotation[key] = block
 
     def take_hessian(self, key: str) -> HessianAccumulator:
         """The Hessian of input ``key`` (of its current, smoothed values), handed over to the caller."""
@@ -210,9 +213,10 @@ class InputStats:
         if self.recompute is None:
             raise RuntimeError(f"no Hessian was collected for {key} and it cannot be recomputed")
         acc = HessianAccumulator(self.absmax[key].shape[0])
-        s = self.scale.get(key)
+        s, block = self.scale.get(key), self.rotation.get(key)
         for x in self.recompute(key):
-            acc.add(x if s is None else x / s.float())
+            x = x if s is None else x / s.float()
+            acc.add(x if block is None else rotate(x, block))
         if acc.n != self.count[key]:
             raise RuntimeError(f"{key}: recomputed {acc.n} calibration rows, observed {self.count[key]}")
         return acc
@@ -353,12 +357,14 @@ def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stat
 
 
 def _rotation_for(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats) -> int | None:
-    """The block-Hadamard order offered to group ``g``, or None where rotation is not possible: routed experts'
-    inputs, groups with an unquantized consumer or router (it would read the rotated input unrotated), widths
+    """The block-Hadamard order offered to group ``g``, or None where rotation is not possible: groups with an
+    unquantized consumer, routed experts' down projections (each expert's input differs inside the fused MoE
+    computation; the shared gate/up input of all experts is rotated once, the router reads it unrotated), widths
     without a power-of-two block of at least MIN_BLOCK."""
-    if g.experts or g.also_scaled or sorted(consumers) != sorted(g.consumers):
+    if sorted(consumers) != sorted(g.consumers):
         return None
-    if stats.recompute is not None and any(stats.recompute.expert_of(input_key(c)) is not None for c in consumers):
+    if not g.experts and stats.recompute is not None and any(
+            stats.recompute.expert_of(input_key(c)) is not None for c in consumers):
         return None
     return rotation_block(t.shape(f"{consumers[0]}.weight")[1])
 

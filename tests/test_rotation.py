@@ -94,18 +94,20 @@ def _unrotated_copy(ckpt: str, out: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
-def test_rotated_checkpoint_round_trips_into_the_runtime(family, rotated, tiny_dir, tmp_path):
+@pytest.mark.parametrize("family,offload", [("llama", None), ("mixtral", None), ("mixtral", {"slots_per_layer": 2})],
+                         ids=["llama", "mixtral", "mixtral-offloaded"])
+def test_rotated_checkpoint_round_trips_into_the_runtime(family, offload, rotated, tiny_dir, tmp_path):
     from conftest import shutdown_llm
     from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
 
     ckpt = rotated(family)
     qcfg = validate_checkpoint(ckpt)
-    dense = {"llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-             "mixtral": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}[family]
-    # every dense linear, no routed expert (the MoE runtime does not rotate): hidden 128 and llama's 256 -> 128
-    assert qcfg.input_rotation == {f"model.layers.{i}.{m}": 128 for i in (0, 1) for m in dense}
+    attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    rotated_modules = attention + {
+        "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        "mixtral": tuple(f"block_sparse_moe.experts.{e}.{w}" for e in range(8) for w in ("w1", "w3"))}[family]
+    # every linear but the experts' down projections: hidden 128 and llama's intermediate 256 -> blocks of 128
+    assert qcfg.input_rotation == {f"model.layers.{i}.{m}": 128 for i in (0, 1) for m in rotated_modules}
     assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["format_version"] == 2
 
     ids = torch.randint(2, 500, (3, 48), generator=torch.Generator().manual_seed(5))
@@ -114,13 +116,16 @@ def test_rotated_checkpoint_round_trips_into_the_runtime(family, rotated, tiny_d
     unrotated = hf_token_nll(_unrotated_copy(ckpt, str(tmp_path / "unrotated")), ids).double()
     assert float((unrotated - reference).abs().mean()) > 0.05  # the rotation is what makes the weights right
 
-    llm = make_llm(ckpt, max_model_len=128, dtype="float32", enforce_eager=True)
+    extra = {"additional_config": {"haq": offload}} if offload else {}  # offloaded: the engine serves the experts
+    llm = make_llm(ckpt, max_model_len=128, dtype="float32", enforce_eager=True, **extra)
     try:
         served = prompt_token_logprobs(llm, ids)
     finally:
         shutdown_llm(llm)
     diff = (served + reference).abs()
-    assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.15
+    # most positions agree to float32 rounding; an activation that vLLM's float ops put on the other side of an
+    # int8 rounding boundary shifts the later positions of its row by ~1e-3..1e-2 (the unrotated model: > 0.05)
+    assert float(diff.median()) < 1e-5 and float(diff.mean()) < 5e-3 and float(diff.max()) < 0.15, diff
 
 
 def test_rotation_is_refused_where_it_cannot_be_expressed(rotated, tiny_dir, calib_file, tmp_path, capsys):
@@ -141,3 +146,25 @@ def test_rotation_is_refused_where_it_cannot_be_expressed(rotated, tiny_dir, cal
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "cannot express --rotation all" in err[0], err
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_the_moe_runtime_takes_only_one_rotation_of_the_shared_expert_input():
+    from vllm_haq.format import CheckpointError, HAQQuantConfig
+    from vllm_haq.vllm.moe import _expert_rotation
+
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    gate_up = {f"{prefix}.{e}.{w}": 64 for e in range(4) for w in ("w1", "w3")}
+    assert _expert_rotation(HAQQuantConfig(input_rotation={"model.layers.0.self_attn.q_proj": 64}), prefix, 4,
+                            False) is None
+    assert _expert_rotation(HAQQuantConfig(input_rotation=gate_up), prefix, 4, False) == 64
+    cases = {
+        "down projection": ({**gate_up, f"{prefix}.2.w2": 64}, False, r"'model\.layers\.0\.block_sparse_moe\.experts"
+                                                                      r"\.2\.w2' is not an expert's gate/up"),
+        "explicit smoothing": (gate_up, True, "also carry explicit per-expert input_smooth"),
+        "two blocks": ({**gate_up, f"{prefix}.3.w3": 128}, False, r"blocks \[64, 128\]"),
+        "an expert left out": ({k: v for k, v in gate_up.items() if ".1." not in k}, False,
+                               "all 4 experts' gate and up projections need the same block"),
+    }
+    for rotation, explicit, pattern in cases.values():
+        with pytest.raises(CheckpointError, match=pattern):
+            _expert_rotation(HAQQuantConfig(input_rotation=rotation), prefix, 4, explicit)

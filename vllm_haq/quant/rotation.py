@@ -60,12 +60,20 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     """x R along the last dimension (R = diag(H_block, H_block, ...)), in x's floating dtype.
 
     The same function rotates activations at run time and weights in the converter (W R: a weight's rows are
-    indexed by output channel, its last dimension by input channel).
+    indexed by output channel, its last dimension by input channel). A fast Walsh–Hadamard transform: log2(block)
+    butterfly stages of elementwise sums and differences, then one scaling, so every row's result is the same
+    bits whatever else is in the batch (a BLAS product can round differently for different batch shapes, and
+    the runtime rotates all tokens of an MoE layer at once where the reference rotates each expert's tokens).
     """
     n = x.shape[-1]
     check_block(block, n, "rotate")
-    h = hadamard(block, x.dtype, x.device)
-    return (x.reshape(*x.shape[:-1], n // block, block) @ h).reshape(x.shape)
+    y = x.reshape(-1, n)
+    h = 1
+    while h < block:
+        pairs = y.reshape(-1, n // (2 * h), 2, h)
+        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
+        h *= 2
+    return (y.reshape(x.shape) * (1.0 / math.sqrt(block))).to(x.dtype)
 
 
 def rotate_hessian(h: torch.Tensor, block: int) -> torch.Tensor:

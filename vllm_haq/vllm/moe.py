@@ -22,6 +22,7 @@ from vllm_haq.format import (SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_s
                              validate_routing_stats)
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
+from vllm_haq.quant.rotation import rotate
 from vllm_haq.vllm.tp import tp_shard_amax
 
 log = logging.getLogger("vllm_haq")
@@ -110,6 +111,33 @@ def _keep_moe_out_of_cuda_graphs(vllm_config) -> None:
         cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
+_EXPERT_INPUT = re.compile(r"\.(\d+)\.(w1|w3|gate_proj|up_proj|w2|down_proj)$")
+
+
+def _expert_rotation(qcfg, prefix: str, num_experts: int, explicit_smoothing: bool) -> int | None:
+    """The block-Hadamard order of the experts' shared gate/up input (``input_rotation`` entries under ``prefix``),
+    or None. The converter rotates all of them or none, and never the down projections (their inputs differ per
+    expert, inside the fused computation) or explicitly smoothed experts."""
+    names = {k: v for k, v in qcfg.input_rotation.items() if k.startswith(prefix + ".")}
+    if not names:
+        return None
+    where = f"quantization_config.input_rotation for the experts of {prefix!r}"
+    parsed = {k: _EXPERT_INPUT.search(k[len(prefix):]) for k in names}
+    bad = sorted(k for k, m in parsed.items() if m is None or m.group(2) in ("w2", "down_proj"))
+    if bad:
+        raise CheckpointError(f"{where}: {bad[0]!r} is not an expert's gate/up projection; the MoE runtime rotates "
+                              "only the input all experts share")
+    if explicit_smoothing:
+        raise CheckpointError(f"{where}: these experts also carry explicit per-expert input_smooth; the MoE runtime "
+                              "serves one or the other")
+    blocks = set(names.values())
+    experts = {int(m.group(1)) for m in parsed.values()}
+    if len(blocks) > 1 or len(names) != 2 * num_experts or experts != set(range(num_experts)):
+        raise CheckpointError(f"{where}: {len(names)} entries with blocks {sorted(blocks)}; the experts read one "
+                              f"input, so all {num_experts} experts' gate and up projections need the same block")
+    return blocks.pop()
+
+
 class HAQMoEMethod(FusedMoEMethodBase):
     """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales."""
 
@@ -156,6 +184,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
                 attrs["quant_method"] = "channel"
             set_weight_attrs(param, attrs)
         self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
+        self.rotation = _expert_rotation(self.quant_config.qcfg, self.prefix, num_experts, self.explicit_smoothing)
         if self.explicit_smoothing:
             # Per-expert smoothing of the experts' input (checkpoint: experts.{e}.w1/w3.input_smooth).
             param = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=SCALE_DTYPE, device=device),
@@ -224,6 +253,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
                                                               smooth))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:  # every expert's gate/up reads the same rotated input; the router did not
+            x = rotate(x.float(), self.rotation).to(x.dtype)
         if self.engine is not None:
             record = _serving_step()
             if not record and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
