@@ -63,10 +63,10 @@ ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SEARCH_ROWS = 1024  # calibration rows kept per observed input for the α search
 GPTQ_SHORTLIST = 2  # α values (best by the round-to-nearest score) scored again with GPTQ, besides no smoothing
 MIN_EXPERT_TOKENS = 16
-# α values (None: no smoothing) offered together with rotation; on SmolLM2's layers the best
-# rotated candidates used α 0.5–0.7 for norm outputs and none or 0.5 for down_proj's input.
+# α values (None: no smoothing) offered together with rotation. SmolLM2's conversion rotated every group and
+# chose α 0.6–0.8 for the norm outputs, none or 0.5–0.7 for o_proj's and down_proj's inputs.
 ROTATION_ALPHAS = (None, 0.3, 0.5, 0.6, 0.7, 0.8)
-# --rotation: "search" offers rotated candidates to haq's search, "all" offers only those (every dense group
+# --rotation: "search" offers rotated candidates to haq's search, "all" offers only those (every group
 # that can be rotated is), "none" offers none.
 ROTATION_MODES = ("search", "all", "none")
 # Linears that always see exactly the same input as another one: one set of statistics serves both.
