@@ -174,13 +174,9 @@ class ScaledInt8Gemm:
 
     def token_amax(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token max |x| [M, 1] (float32) of the activations this GEMM quantizes (after smoothing)."""
-        return self._rotated(x.reshape(-1, x.shape[-1]).float(), self.smooth)[0].abs().amax(-1, keepdim=True)
-
-    def _rotated(self, x: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, smoothing still to apply): with a rotation, x / smooth rotated, in float32."""
-        if self.rotation is None:
-            return (x if smooth is None else x.float() / smooth), None
-        return rotate(x.float() if smooth is None else x.float() / smooth, self.rotation), None
+        x = x.reshape(-1, x.shape[-1]).float()
+        x = x if self.smooth is None else x / self.smooth
+        return (x if self.rotation is None else rotate(x, self.rotation)).abs().amax(-1, keepdim=True)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                  amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +185,7 @@ class ScaledInt8Gemm:
         x = x.reshape(-1, shape[-1])
         smooth = self.smooth
         if self.rotation is not None:  # block-diagonal: a shard of whole blocks rotates on its own
-            x, smooth = self._rotated(x, smooth)
+            x, smooth = rotate(x.float() if smooth is None else x.float() / smooth, self.rotation), None
         if self.shard_amax is not None:
             if smooth is not None:
                 x, smooth = x.float() / smooth, None
