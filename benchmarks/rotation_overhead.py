@@ -43,6 +43,7 @@ def _time(fn, reps: int) -> float:
 def main() -> int:
     import torch
 
+    from quality import machine  # benchmarks/ is on sys.path when this script runs
     from vllm_haq.kernels import ScaledInt8Gemm
     from vllm_haq.quant import quantize_weight_per_channel, rotate, rotation_block
 
@@ -86,15 +87,10 @@ def main() -> int:
             print(f"{name} M={m}: {p * 1e3:.3f} ms vs rotated {r * 1e3:.3f} ms ({r / p:.2f}x)", flush=True)
 
     backend = plain.backend
-    cpu = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{os.cpu_count()} cores ({cpu}), no GPU"
+    where = (f"{platform.machine()} {torch.cuda.get_device_name()}" if dev.type == "cuda"
+             else machine())  # quality.py's description of this host
     lines = ["# Run-time cost of the input rotation (one W8A8 linear)", "",
-             f"Date: {datetime.date.today()}; machine: {platform.machine()} {where}; torch {torch.__version__}; "
+             f"Date: {datetime.date.today()}; machine: {where}; torch {torch.__version__}; "
              f"int8 backend `{backend}`; command: `{' '.join(['python', *sys.argv])}`.", "",
              "Same layer and activations, unrotated vs rotated (activations × block-Hadamard in PyTorch, then the "
              "same int8 GEMM), median of interleaved repetitions. \"rel. error\" is the rotated W8A8 product against "

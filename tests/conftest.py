@@ -51,20 +51,28 @@ def calib_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def haq_dir(tiny_dir, calib_file, tmp_path_factory):
-    """family -> directory of the HAQ checkpoint converted from the tiny model."""
+def converted(tiny_dir, calib_file, tmp_path_factory):
+    """(family, **ConvertOptions fields) -> directory of that conversion of the tiny model (once per session;
+    calibrated on ``calib_file``, 4 windows of 64 tokens)."""
     from offline.convert import ConvertOptions, convert
 
-    cache: dict[str, str] = {}
+    cache: dict[tuple, str] = {}
 
-    def get(family: str) -> str:
-        if family not in cache:
+    def get(family: str, **opts) -> str:
+        key = (family, tuple(sorted(opts.items())))
+        if key not in cache:
             out = str(tmp_path_factory.mktemp(f"haq-{family}") / "ckpt")
-            convert(tiny_dir(family), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64))
-            cache[family] = out
-        return cache[family]
+            convert(tiny_dir(family), out, ConvertOptions(calib=[calib_file], samples=4, seq_len=64, **opts))
+            cache[key] = out
+        return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def haq_dir(converted):
+    """family -> directory of the HAQ checkpoint converted from the tiny model (round to nearest)."""
+    return lambda family: converted(family, method="rtn")
 
 
 def shutdown_llm(llm) -> None:

@@ -68,19 +68,9 @@ def test_rotation_cuts_the_error_of_token_sparse_outliers_and_the_search_picks_i
 
 
 @pytest.fixture(scope="module")
-def rotated(tiny_dir, calib_file, tmp_path_factory):
+def rotated(converted):
     """family -> a haq checkpoint converted with --rotation all."""
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            out = str(tmp_path_factory.mktemp(f"rotated-{family}") / "ckpt")
-            convert(tiny_dir(family), out, ConvertOptions(method="haq", rotation="all", calib=[calib_file],
-                                                          samples=4, seq_len=64))
-            cache[family] = out
-        return cache[family]
-
-    return get
+    return lambda family: converted(family, method="haq", rotation="all")
 
 
 def _unrotated_copy(ckpt: str, out: str) -> str:

@@ -40,6 +40,8 @@ from typing import Any, Iterable
 
 import torch
 
+from vllm_haq.quant.rotation import is_block_size
+
 QUANT_METHOD = "haq"
 FORMAT_VERSION = 1
 ROTATION_FORMAT_VERSION = 2  # the first version with quantization_config.input_rotation
@@ -199,7 +201,7 @@ def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> 
         raise CheckpointError(f"{source}: input_rotation needs format_version {ROTATION_FORMAT_VERSION}, "
                               f"the config says {version}")
     for module, block in rotation.items():
-        if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
+        if not is_block_size(block):
             raise CheckpointError(f"{source}: input_rotation[{module!r}] is {block!r}, expected a power of two >= 2")
     return HAQQuantConfig(
         format_version=version,

@@ -36,9 +36,14 @@ def rotation_block(in_features: int, max_block: int = MAX_BLOCK) -> int | None:
     return b if b >= MIN_BLOCK else None
 
 
+def is_block_size(block) -> bool:
+    """A rotation block size: an int power of two ≥ 2 (the checkpoint's ``input_rotation`` values)."""
+    return isinstance(block, int) and not isinstance(block, bool) and block >= 2 and not block & (block - 1)
+
+
 def check_block(block: int, in_features: int, where: str) -> None:
     """A usable block: a power of two ≥ 2 dividing ``in_features``; ValueError naming ``where`` otherwise."""
-    if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
+    if not is_block_size(block):
         raise ValueError(f"{where}: rotation block {block!r} is not a power of two >= 2")
     if in_features % block:
         raise ValueError(f"{where}: rotation block {block} does not divide the {in_features} input features")
