@@ -21,8 +21,9 @@ gives every expert its own vector from the tokens routed to it, kept explicit as
 expert's per-token quantization; the shared expert then stays unsmoothed.
 Experts that saw fewer than ``MIN_EXPERT_TOKENS`` calibration tokens are
 rounded to nearest (their Hessian is too low-rank to steer GPTQ). Rotation is
-offered to groups whose consumers are all quantized, except routed experts' down
-projections (the MoE runtime rotates only the input all experts share).
+offered to groups whose consumers are all quantized; the routed experts' down
+projections of a layer are rotated all alike or not at all (the fused MoE
+runtime rotates every expert's intermediate rows the same way).
 """
 
 from __future__ import annotations
@@ -329,6 +330,7 @@ def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stat
     explicit_blocks: list[str] = []
     if not method.smooth:
         return record, explicit, explicit_blocks
+    expert_downs = []
     for g in spec.smoothing_groups(i):
         consumers = [c for c in g.consumers if c in targets]
         if g.experts and moe_smoothing == "per-expert":
@@ -336,35 +338,81 @@ def _smooth(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stat
                 record[e_in] = _smooth_expert_explicitly(t, e_in, targets, stats, method, alpha, explicit)
             explicit_blocks.append(g.experts[0].rsplit(".", 2)[0])
             continue
+        if _is_routed_expert_down(g, stats):
+            expert_downs.append(g)
+            continue
         if not consumers or not stats.seen(g.observed_module):
             continue
         w_absmax = _weight_absmax(t, consumers)
-        act_absmax = stats.absmax[input_key(g.observed_module)]
         a, block = alpha, None
         if method.search_alpha:
-            block = _rotation_for(t, g, consumers, stats) if rotation != "none" else None
+            block = _rotation_for(t, g, consumers) if rotation != "none" else None
             a, block = _search_alpha(t, g, consumers, stats, w_absmax, gptq_cfg, block, only_rotated=rotation == "all")
-        record[g.consumers[0]] = a
-        if a is not None:
-            _apply_smoothing(t, g, _factors(act_absmax, w_absmax, g, a), stats)
-        if block is not None:
-            for c in consumers:
-                t.rescale(f"{c}.weight", lambda w, b=block: rotate(w, b))  # bound now: block changes per group
-                record.setdefault("rotation", {})[c] = block
-            for key in {input_key(c) for c in consumers}:
-                stats.rotate(key, block)
+        _transform_group(t, g, consumers, stats, w_absmax, a, block, record)
+    if expert_downs:
+        _smooth_expert_downs(t, expert_downs, targets, stats, method, alpha, rotation, record)
     return record, explicit, explicit_blocks
 
 
-def _rotation_for(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats) -> int | None:
+def _transform_group(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,
+                     w_absmax: torch.Tensor | None, a: float | None, block: int | None, record: dict) -> None:
+    """Apply smoothing ``a`` (None: none) and rotation ``block`` (None: none) to group ``g`` and record them."""
+    record[g.consumers[0]] = a
+    if a is not None:
+        _apply_smoothing(t, g, _factors(stats.absmax[input_key(g.observed_module)], w_absmax, g, a), stats)
+    if block is not None:
+        for c in consumers:
+            t.rescale(f"{c}.weight", lambda w, b=block: rotate(w, b))  # bound now: block changes per group
+            record.setdefault("rotation", {})[c] = block
+        for key in {input_key(c) for c in consumers}:
+            stats.rotate(key, block)
+
+
+def _is_routed_expert_down(g: SmoothGroup, stats: InputStats) -> bool:
+    """Whether ``g`` is a routed expert's down projection (its input exists only inside the fused MoE)."""
+    return not g.experts and stats.recompute is not None and any(
+        stats.recompute.expert_of(input_key(c)) is not None for c in g.consumers)
+
+
+def _smooth_expert_downs(t: WorkingTensors, groups: list[SmoothGroup], targets: list[str], stats: InputStats,
+                         method: Method, alpha: float, rotation: str, record: dict) -> None:
+    """The routed experts' down projections of one MoE layer: each expert's own smoothing (folded into its up
+    projection), and one rotation for all of them or none, because the MoE runtime rotates every expert's
+    intermediate rows alike. ``search`` rotates them where the experts' best rotated candidates have a smaller
+    summed output error than their best unrotated ones; experts no calibration token reached follow the others
+    (rotation is exact in float, the rounding of W R is as good as that of W)."""
+    consumers = [[c for c in g.consumers if c in targets] for g in groups]
+    block = None
+    if method.search_alpha and rotation != "none" and all(cs and sorted(cs) == sorted(g.consumers)
+                                                          for g, cs in zip(groups, consumers)):
+        block = _rotation_for(t, groups[0], consumers[0])
+    seen = [bool(cs) and stats.seen(g.observed_module) for g, cs in zip(groups, consumers)]
+    w_absmax = [_weight_absmax(t, cs) if ok else None for cs, ok in zip(consumers, seen)]
+    if not method.search_alpha:
+        chosen = [alpha if ok else None for ok in seen]
+    else:
+        scored = [_scored_candidates(t, g, cs, stats, wa, None, block, only_rotated=rotation == "all") if ok else []
+                  for g, cs, wa, ok in zip(groups, consumers, w_absmax, seen)]
+
+        def best(cands: list, rotated: bool) -> tuple[tuple[float | None, int | None], float]:
+            return min(((c, e) for c, e in cands if (c[1] is not None) == rotated), key=lambda ce: ce[1],
+                       default=((None, None), float("inf")))
+
+        if block is not None and rotation == "search":
+            total = {r: sum(best(cands, r)[1] for cands in scored if cands) for r in (False, True)}
+            block = block if total[True] < total[False] else None
+        chosen = [best(cands, block is not None)[0][0] if cands else None for cands in scored]
+    for g, cs, wa, a, ok in zip(groups, consumers, w_absmax, chosen, seen):
+        if cs and (ok or block is not None):
+            _transform_group(t, g, cs, stats, wa, a if ok else None, block, record)
+
+
+def _rotation_for(t: WorkingTensors, g: SmoothGroup, consumers: list[str]) -> int | None:
     """The block-Hadamard order offered to group ``g``, or None where rotation is not possible: groups with an
-    unquantized consumer, routed experts' down projections (each expert's input differs inside the fused MoE
-    computation; the shared gate/up input of all experts is rotated once, the router reads it unrotated), widths
-    without a power-of-two block of at least MIN_BLOCK."""
+    unquantized consumer, widths without a power-of-two block of at least MIN_BLOCK. (The shared gate/up input
+    of all experts is rotated once, the router reads it unrotated; the routed experts' down projections are
+    rotated all alike or not at all, see :func:`_smooth_expert_downs`.)"""
     if sorted(consumers) != sorted(g.consumers):
-        return None
-    if not g.experts and stats.recompute is not None and any(
-            stats.recompute.expert_of(input_key(c)) is not None for c in consumers):
         return None
     return rotation_block(t.shape(f"{consumers[0]}.weight")[1])
 
@@ -422,9 +470,18 @@ def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats
                   w_absmax: torch.Tensor, gptq_cfg: GPTQConfig | None = None, rotation: int | None = None,
                   only_rotated: bool = False) -> tuple[float | None, int | None]:
     """(α or None: no smoothing, rotation block or None) minimizing the W8A8 output error of the group's
-    consumers on calibration rows. The candidates are no smoothing, each α of ALPHA_GRID and, with
-    ``rotation``, each of ROTATION_ALPHAS followed by the block-Hadamard rotation of that order (with
-    ``only_rotated``, only those).
+    consumers on calibration rows (see :func:`_scored_candidates`; ties: the earlier candidate)."""
+    cands = _scored_candidates(t, g, consumers, stats, w_absmax, gptq_cfg, rotation, only_rotated)
+    return min(cands, key=lambda ce: ce[1])[0]
+
+
+def _scored_candidates(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,
+                       w_absmax: torch.Tensor, gptq_cfg: GPTQConfig | None = None, rotation: int | None = None,
+                       only_rotated: bool = False) -> list[tuple[tuple[float | None, int | None], float]]:
+    """((α, rotation block), W8A8 output error of the group's consumers on calibration rows) of the candidates
+    that compete for group ``g``, in the order ties go to. The candidates are no smoothing, each α of
+    ALPHA_GRID and, with ``rotation``, each of ROTATION_ALPHAS followed by the block-Hadamard rotation of that
+    order (with ``only_rotated``, only those).
 
     Every candidate is first scored with the consumers' weights rounded to nearest (materialized one at a
     time: an MoE group has two per expert). With ``gptq_cfg`` (the layer is rounded by GPTQ afterwards),
@@ -432,7 +489,7 @@ def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats
     those whose Hessian is at hand (non-expert inputs), rounded by GPTQ under that candidate's smoothed
     (and rotated) Hessian: smoothing trades activation error for weight error and GPTQ removes much of the
     weight part, so the best candidate for round-to-nearest is not the best one for GPTQ, and GPTQ alone
-    (no smoothing) can win.
+    (no smoothing) can win. Only that shortlist competes then.
     """
     x = stats.sample(g.observed_module)
     act_absmax = stats.absmax[input_key(g.observed_module)]
@@ -469,15 +526,13 @@ def _search_alpha(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats
             errors[k] += e
             if c not in gptq_rounded:
                 rtn_only[k] += e
-    best = min(range(len(choices)), key=errors.__getitem__)  # ties: no smoothing, then the smaller α, unrotated
-    if by_key:
-        shortlist = [0] + sorted(range(1, len(choices)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
-        rescored = {k: rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, factors[choices[k][0]],
-                                                            choices[k][1], outputs, quantized_x[k], gptq_cfg)
-                                         for key, cs in by_key.items())
-                    for k in shortlist}
-        best = min(shortlist, key=rescored.__getitem__)
-    return choices[best]
+    if not by_key:  # ties: no smoothing, then the smaller α, unrotated
+        return list(zip(choices, errors))
+    shortlist = [0] + sorted(range(1, len(choices)), key=errors.__getitem__)[:GPTQ_SHORTLIST]
+    return [(choices[k], rtn_only[k] + sum(_gptq_output_error(t, cs, stats.hessians[key].h, factors[choices[k][0]],
+                                                              choices[k][1], outputs, quantized_x[k], gptq_cfg)
+                                           for key, cs in by_key.items()))
+            for k in shortlist]
 
 
 def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tuple[torch.Tensor, torch.Tensor]

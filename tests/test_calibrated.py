@@ -100,6 +100,8 @@ def test_per_expert_smoothing_round_trips_into_the_runtime(tiny_dir, calib_file,
                                                      samples=4, seq_len=64))
     qcfg = validate_checkpoint(out)
     assert qcfg.smoothing["explicit"] == [f"model.layers.{i}.block_sparse_moe.experts" for i in (0, 1)]
+    # haq's search rotates these experts' down projections too: the runtime must serve both side by side
+    assert sum(m.endswith(".w2") for m in qcfg.input_rotation) in (8, 16)
     tensors = {}
     for f in os.listdir(out):
         if f.startswith("model-"):

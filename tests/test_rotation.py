@@ -67,6 +67,40 @@ def test_rotation_cuts_the_error_of_token_sparse_outliers_and_the_search_picks_i
     assert only == (alpha, block)
 
 
+def test_the_experts_down_projections_are_rotated_all_alike_or_not_at_all():
+    """The fused MoE rotates every expert's intermediate rows the same way, so haq's search decides once per layer
+    for all routed experts' down projections (by their summed error): an expert no calibration token reached is
+    rotated with the others, and no expert is rotated when one of them stays unquantized."""
+    from offline.calibrated import METHODS, _smooth_expert_downs
+
+    gen = torch.Generator().manual_seed(2)
+    experts = [f"mlp.experts.{e}" for e in range(3)]
+    source = {}
+    for x in experts:
+        source[f"{x}.w3.weight"] = torch.randn(256, 64, generator=gen)
+        source[f"{x}.w2.weight"] = torch.randn(64, 256, generator=gen) * 0.05
+
+    def run(targets, rotation):
+        stats = InputStats(keep_rows_every=1)
+        for x in experts[:2]:  # expert 2 saw no calibration token
+            h = torch.randn(512, 256, generator=gen)
+            h[::40, 11] = 400.0  # token-sparse outliers, as in the test above: rotation wins
+            stats(f"{x}.w2", h)
+        t = WorkingTensors(dict(source))
+        groups = [SmoothGroup([f"{x}.w2"], producer=f"{x}.w3") for x in experts]
+        record = {}
+        _smooth_expert_downs(t, groups, targets, stats, METHODS["haq"], 0.5, rotation, record)
+        return t, record
+
+    every = [f"{x}.w2" for x in experts]
+    t, record = run(every, "search")
+    assert record["rotation"] == {m: 128 for m in every}
+    assert torch.allclose(t["mlp.experts.2.w2.weight"], rotate(source["mlp.experts.2.w2.weight"], 128))
+    assert "mlp.experts.2.w2" not in record or record["mlp.experts.2.w2"] is None  # nothing to smooth it by
+    assert "rotation" not in run(every, "none")[1]
+    assert "rotation" not in run(every[:2], "all")[1]  # expert 2's down projection stays float
+
+
 @pytest.fixture(scope="module")
 def rotated(converted):
     """family -> a haq checkpoint converted with --rotation all."""
@@ -93,11 +127,12 @@ def test_rotated_checkpoint_round_trips_into_the_runtime(family, offload, rotate
     ckpt = rotated(family)
     qcfg = validate_checkpoint(ckpt)
     attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    rotated_modules = attention + {
-        "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-        "mixtral": tuple(f"block_sparse_moe.experts.{e}.{w}" for e in range(8) for w in ("w1", "w3"))}[family]
-    # every linear but the experts' down projections: hidden 128 and llama's intermediate 256 -> blocks of 128
-    assert qcfg.input_rotation == {f"model.layers.{i}.{m}": 128 for i in (0, 1) for m in rotated_modules}
+    rotated_modules = {m: 128 for m in attention} | {
+        "llama": {"mlp.gate_proj": 128, "mlp.up_proj": 128, "mlp.down_proj": 128},
+        "mixtral": {f"block_sparse_moe.experts.{e}.{w}": 64 if w == "w2" else 128
+                    for e in range(8) for w in ("w1", "w3", "w2")}}[family]
+    # every linear: hidden 128 and llama's intermediate 256 -> blocks of 128, mixtral's intermediate 192 -> 64
+    assert qcfg.input_rotation == {f"model.layers.{i}.{m}": b for i in (0, 1) for m, b in rotated_modules.items()}
     assert json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]["format_version"] == 2
 
     ids = torch.randint(2, 500, (3, 48), generator=torch.Generator().manual_seed(5))
@@ -138,22 +173,29 @@ def test_rotation_is_refused_where_it_cannot_be_expressed(rotated, tiny_dir, cal
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_the_moe_runtime_takes_only_one_rotation_of_the_shared_expert_input():
+def test_the_moe_runtime_takes_one_rotation_per_expert_input():
+    """One block for all experts' shared gate/up input and one for all their down projections' inputs."""
     from vllm_haq.format import CheckpointError, HAQQuantConfig
     from vllm_haq.vllm.moe import _expert_rotation
 
     prefix = "model.layers.0.block_sparse_moe.experts"
     gate_up = {f"{prefix}.{e}.{w}": 64 for e in range(4) for w in ("w1", "w3")}
+    down = {f"{prefix}.{e}.w2": 32 for e in range(4)}
     assert _expert_rotation(HAQQuantConfig(input_rotation={"model.layers.0.self_attn.q_proj": 64}), prefix, 4,
-                            False) is None
-    assert _expert_rotation(HAQQuantConfig(input_rotation=gate_up), prefix, 4, False) == 64
+                            False) == (None, None)
+    assert _expert_rotation(HAQQuantConfig(input_rotation=gate_up), prefix, 4, False) == (64, None)
+    assert _expert_rotation(HAQQuantConfig(input_rotation={**gate_up, **down}), prefix, 4, False) == (64, 32)
+    assert _expert_rotation(HAQQuantConfig(input_rotation=down), prefix, 4, True) == (None, 32)
     cases = {
-        "down projection": ({**gate_up, f"{prefix}.2.w2": 64}, False, r"'model\.layers\.0\.block_sparse_moe\.experts"
-                                                                      r"\.2\.w2' is not an expert's gate/up"),
+        "one down projection": ({**gate_up, f"{prefix}.2.w2": 64}, False,
+                                r"entries for 1 of the 4 down projections, with blocks \[64\].*all 4 experts' down"),
+        "not an expert linear": ({f"{prefix}.2.w9": 64}, False,
+                                 r"'model\.layers\.0\.block_sparse_moe\.experts\.2\.w9' is not an expert's gate, up"),
         "explicit smoothing": (gate_up, True, "also carry explicit per-expert input_smooth"),
         "two blocks": ({**gate_up, f"{prefix}.3.w3": 128}, False, r"blocks \[64, 128\]"),
         "an expert left out": ({k: v for k, v in gate_up.items() if ".1." not in k}, False,
                                "all 4 experts' gate and up projections need the same block"),
+        "two down blocks": ({**down, f"{prefix}.0.w2": 64}, False, r"4 of the 4 down projections, with blocks \[32, "),
     }
     for rotation, explicit, pattern in cases.values():
         with pytest.raises(CheckpointError, match=pattern):

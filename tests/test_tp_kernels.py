@@ -129,7 +129,8 @@ def _shard_experts(full: ExpertTensors, r: int, tp: int) -> ExpertTensors:
         return torch.cat([t[:, :inter][:, rows], t[:, inter:][:, rows]], dim=1).contiguous()
 
     return ExpertTensors(w13_rows(full.w13), w13_rows(full.w13_scale), full.w2[:, :, rows].contiguous(),
-                         full.w2_scale.clone(), None if full.smooth is None else full.smooth.clone())
+                         full.w2_scale.clone(), None if full.smooth is None else full.smooth.clone(),
+                         full.down_rotation)  # blocks of 16 never straddle the shards of 48
 
 
 @pytest.mark.parametrize("budget", [{"policy": "lru", "slots_per_layer": 1},  # waves reuse the one slot
@@ -137,21 +138,22 @@ def _shard_experts(full: ExpertTensors, r: int, tp: int) -> ExpertTensors:
                                     {"policy": "haq", "expert_fraction": 0.5, "prefetch": "always"}])
 def test_offload_engine_per_rank_adds_up_to_the_unsharded_experts(budget):
     """Each rank runs its own offload engine on its shards (its own cache); the ranks' outputs add up to
-    the unsharded all-resident MoE, with one all-shard exchange per layer and step."""
+    the unsharded all-resident MoE, with one all-shard exchange per layer and step (layer 1's experts have
+    explicit smoothing, layer 2's a rotated down-projection input)."""
     from vllm_haq.offload import OffloadConfig, OffloadEngine
     from vllm_haq.offload.cost import CostModel
 
     e, h, inter, tp, k, layers, steps = 8, 64, 96, 2, 2, 3, 6
     gen = torch.Generator().manual_seed(5)
 
-    def experts(smooth: bool) -> ExpertTensors:
+    def experts(smooth: bool, down_rotation: int | None) -> ExpertTensors:
         w13 = [quantize_weight_per_channel(torch.randn(2 * inter, h, generator=gen)) for _ in range(e)]
         w2 = [quantize_weight_per_channel(torch.randn(h, inter, generator=gen)) for _ in range(e)]
         return ExpertTensors(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]).float(),
                              torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2]).float(),
-                             torch.rand(e, h, generator=gen) + 0.5 if smooth else None)
+                             torch.rand(e, h, generator=gen) + 0.5 if smooth else None, down_rotation)
 
-    full = [experts(smooth=(i == 1)) for i in range(layers)]
+    full = [experts(smooth=(i == 1), down_rotation=16 if i == 2 else None) for i in range(layers)]
     trace = []
     for step in range(steps):
         m = 1 if step % 2 else 7  # decode-like and prefill-like steps

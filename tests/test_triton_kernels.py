@@ -72,7 +72,7 @@ def _poisoned_allocations():
         yield
 
 
-def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init):
+def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init, down_rotation=None):
     """float64 per-route loop of int8_moe_forward's arithmetic (float32 GEMM outputs), resident experts only."""
     ref = out_init.double().clone()
     for t in range(x.shape[0]):
@@ -82,7 +82,7 @@ def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, 
                 continue
             gate_up = w8a8_linear_reference(x[t : t + 1].float(), *experts13[e])
             h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            ref[t] += float(weights[t, j]) * w8a8_linear_reference(h, *experts2[e])[0].double()
+            ref[t] += float(weights[t, j]) * w8a8_linear_reference(h, *experts2[e], rotation=down_rotation)[0].double()
     return ref
 
 
@@ -156,12 +156,14 @@ def check_scaled_int8_gemm_dispatches_to_triton(device):
     assert _rel_err(y, w8a8_linear_reference(x, w_q, w_scale, b, s)) <= REL_TOL
 
 
-def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfloat16, config=None):
-    """Ragged groups, experts without tokens, non-resident experts (slot -1), accumulation into ``out``."""
+def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfloat16, config=None, inter=40,
+              down_rotation=None):
+    """Ragged groups, experts without tokens, non-resident experts (slot -1), accumulation into ``out``, the
+    down projections' input rotated (``w2`` holds W R)."""
     from vllm_haq.kernels import triton_int8_moe_forward
     from vllm_haq.kernels.triton_gemm import GemmConfig
 
-    num_experts, hidden, inter = 7, 48, 40
+    num_experts, hidden = 7, 48
     experts13 = [quantize_weight_per_channel(torch.randn(2 * inter, hidden)) for _ in range(num_experts)]
     experts2 = [quantize_weight_per_channel(torch.randn(hidden, inter)) for _ in range(num_experts)]
     # slots in a shuffled order; with holes, experts 1 and 4 are not resident
@@ -189,10 +191,10 @@ def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfl
     with _poisoned_allocations():
         got = triton_int8_moe_forward(x.to(device), weights.to(device), ids.int().to(device), expert_to_slot.to(device),
                                       w13.to(device), w13_scale.to(device), w2.to(device), w2_scale.to(device),
-                                      out=out, config=cfg)
+                                      out=out, config=cfg, down_rotation=down_rotation)
     if accumulate:
         assert got.data_ptr() == out.data_ptr(), "must accumulate into the given output"
-    ref = _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init)
+    ref = _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init, down_rotation)
     assert got.dtype == torch.float32 and torch.isfinite(got).all(), "unwritten (NaN) outputs"
     assert _rel_err(got, ref) <= REL_TOL
     if holes:  # skipped routes contribute nothing, bit for bit
@@ -237,6 +239,7 @@ def _cases():
     cases["moe-prefill-m37-holes-fp32-x"] = (check_moe, dict(m=37, x_dtype=torch.float32))
     cases["moe-m37-small-blocks-no-out"] = (check_moe, dict(m=37, accumulate=False, config=(16, 32, 32)))
     cases["moe-k1-holes"] = (check_moe, dict(m=9, top_k=1))
+    cases["moe-m17-down-rotation"] = (check_moe, dict(m=17, inter=64, down_rotation=32))
     cases["moe-nothing-resident"] = (check_moe_nothing_resident_leaves_out_unchanged, {})
     return cases
 

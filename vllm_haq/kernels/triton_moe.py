@@ -12,7 +12,8 @@ Steps (four launches, no host synchronization, so nothing waits on the GPU):
    ``block_m`` row blocks; routes whose expert has no slot (-1) are dropped.
 2. ``_moe_w13_swiglu_kernel``: grouped GEMM of gathered x rows with the block's
    slot of w13, gate and up tiles side by side, SwiGLU in the epilogue.
-3. :func:`triton_quantize_per_token` on the intermediate rows.
+3. :func:`triton_quantize_per_token` on the intermediate rows (rotated first when
+   the checkpoint rotates the down projections' input).
 4. ``_moe_w2_kernel``: grouped GEMM with w2, router weight in the epilogue, one
    output row per route; ``_moe_sum_routes_kernel`` then adds a token's routes in
    top-k order into ``out`` — deterministic, no atomics.
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from vllm_haq.kernels.triton_gemm import GemmConfig
 from vllm_haq.kernels.triton_quant import triton_quantize_per_token
+from vllm_haq.quant.rotation import rotate
 
 
 def moe_config(num_tokens: int) -> GemmConfig:
@@ -182,6 +184,7 @@ def triton_int8_moe_forward(
     w2_scale: torch.Tensor,
     out: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    down_rotation: int | None = None,
 ) -> torch.Tensor:
     """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)`` for the experts that have a cache slot.
 
@@ -190,7 +193,9 @@ def triton_int8_moe_forward(
     ``w13`` int8 [S, 2I, H] (rows :I gate, I: up) with ``w13_scale`` [S, 2I, 1];
     ``w2`` int8 [S, H, I] with ``w2_scale`` [S, H, 1]. ``out`` (float32 [M, H]),
     when given, is accumulated into so the offload engine can add the
-    non-resident experts' contributions. Returns float32 [M, H].
+    non-resident experts' contributions. ``down_rotation``: the block-Hadamard order
+    of the down projections' input (``w2`` holds W R), applied to the intermediate
+    rows before their quantization. Returns float32 [M, H].
     """
     m, hidden = x.shape
     num_slots, two_inter, _ = w13.shape
@@ -224,6 +229,8 @@ def triton_int8_moe_forward(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if down_rotation is not None:  # batch-invariant butterflies: each row as the per-expert loop rotates it
+        h = rotate(h, down_rotation)
     h_q, h_scale = triton_quantize_per_token(h)
     route_out = torch.empty(m * top_k, hidden, dtype=torch.float32, device=x.device)
     _moe_w2_kernel[(blocks, triton.cdiv(hidden, cfg.block_n))](

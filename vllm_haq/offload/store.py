@@ -1,7 +1,8 @@
 """Where expert weights live: the host store (all experts) and the device cache (a few slots per layer).
 
 One expert = its int8 ``w13`` [2I, H] and ``w2`` [H, I], their float32 per-channel
-scales and, for per-expert smoothed checkpoints, its input smoothing vector [H].
+scales and, for per-expert smoothed checkpoints, its input smoothing vector [H]
+(a rotation of the down projections' input is one block size for all of a layer's experts).
 Host tensors are pinned when a CUDA device is the target, so slot fills are
 asynchronous DMA copies.
 """
@@ -26,6 +27,7 @@ class ExpertTensors:
     w2: torch.Tensor  # int8 [N, H, I]
     w2_scale: torch.Tensor  # float32 [N, H, 1]
     smooth: torch.Tensor | None = None  # float32 [N, H] or None
+    down_rotation: int | None = None  # block-Hadamard order of every expert's down-projection input, or None
 
     def __post_init__(self):
         n = self.w13.shape[0]
@@ -61,19 +63,22 @@ class ExpertTensors:
         holds its own copy of the weight (plus the phantom column) and is called with the all-shard max."""
         smooth = None if self.smooth is None else self.smooth[i]
         return (ScaledInt8Gemm(self.w13[i], self.w13_scale[i], out_dtype, smooth=smooth, backend=backend),
-                ScaledInt8Gemm(self.w2[i], self.w2_scale[i], out_dtype, backend=backend, shard_amax=shard_amax))
+                ScaledInt8Gemm(self.w2[i], self.w2_scale[i], out_dtype, backend=backend, shard_amax=shard_amax,
+                               rotation=self.down_rotation))
 
     @classmethod
     def empty_like(cls, other: "ExpertTensors", count: int, device: torch.device) -> "ExpertTensors":
         def new(t):
             return None if t is None else torch.zeros((count, *t.shape[1:]), dtype=t.dtype, device=device)
 
-        return cls(new(other.w13), new(other.w13_scale), new(other.w2), new(other.w2_scale), new(other.smooth))
+        return cls(new(other.w13), new(other.w13_scale), new(other.w2), new(other.w2_scale), new(other.smooth),
+                   other.down_rotation)
 
     def pinned(self) -> "ExpertTensors":
         """A page-locked copy for asynchronous host-to-device copies (needs CUDA)."""
         return ExpertTensors(*(None if t is None else t.contiguous().pin_memory()
-                               for t in (self.w13, self.w13_scale, self.w2, self.w2_scale, self.smooth)))
+                               for t in (self.w13, self.w13_scale, self.w2, self.w2_scale, self.smooth)),
+                             down_rotation=self.down_rotation)
 
 
 def copy_expert(dst: ExpertTensors, slot: int, src: ExpertTensors, expert: int, non_blocking: bool = False) -> int:

@@ -112,30 +112,39 @@ def _keep_moe_out_of_cuda_graphs(vllm_config) -> None:
 
 
 _EXPERT_INPUT = re.compile(r"\.(\d+)\.(w1|w3|gate_proj|up_proj|w2|down_proj)$")
+_DOWN = ("w2", "down_proj")
 
 
-def _expert_rotation(qcfg, prefix: str, num_experts: int, explicit_smoothing: bool) -> int | None:
-    """The block-Hadamard order of the experts' shared gate/up input (``input_rotation`` entries under ``prefix``),
-    or None. The converter rotates all of them or none, and never the down projections (their inputs differ per
-    expert, inside the fused computation) or explicitly smoothed experts."""
+def _expert_rotation(qcfg, prefix: str, num_experts: int, explicit_smoothing: bool) -> tuple[int | None, int | None]:
+    """The block-Hadamard orders (shared gate/up input, down projections' input) of the experts under ``prefix``
+    (``input_rotation`` entries), None where not rotated. Each is one rotation for every expert: the gate/up input
+    is rotated once for all experts (the router reads it unrotated) and the fused computation rotates all
+    experts' intermediate rows alike. Explicitly smoothed experts have no gate/up rotation (the runtime serves
+    one or the other)."""
     names = {k: v for k, v in qcfg.input_rotation.items() if k.startswith(prefix + ".")}
-    if not names:
-        return None
     where = f"quantization_config.input_rotation for the experts of {prefix!r}"
     parsed = {k: _EXPERT_INPUT.search(k[len(prefix):]) for k in names}
-    bad = sorted(k for k, m in parsed.items() if m is None or m.group(2) in ("w2", "down_proj"))
+    bad = sorted(k for k, m in parsed.items() if m is None)
     if bad:
-        raise CheckpointError(f"{where}: {bad[0]!r} is not an expert's gate/up projection; the MoE runtime rotates "
-                              "only the input all experts share")
-    if explicit_smoothing:
+        raise CheckpointError(f"{where}: {bad[0]!r} is not an expert's gate, up or down projection")
+    down = {k: v for k, v in names.items() if parsed[k].group(2) in _DOWN}
+    gate_up = {k: v for k, v in names.items() if k not in down}
+    if gate_up and explicit_smoothing:
         raise CheckpointError(f"{where}: these experts also carry explicit per-expert input_smooth; the MoE runtime "
-                              "serves one or the other")
-    blocks = set(names.values())
-    experts = {int(m.group(1)) for m in parsed.values()}
-    if len(blocks) > 1 or len(names) != 2 * num_experts or experts != set(range(num_experts)):
-        raise CheckpointError(f"{where}: {len(names)} entries with blocks {sorted(blocks)}; the experts read one "
-                              f"input, so all {num_experts} experts' gate and up projections need the same block")
-    return blocks.pop()
+                              "serves one or the other for their gate/up input")
+
+    def one_block(entries: dict[str, int], per_expert: int, what: str) -> int | None:
+        if not entries:
+            return None
+        blocks = set(entries.values())
+        experts = {int(parsed[k].group(1)) for k in entries}
+        if len(blocks) > 1 or len(entries) != per_expert * num_experts or experts != set(range(num_experts)):
+            raise CheckpointError(f"{where}: entries for {len(entries)} of the {per_expert * num_experts} {what}, "
+                                  f"with blocks {sorted(blocks)}; the MoE runtime rotates that input alike for every "
+                                  f"expert, so all {num_experts} experts' {what} need the same block")
+        return blocks.pop()
+
+    return one_block(gate_up, 2, "gate and up projections"), one_block(down, 1, "down projections")
 
 
 class HAQMoEMethod(FusedMoEMethodBase):
@@ -184,7 +193,13 @@ class HAQMoEMethod(FusedMoEMethodBase):
                 attrs["quant_method"] = "channel"
             set_weight_attrs(param, attrs)
         self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
-        self.rotation = _expert_rotation(self.quant_config.qcfg, self.prefix, num_experts, self.explicit_smoothing)
+        self.rotation, self.down_rotation = _expert_rotation(self.quant_config.qcfg, self.prefix, num_experts,
+                                                             self.explicit_smoothing)
+        if self.down_rotation is not None and inter % self.down_rotation:
+            raise CheckpointError(f"{self.prefix}: quantization_config.input_rotation block {self.down_rotation} of "
+                                  f"the experts' down projections does not divide this rank's {inter} intermediate "
+                                  f"features (tensor parallel size {parallel.tp_size}); use a tensor parallel size "
+                                  "that keeps whole blocks on each rank")
         if self.explicit_smoothing:
             # Per-expert smoothing of the experts' input (checkpoint: experts.{e}.w1/w3.input_smooth).
             param = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=SCALE_DTYPE, device=device),
@@ -236,7 +251,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
                                    smooth=smooth[i]) for i in range(e)]
         self.w2 = [ScaledInt8Gemm(layer.w2_weight.data[i], layer.w2_weight_scale.data[i], self.out_dtype,
-                                  shard_amax=self.shard_amax) for i in range(e)]
+                                  shard_amax=self.shard_amax, rotation=self.down_rotation) for i in range(e)]
 
     def _register_with_engine(self, layer) -> None:
         qc = self.quant_config
@@ -250,7 +265,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else None
         self.engine.add_layer(self.layer_index, ExpertTensors(layer.w13_weight.data, layer.w13_weight_scale.data,
                                                               layer.w2_weight.data, layer.w2_weight_scale.data,
-                                                              smooth))
+                                                              smooth, down_rotation=self.down_rotation))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:  # every expert's gate/up reads the same rotated input; the router did not
@@ -264,7 +279,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
             return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
         if self.fused is not None:
             slots, weights = self.fused
-            return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights).to(x.dtype)
+            return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights,
+                                           down_rotation=self.down_rotation).to(x.dtype)
         return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2, shard_amax=self.shard_amax).to(x.dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
