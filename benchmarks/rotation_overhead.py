@@ -29,6 +29,7 @@ SHAPES = {
     "SmolLM2-135M down 576x1536": (576, 1536),
     "Llama-7B down 4096x11008": (4096, 11008),
     "Mixtral-8x7B attn q 4096x4096": (4096, 4096),
+    "Mixtral-8x7B expert down 4096x14336": (4096, 14336),  # per expert, on the tokens routed to it
 }
 TOKENS = (1, 16, 256)
 
