@@ -484,7 +484,7 @@ def _scored_candidates(t: WorkingTensors, g: SmoothGroup, consumers: list[str], 
     order (with ``only_rotated``, only those).
 
     Every candidate is first scored with the consumers' weights rounded to nearest (materialized one at a
-    time: an MoE group has two per expert). With ``gptq_cfg`` (the layer is rounded by GPTQ afterwards),
+    time: an MoE group has two per expert, each scored on the rows routed to it, see :func:`_routed_rows`). With ``gptq_cfg`` (the layer is rounded by GPTQ afterwards),
     no smoothing and the GPTQ_SHORTLIST best candidates are scored again with the weights GPTQ will round,
     those whose Hessian is at hand (non-expert inputs), rounded by GPTQ under that candidate's smoothed
     (and rotated) Hessian: smoothing trades activation error for weight error and GPTQ removes much of the
@@ -516,12 +516,17 @@ def _scored_candidates(t: WorkingTensors, g: SmoothGroup, consumers: list[str], 
     errors = [0.0] * len(choices)  # of every consumer, rounded to nearest
     rtn_only = [0.0] * len(choices)  # of the consumers GPTQ will not round
     outputs: dict[str, torch.Tensor] = {}  # the float outputs of the GPTQ-rounded consumers, for the re-scoring
+    rows_of = _routed_rows(t, g, stats, x)
     for c in consumers:
+        r = rows_of(c)
+        if r is not None and r.numel() == 0:
+            continue  # no search row is routed to this expert
         w = t[f"{c}.weight"].float()
-        y = x @ w.t()
+        y = (x if r is None else x[r]) @ w.t()
         if c in gptq_rounded:
             outputs[c] = y
         for k, xq in enumerate(quantized_x):
+            xq = xq if r is None else (xq[0][r], xq[1][r])  # per-token quantization: a row's values are its own
             e = _output_error(y, xq, quantize_weight_per_channel(transformed(w, k, weight=True)))
             errors[k] += e
             if c not in gptq_rounded:
@@ -533,6 +538,23 @@ def _scored_candidates(t: WorkingTensors, g: SmoothGroup, consumers: list[str], 
                                                               choices[k][1], outputs, quantized_x[k], gptq_cfg)
                                            for key, cs in by_key.items()))
             for k in shortlist]
+
+
+def _routed_rows(t: WorkingTensors, g: SmoothGroup, stats: InputStats, x: torch.Tensor
+                 ) -> Callable[[str], torch.Tensor | None]:
+    """consumer -> the search rows ``x`` it computes: for the routed experts of the shared gate/up group, the rows
+    whose top-k routes (the router applied to them) include that expert, so each expert's error is measured on
+    the tokens it serves (and a quarter of the work for Mixtral's top-2 of 8); None (every row) elsewhere."""
+    if not g.experts or stats.recompute is None:
+        return lambda c: None
+    top_k = stats.recompute.ids.shape[1]
+    ids = (x @ t[f"{g.observed_module}.weight"].float().t()).topk(top_k, dim=-1).indices
+
+    def rows(c: str) -> torch.Tensor | None:
+        e = stats.recompute.expert_of(input_key(c))
+        return None if e is None else (ids == e).any(-1).nonzero().squeeze(-1)
+
+    return rows
 
 
 def _output_error(y: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor], wq: tuple[torch.Tensor, torch.Tensor]

@@ -76,6 +76,40 @@ def test_expert_hessians_recomputed_one_at_a_time_equal_the_observed_ones(family
         deferred.take_hessian(f"{block}.experts.0.nonexistent")
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_the_shared_expert_input_search_scores_each_expert_on_its_routed_tokens(family, tiny_dir):
+    """The α/rotation search of the experts' shared gate/up input measures each expert's W8A8 error on the
+    calibration rows the router sends to it (the error the MoE layer makes), a shared expert on every row."""
+    from offline.calibrated import _output_error, _scored_candidates, input_key
+
+    d = tiny_dir(family)
+    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    i = next(i for i in range(spec.num_layers) if spec.moe_block(i))
+    block, names = spec.moe_block(i)
+    p = spec.layer_prefix(i)
+    t = {k[len(p):]: v.float() for k, v in tensors.items() if k.startswith(p)}
+    h = torch.randn(3, 40, int(spec.config["hidden_size"]), generator=torch.Generator().manual_seed(4))
+    stats = InputStats(keep_rows_every=1, hessians=lambda key: False, keep_all=[f"{block}.gate"])
+    routes = []
+    spec.layer_forward(i, LayerTensors(t, observer=stats), h, lambda _i, ids: routes.append(ids))
+    ids = torch.cat(routes)
+    stats.recompute = ExpertInputs(block, names, torch.cat(stats.all_rows.pop(f"{block}.gate")), ids, t)
+    g = next(g for g in spec.smoothing_groups(i) if g.experts)
+    x = stats.sample(g.observed_module)
+    assert x.shape[0] == ids.shape[0] == 120
+    scored = dict(_scored_candidates(WorkingTensors(t), g, g.consumers, stats, torch.ones(x.shape[1])))
+    want, shared = 0.0, 0
+    for c in g.consumers:
+        e = stats.recompute.expert_of(input_key(c))
+        rows = torch.arange(x.shape[0]) if e is None else (ids == e).any(-1).nonzero().squeeze(-1)
+        shared += e is None
+        w = t[f"{c}.weight"]
+        want += _output_error(x[rows] @ w.t(), quantize_per_token(x[rows]), quantize_weight_per_channel(w))
+    assert shared == (2 if family == "qwen2_moe" else 0)
+    assert scored[(None, None)] == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "rtn"])
 @pytest.mark.parametrize("family", ["opt", "mixtral", "qwen2_moe"])
 def test_calibrated_methods_convert_and_stay_close_to_float(method, family, tiny_dir, calib_file, tmp_path):
