@@ -62,6 +62,7 @@ METHODS = {
 # Up to 0.95: with 0.8 as the end most of SmolLM2's groups chose 0.8; ending at 1.0 did worse on the validation splits.
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SEARCH_ROWS = 1024  # calibration rows kept per observed input for the α search
+SEARCH_ROW_STRIDE = 4  # of which every SEARCH_ROW_STRIDE-th observed row is kept
 GPTQ_SHORTLIST = 2  # α values (best by the round-to-nearest score) scored again with GPTQ, besides no smoothing
 MIN_EXPERT_TOKENS = 16
 # α values (None: no smoothing) offered together with rotation. SmolLM2's conversion rotated every group and
@@ -138,7 +139,7 @@ class InputStats:
     from). Smoothing divides an input by s; :meth:`rescale` updates everything kept for it exactly.
     """
 
-    def __init__(self, keep_rows_every: int = 4, hessians: Callable[[str], bool] = lambda key: True,
+    def __init__(self, keep_rows_every: int = SEARCH_ROW_STRIDE, hessians: Callable[[str], bool] = lambda key: True,
                  keep_all: Iterable[str] = ()):
         self.absmax: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}

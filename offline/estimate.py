@@ -38,7 +38,8 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROWS, input_key
+from offline.calibrated import (ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROW_STRIDE, SEARCH_ROWS,
+                                input_key)
 from offline.convert import COPIED_FILES
 from offline.models import ModelSpec, global_tensor_names
 
@@ -239,7 +240,7 @@ def estimate(model_dir: str, spec: ModelSpec, config: dict, opts, fmt: str = "ha
     largest_layer = max((sum(_nbytes(*v) for n_, v in src.items() if n_.startswith(spec.layer_prefix(i)))
                          for i in range(spec.num_layers)), default=0)
 
-    time_s, time_parts = _time(spec, src, params, quantized_params, tokens, method, opts)
+    time_s, time_parts = _time(spec, src, params, tokens, method, opts)
     return {
         "estimate": True,
         "model": os.path.abspath(model_dir),
@@ -388,7 +389,7 @@ def _config_bytes(config: dict, spec: ModelSpec, opts, method, routing_stats: bo
     return _json_file_bytes({**config, "quantization_config": qcfg.to_dict()})
 
 
-def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method, opts):
+def _time(spec: ModelSpec, src, params: int, tokens: int, method, opts):
     parts = {"startup": STARTUP_S + (TOKENIZER_S if tokens else 0), "read_round_write": params / RTN_PARAMS_PER_S}
     if tokens:
         # per token, every linear of a dense layer; for MoE layers the routed top-k experts (+ shared ones)
@@ -407,8 +408,18 @@ def _time(spec: ModelSpec, src, params: int, quantized: int, tokens: int, method
         passes = 1 if opts.method == "rtn" else 2  # statistics forward (float) + quantized forward
         parts["calibration_forward"] = passes * 2 * per_token * tokens / FORWARD_FLOPS
     if method.search_alpha:  # per candidate (none + the grid [+ rotated]) and consumer: round the weight, one
-        rows = min(SEARCH_ROWS, tokens)  # [rows, in] x [in, out] product
-        parts["alpha_search"] = _search_candidates(opts) * quantized * (1 / RTN_PARAMS_PER_S + 2 * rows / FORWARD_FLOPS)
+        rows = min(SEARCH_ROWS, math.ceil(tokens / SEARCH_ROW_STRIDE))  # [rows, in] x [in, out] product on the
+        work = 0.0  # kept search rows; a routed expert is scored on the rows routed to it (top_k / experts of them)
+        for i in range(spec.num_layers):
+            prefix = spec.layer_prefix(i)
+            moe = spec.moe_block(i)
+            for m in spec.linear_modules(i):
+                shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
+                if not shape or is_ignored(prefix + m, opts.ignore):
+                    continue
+                share = spec.top_k / max(spec.num_experts, 1) if moe and m.startswith(f"{moe[0]}.experts.") else 1
+                work += _numel(shape) * (1 / RTN_PARAMS_PER_S + 2 * rows * share / FORWARD_FLOPS)
+        parts["alpha_search"] = _search_candidates(opts) * work
     if method.gptq:  # one solve per distinct input: the linears that read it are stacked
         seconds, scoring = 0.0, 0.0
         for i in range(spec.num_layers):
