@@ -41,18 +41,24 @@ def test_folded_smoothing_leaves_each_layer_unchanged(family, tiny_dir):
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+def _first_moe_layer(model_dir: str, seed: int):
+    """(spec, index, float32 tensors by layer-relative name, random input [3, 40, hidden]) of a tiny model's
+    first MoE layer."""
+    spec = spec_for(json.load(open(os.path.join(model_dir, "config.json"))))
+    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+    i = next(i for i in range(spec.num_layers) if spec.moe_block(i))
+    p = spec.layer_prefix(i)
+    t = {k[len(p):]: v.float() for k, v in tensors.items() if k.startswith(p)}
+    h = torch.randn(3, 40, int(spec.config["hidden_size"]), generator=torch.Generator().manual_seed(seed))
+    return spec, i, t, h
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_expert_hessians_recomputed_one_at_a_time_equal_the_observed_ones(family, tiny_dir):
     """The converter builds an expert's Hessians only when it quantizes that expert (bounded memory): from the
     MoE input rows and the routing, through the unsmoothed expert, divided by the smoothing applied since."""
-    d = tiny_dir(family)
-    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
-    tensors = load_file(os.path.join(d, "model.safetensors"))
-    i = next(i for i in range(spec.num_layers) if spec.moe_block(i))
+    spec, i, t, h = _first_moe_layer(tiny_dir(family), seed=1)
     block, names = spec.moe_block(i)
-    p = spec.layer_prefix(i)
-    t = {k[len(p):]: v.float() for k, v in tensors.items() if k.startswith(p)}
-    h = torch.randn(3, 40, int(spec.config["hidden_size"]), generator=torch.Generator().manual_seed(1))
     eager = InputStats()
     spec.layer_forward(i, LayerTensors(t, observer=eager), h)
     deferred = InputStats(hessians=lambda key: not key.startswith(f"{block}.experts."), keep_all=[f"{block}.gate"])
@@ -82,14 +88,8 @@ def test_the_shared_expert_input_search_scores_each_expert_on_its_routed_tokens(
     calibration rows the router sends to it (the error the MoE layer makes), a shared expert on every row."""
     from offline.calibrated import _output_error, _scored_candidates, input_key
 
-    d = tiny_dir(family)
-    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
-    tensors = load_file(os.path.join(d, "model.safetensors"))
-    i = next(i for i in range(spec.num_layers) if spec.moe_block(i))
+    spec, i, t, h = _first_moe_layer(tiny_dir(family), seed=4)
     block, names = spec.moe_block(i)
-    p = spec.layer_prefix(i)
-    t = {k[len(p):]: v.float() for k, v in tensors.items() if k.startswith(p)}
-    h = torch.randn(3, 40, int(spec.config["hidden_size"]), generator=torch.Generator().manual_seed(4))
     stats = InputStats(keep_rows_every=1, hessians=lambda key: False, keep_all=[f"{block}.gate"])
     routes = []
     spec.layer_forward(i, LayerTensors(t, observer=stats), h, lambda _i, ids: routes.append(ids))
