@@ -391,34 +391,25 @@ def _config_bytes(config: dict, spec: ModelSpec, opts, method, routing_stats: bo
 
 def _time(spec: ModelSpec, src, params: int, tokens: int, method, opts):
     parts = {"startup": STARTUP_S + (TOKENIZER_S if tokens else 0), "read_round_write": params / RTN_PARAMS_PER_S}
+    # every linear: (parameters, the share of the tokens it computes: top_k / experts for a routed expert,
+    # else 1, quantized?)
+    linears = []
+    for i in range(spec.num_layers):
+        prefix = spec.layer_prefix(i)
+        moe = spec.moe_block(i)
+        for m in spec.linear_modules(i):
+            shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
+            if shape:
+                share = spec.top_k / max(spec.num_experts, 1) if moe and m.startswith(f"{moe[0]}.experts.") else 1
+                linears.append((_numel(shape), share, not is_ignored(prefix + m, opts.ignore)))
     if tokens:
-        # per token, every linear of a dense layer; for MoE layers the routed top-k experts (+ shared ones)
-        per_token = 0
-        for i in range(spec.num_layers):
-            prefix = spec.layer_prefix(i)
-            moe = spec.moe_block(i)
-            for m in spec.linear_modules(i):
-                shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
-                if not shape:
-                    continue
-                n = _numel(shape)
-                if moe and m.startswith(f"{moe[0]}.experts."):
-                    n = n * spec.top_k / max(spec.num_experts, 1)
-                per_token += n
+        per_token = sum(n * share for n, share, _ in linears)
         passes = 1 if opts.method == "rtn" else 2  # statistics forward (float) + quantized forward
         parts["calibration_forward"] = passes * 2 * per_token * tokens / FORWARD_FLOPS
     if method.search_alpha:  # per candidate (none + the grid [+ rotated]) and consumer: round the weight, one
-        rows = min(SEARCH_ROWS, math.ceil(tokens / SEARCH_ROW_STRIDE))  # [rows, in] x [in, out] product on the
-        work = 0.0  # kept search rows; a routed expert is scored on the rows routed to it (top_k / experts of them)
-        for i in range(spec.num_layers):
-            prefix = spec.layer_prefix(i)
-            moe = spec.moe_block(i)
-            for m in spec.linear_modules(i):
-                shape = src.get(f"{prefix}{m}.weight", (None, None))[1]
-                if not shape or is_ignored(prefix + m, opts.ignore):
-                    continue
-                share = spec.top_k / max(spec.num_experts, 1) if moe and m.startswith(f"{moe[0]}.experts.") else 1
-                work += _numel(shape) * (1 / RTN_PARAMS_PER_S + 2 * rows * share / FORWARD_FLOPS)
+        # [rows, in] x [in, out] product on the kept search rows (a routed expert: the rows routed to it)
+        rows = min(SEARCH_ROWS, math.ceil(tokens / SEARCH_ROW_STRIDE))
+        work = sum(n * (1 / RTN_PARAMS_PER_S + 2 * rows * share / FORWARD_FLOPS) for n, share, q in linears if q)
         parts["alpha_search"] = _search_candidates(opts) * work
     if method.gptq:  # one solve per distinct input: the linears that read it are stacked
         seconds, scoring = 0.0, 0.0
