@@ -59,28 +59,30 @@ def _cpu_backends():
                                                                     "are absent or inexact on this CPU"))]
 
 
+@pytest.mark.parametrize("rotation", [None, 32], ids=["unrotated", "rotated"])
 @pytest.mark.parametrize("backend", _cpu_backends())
 @pytest.mark.parametrize("tp", [2, 4])
-def test_row_parallel_shards_quantize_with_the_unsharded_scale(tp, backend):
+def test_row_parallel_shards_quantize_with_the_unsharded_scale(tp, backend, rotation):
+    """(rotated: blocks of 32 never straddle the shards, and each shard's max is taken after its rotation)"""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(9, 256, generator=gen)
     x[:, 3] *= 20  # one outlier channel, in one shard only: per-shard scales would differ a lot
     w_q, w_s = quantize_weight_per_channel(torch.randn(64, 256, generator=gen))
-    full = ScaledInt8Gemm(w_q, w_s, torch.float32, backend=backend)(x).double()
+    full = ScaledInt8Gemm(w_q, w_s, torch.float32, backend=backend, rotation=rotation)(x).double()
     shard = 256 // tp
     coll = MaxAllReduce(tp)
 
     def rank(r):
         g = ScaledInt8Gemm(w_q[:, r * shard:(r + 1) * shard].contiguous(), w_s, torch.float32, backend=backend,
-                           shard_amax=coll.member(r))
+                           shard_amax=coll.member(r), rotation=rotation)
         return g(x[:, r * shard:(r + 1) * shard]).double()
 
     summed = sum(_run_ranks(rank, tp))
     assert coll.calls == 1
     assert torch.allclose(summed, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
     # Without the shared max each shard uses its own scale: a visibly different result.
-    own = sum(ScaledInt8Gemm(w_q[:, r * shard:(r + 1) * shard].contiguous(), w_s, torch.float32, backend="torch")(
-        x[:, r * shard:(r + 1) * shard]).double() for r in range(tp))
+    own = sum(ScaledInt8Gemm(w_q[:, r * shard:(r + 1) * shard].contiguous(), w_s, torch.float32, backend="torch",
+                             rotation=rotation)(x[:, r * shard:(r + 1) * shard]).double() for r in range(tp))
     assert float((own - full).abs().max()) > 100 * float((summed - full).abs().max())
 
 

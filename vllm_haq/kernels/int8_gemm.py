@@ -172,11 +172,15 @@ class ScaledInt8Gemm:
             # transposed row-major weight is the column-major operand cuBLASLt's int8 GEMM wants.
             self.w_t = w_q.t()
 
-    def token_amax(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token max |x| [M, 1] (float32) of the activations this GEMM quantizes (after smoothing)."""
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations this GEMM quantizes, float32 [M, K]: ``x`` divided by the smoothing, then rotated."""
         x = x.reshape(-1, x.shape[-1]).float()
         x = x if self.smooth is None else x / self.smooth
-        return (x if self.rotation is None else rotate(x, self.rotation)).abs().amax(-1, keepdim=True)
+        return x if self.rotation is None else rotate(x, self.rotation)
+
+    def token_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token max |x| [M, 1] (float32) of the activations this GEMM quantizes (after smoothing and rotation)."""
+        return self._transformed(x).abs().amax(-1, keepdim=True)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                  amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,12 +188,11 @@ class ScaledInt8Gemm:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         smooth = self.smooth
-        if self.rotation is not None:  # block-diagonal: a shard of whole blocks rotates on its own
-            x, smooth = rotate(x.float() if smooth is None else x.float() / smooth, self.rotation), None
-        if self.shard_amax is not None:
-            if smooth is not None:
-                x, smooth = x.float() / smooth, None
-            amax = self.shard_amax(self.token_amax(x)) if amax is None else amax
+        if self.rotation is not None or self.shard_amax is not None:
+            # block-diagonal rotation: a shard of whole blocks rotates on its own
+            x, smooth = self._transformed(x), None
+        if self.shard_amax is not None:  # the shards' max of what they quantize, as the phantom column
+            amax = self.shard_amax(x.abs().amax(-1, keepdim=True)) if amax is None else amax
             x = torch.cat([x, amax.to(x.dtype)], dim=1)
         if self.backend == "triton":  # smoothing is fused into its quantization
             out = self._triton_linear(x, self.w_q, self.w_scale, bias, smooth, self.out_dtype)
