@@ -234,8 +234,22 @@ def save_store(store: dict, md_path: str) -> None:
 
 
 def merge(store: dict, row: dict, run_id: int) -> None:
-    """Put this run's cells of ``row`` into the store (same model: cell by cell; bf16 always replaced)."""
+    """Put this run's cells of ``row`` into the store (same model: cell by cell; bf16 always replaced).
+
+    Cells measured on other windows (another ``--max-windows``) are dropped from the row first: their
+    perplexities and per-window NLLs cannot be compared or paired with this run's.
+    """
     old = next((r for r in store["rows"] if r["model"] == row["model"]), None)
+    run = next(r for r in store["runs"] if r["id"] == run_id)
+    if old is not None and _run_windows(store, old["run"].get("bf16")) != run["windows"]:
+        gone = sorted({str(i) for i in old["run"].values()})
+        note = (f"{row['model']}: the cells of run(s) {', '.join(gone)} were measured on "
+                f"{_run_windows(store, old['run'].get('bf16')) or 'all'} windows per corpus; this run measures "
+                f"{run['windows'] or 'all'}, so they were dropped from the row (they stay in git history)")
+        if note not in run["notes"]:
+            run["notes"].append(note)
+        store["rows"].remove(old)
+        old = None
     if old is None:
         old = {"model": row["model"], "ppl": {}, "cost": {}, "hf": {}, "run": {}}
         store["rows"].append(old)
@@ -251,6 +265,11 @@ def merge(store: dict, row: dict, run_id: int) -> None:
         old[key].update(row[key])
     notes = store["runs"][-1]["notes"]
     notes += [n for n in (f"{row['model']}: {n}" for n in row["notes"]) if n not in notes]
+
+
+def _run_windows(store: dict, run_id: int | None) -> int | None:
+    """The ``--max-windows`` of run ``run_id`` (None: all windows)."""
+    return next((r.get("windows") for r in store["runs"] if r["id"] == run_id), None)
 
 
 def render(store: dict) -> str:
