@@ -248,11 +248,9 @@ def merge(store: dict, row: dict, run_id: int) -> None:
                 f"{run['windows'] or 'all'}, so they were dropped from the row (they stay in git history)")
         if note not in run["notes"]:
             run["notes"].append(note)
-        store["rows"].remove(old)
-        old = None
+        store["rows"][store["rows"].index(old)] = old = _empty_row(row["model"])  # same place in the table
     if old is None:
-        old = {"model": row["model"], "ppl": {}, "cost": {}, "hf": {}, "run": {}}
-        store["rows"].append(old)
+        store["rows"].append(old := _empty_row(row["model"]))
     for col, v in row["ppl"].items():
         old["ppl"][col] = v
         old["run"][col] = run_id
@@ -265,6 +263,10 @@ def merge(store: dict, row: dict, run_id: int) -> None:
         old[key].update(row[key])
     notes = store["runs"][-1]["notes"]
     notes += [n for n in (f"{row['model']}: {n}" for n in row["notes"]) if n not in notes]
+
+
+def _empty_row(model: str) -> dict:
+    return {"model": model, "ppl": {}, "cost": {}, "hf": {}, "run": {}}
 
 
 def _run_windows(store: dict, run_id: int | None) -> int | None:
