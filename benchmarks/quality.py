@@ -241,10 +241,11 @@ def merge(store: dict, row: dict, run_id: int) -> None:
     """
     old = next((r for r in store["rows"] if r["model"] == row["model"]), None)
     run = next(r for r in store["runs"] if r["id"] == run_id)
-    if old is not None and _run_windows(store, old["run"].get("bf16")) != run["windows"]:
+    old_windows = old and _run_windows(store, old["run"].get("bf16"))
+    if old is not None and old_windows != run["windows"]:
         gone = sorted({str(i) for i in old["run"].values()})
         note = (f"{row['model']}: the cells of run(s) {', '.join(gone)} were measured on "
-                f"{_run_windows(store, old['run'].get('bf16')) or 'all'} windows per corpus; this run measures "
+                f"{old_windows or 'all'} windows per corpus; this run measures "
                 f"{run['windows'] or 'all'}, so they were dropped from the row (they stay in git history)")
         if note not in run["notes"]:
             run["notes"].append(note)
@@ -261,8 +262,7 @@ def merge(store: dict, row: dict, run_id: int) -> None:
                 old.get(key, {}).pop(col, None)
     for key in ("cost", "hf"):
         old[key].update(row[key])
-    notes = store["runs"][-1]["notes"]
-    notes += [n for n in (f"{row['model']}: {n}" for n in row["notes"]) if n not in notes]
+    run["notes"] += [n for n in (f"{row['model']}: {n}" for n in row["notes"]) if n not in run["notes"]]
 
 
 def _empty_row(model: str) -> dict:
