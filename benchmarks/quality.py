@@ -236,17 +236,19 @@ def save_store(store: dict, md_path: str) -> None:
 def merge(store: dict, row: dict, run_id: int) -> None:
     """Put this run's cells of ``row`` into the store (same model: cell by cell; bf16 always replaced).
 
-    Cells measured on other windows (another ``--max-windows``) are dropped from the row first: their
-    perplexities and per-window NLLs cannot be compared or paired with this run's.
+    Cells measured on other windows (another ``--max-windows``) or calibrated on another number of windows
+    (``--samples``) are dropped from the row first: their perplexities cannot be compared or paired with this
+    run's, and one row compares methods under one calibration.
     """
     old = next((r for r in store["rows"] if r["model"] == row["model"]), None)
     run = next(r for r in store["runs"] if r["id"] == run_id)
-    old_windows = old and _run_windows(store, old["run"].get("bf16"))
-    if old is not None and old_windows != run["windows"]:
+    old_protocol = old and _run_protocol(store, old["run"].get("bf16"))
+    if old is not None and old_protocol != (run["windows"], run["samples"]):
         gone = sorted({str(i) for i in old["run"].values()})
         note = (f"{row['model']}: the cells of run(s) {', '.join(gone)} were measured on "
-                f"{old_windows or 'all'} windows per corpus; this run measures "
-                f"{run['windows'] or 'all'}, so they were dropped from the row (they stay in git history)")
+                f"{old_protocol[0] or 'all'} windows per corpus, calibrated on {old_protocol[1]}; this run measures "
+                f"{run['windows'] or 'all'}, calibrated on {run['samples']}, so they were dropped from the row "
+                "(they stay in git history)")
         if note not in run["notes"]:
             run["notes"].append(note)
         store["rows"][store["rows"].index(old)] = old = _empty_row(row["model"])  # same place in the table
@@ -269,9 +271,9 @@ def _empty_row(model: str) -> dict:
     return {"model": model, "ppl": {}, "cost": {}, "hf": {}, "run": {}}
 
 
-def _run_windows(store: dict, run_id: int | None) -> int | None:
-    """The ``--max-windows`` of run ``run_id`` (None: all windows)."""
-    return next((r.get("windows") for r in store["runs"] if r["id"] == run_id), None)
+def _run_protocol(store: dict, run_id: int | None) -> tuple[int | None, int | None]:
+    """The ``--max-windows`` (None: all windows) and ``--samples`` of run ``run_id``."""
+    return next(((r.get("windows"), r.get("samples")) for r in store["runs"] if r["id"] == run_id), (None, None))
 
 
 def render(store: dict) -> str:

@@ -16,9 +16,9 @@ def quality():
     return module
 
 
-def _run(store, run_id, windows):
+def _run(store, run_id, windows, samples=1):
     store["runs"].append({"id": run_id, "date": "d", "machine": "m", "vllm": "v", "command": "c", "windows": windows,
-                          "kl_windows": 2, "samples": 1, "notes": []})
+                          "kl_windows": 2, "samples": samples, "notes": []})
 
 
 def _row(cols, n, nll, model="tiny"):
@@ -46,3 +46,9 @@ def test_a_run_on_other_windows_replaces_the_row_instead_of_pairing_mismatched_c
     quality.save_store(store, out)  # renders: no zip of 3 against 5 windows
     table = open(out).read()
     assert table.index("| tiny | wiki.test |") < table.index("| second | wiki.test |")
+
+    _run(store, 4, None, samples=2)  # same windows, another calibration budget: one row, one calibration
+    quality.merge(store, _row(["bf16", "GPTQ"], 5, 1.3), 4)
+    row, _ = store["rows"]
+    assert row["run"] == {"bf16": 4, "GPTQ": 4}
+    assert "calibrated on 1" in store["runs"][-1]["notes"][0] and "calibrated on 2" in store["runs"][-1]["notes"][0]
