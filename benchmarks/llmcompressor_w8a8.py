@@ -23,7 +23,7 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--calib", nargs="+", required=True)
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -113,7 +113,7 @@ def main() -> int:
     ap.add_argument("--max-windows", type=int, default=None, help="512-token windows per corpus (default: all)")
     ap.add_argument("--kl-windows", type=int, default=10,
                     help="windows per corpus (the first ones) for KL to bf16 through the hf backend")
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows of 512 tokens (haq convert's default)")
     ap.add_argument("--models", nargs="*", default=None, help="subset of model names")
     ap.add_argument("--columns", nargs="*", default=None,
                     help=f"subset of columns to measure (bf16 is always measured): {[*HAQ_METHODS, 'llm-compressor']}")

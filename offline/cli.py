@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", nargs="+", metavar="SOURCE",
                    help="calibration text: .txt/.jsonl files or wikitext2|c4|pile (needs network); "
                         "required for MoE models (routing statistics) and every method but rtn (default: none)")
-    c.add_argument("--samples", type=int, default=32, help="calibration windows")
+    c.add_argument("--samples", type=int, default=64,
+                   help="calibration windows (haq's per-layer search and GPTQ need enough: see the README)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
     c.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN",

@@ -65,7 +65,7 @@ class ConvertError(RuntimeError):
 class ConvertOptions:
     method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
     calib: list[str] = field(default_factory=list)
-    samples: int = 32
+    samples: int = 64  # calibration windows (why 64: the README's --samples row)
     seq_len: int = 512
     seed: int = 0
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
