@@ -23,7 +23,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import CORPORA, REPO, kl_to_reference, machine, models, paired_difference, score, timed_subprocess  # noqa: E402
+from quality import (CALIB, TEST_CORPORA, json_path, kl_to_reference, machine, models,  # noqa: E402
+                     paired_difference, score, timed_subprocess)
 
 METHODS = {"SmoothQuant": ["--method", "smoothquant", "--alpha", "0.5"], "HAQ": ["--method", "haq"]}
 
@@ -43,9 +44,7 @@ def main() -> int:
     from offline.evaluate import eval_token_windows, hf_final_hidden
 
     src = models()[args.model]()
-    calib = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
-    corpora = {c: os.path.join(CORPORA, f"{c}.txt") for c in ("wiki.test", "sotu.test")}
-    windows = {c: eval_token_windows(src, p, 512) for c, p in corpora.items()}
+    windows = {c: eval_token_windows(src, p, 512) for c, p in TEST_CORPORA.items()}
     kl_windows = {c: w[: args.kl_windows] for c, w in windows.items()}
     reference = hf_final_hidden(src, torch.cat(list(kl_windows.values())))
     bf16_ppl, bf16_nll = score(src, windows, "hf")
@@ -60,7 +59,7 @@ def main() -> int:
             for method, opts in METHODS.items():
                 out = os.path.join(args.work, f"{args.model}-{method}-{n}-{seed}")
                 shutil.rmtree(out, ignore_errors=True)
-                cost = timed_subprocess([sys.executable, "-m", "offline.cli", "convert", src, out, "--calib", *calib,
+                cost = timed_subprocess([sys.executable, "-m", "offline.cli", "convert", src, out, "--calib", *CALIB,
                                          "--samples", str(n), "--seed", str(seed), "--no-progress", *opts])
                 if not cost["ok"]:
                     raise SystemExit(f"{method} samples={n} seed={seed}: conversion failed: {cost.get('error')}")
@@ -77,7 +76,7 @@ def main() -> int:
 
 
 def write(run: dict, md_path: str) -> None:
-    with open(os.path.splitext(md_path)[0] + ".json", "w") as f:
+    with open(json_path(md_path), "w") as f:
         json.dump(run, f, indent=1)
     with open(md_path, "w") as f:
         f.write(render(run))
@@ -85,13 +84,17 @@ def write(run: dict, md_path: str) -> None:
 
 def render(run: dict) -> str:
     corp = list(run["windows"])
-    pct = {c: (lambda p, c=c: 100.0 * (p / run["bf16"]["ppl"][c] - 1.0)) for c in corp}
+
+    def pct(c: str, ppl: float) -> float:
+        """Perplexity change vs bf16 on corpus ``c``, in %."""
+        return 100.0 * (ppl / run["bf16"]["ppl"][c] - 1.0)
+
     lines = [f"# Calibration size and seed: HAQ vs SmoothQuant-only on {run['model']}", "",
              f"{run['date']} — {run['machine']}", "", f"Command: `{run['command']}` (from the repository root, "
              f"git commit of the run in the commit that adds this file or later).", "",
              "Scored with the hf backend on the whole test splits ("
              + ", ".join(f"{c}: {w} windows of 512 tokens" for c, w in run["windows"].items())
-             + f"); bf16 perplexity " + ", ".join(f"{c} {run['bf16']['ppl'][c]:.3f}" for c in corp)
+             + "); bf16 perplexity " + ", ".join(f"{c} {run['bf16']['ppl'][c]:.3f}" for c in corp)
              + f". KL(bf16 ‖ method) in 10⁻³ nats per token over the first {run['kl_windows']} windows of each corpus. "
              "Paired: HAQ − SmoothQuant over the same windows, as a perplexity ratio in % with its 95% interval. "
              "Calibration: `--samples N` windows of 512 tokens from wiki.train + sotu.train drawn with `--seed`.", "",
@@ -101,7 +104,7 @@ def render(run: dict) -> str:
         cells = []
         for c in corp:
             d, lo, hi = (100.0 * v for v in paired_difference(e["window_nll"]["HAQ"][c], e["window_nll"]["SmoothQuant"][c]))
-            cells += [f"{pct[c](e['ppl']['SmoothQuant'][c]):+.3f}%", f"{pct[c](e['ppl']['HAQ'][c]):+.3f}%",
+            cells += [f"{pct(c, e['ppl']['SmoothQuant'][c]):+.3f}%", f"{pct(c, e['ppl']['HAQ'][c]):+.3f}%",
                       f"{d:+.3f}% [{lo:+.3f}, {hi:+.3f}]"]
         kl = {m: 1e3 * statistics.fmean(e["kl"][m].values()) for m in METHODS}
         lines.append(f"| {e['samples']} | {e['seed']} | " + " | ".join(cells) + f" | {kl['SmoothQuant']:.3f} | {kl['HAQ']:.3f} |")
@@ -110,10 +113,10 @@ def render(run: dict) -> str:
               "|" + "---|" * (3 + 2 * len(corp))]
     for n in sorted({e["samples"] for e in run["results"]}):
         es = [e for e in run["results"] if e["samples"] == n]
-        cells, wins = [], 0
+        cells = []
         for c in corp:
             for m in METHODS:
-                v = [pct[c](e["ppl"][m][c]) for e in es]
+                v = [pct(c, e["ppl"][m][c]) for e in es]
                 cells.append(f"{statistics.fmean(v):+.3f}% ± {statistics.stdev(v) if len(v) > 1 else math.nan:.3f}")
         wins = sum(e["ppl"]["HAQ"][c] <= e["ppl"]["SmoothQuant"][c] for e in es for c in corp)
         lines.append(f"| {n} | {len(es)} | " + " | ".join(cells) + f" | {wins} of {len(es) * len(corp)} |")

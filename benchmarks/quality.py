@@ -36,6 +36,8 @@ sys.path.insert(0, REPO)
 SHARED = os.environ.get("HAQ_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
 CORPORA = os.path.join(SHARED, "data", "corpora")
 LLMC_PY = os.path.join(REPO, ".venv-llmc", "bin", "python")
+CALIB = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]  # every column calibrates here
+TEST_CORPORA = {c: os.path.join(CORPORA, f"{c}.txt") for c in ("wiki.test", "sotu.test")}  # rows: model x corpus
 
 HAQ_METHODS = {  # column -> haq convert options
     "RTN": ["--method", "rtn"],
@@ -127,8 +129,7 @@ def main() -> int:
 
     from offline.evaluate import eval_token_windows, hf_final_hidden
 
-    calib = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
-    corpora = {"wiki.test": os.path.join(CORPORA, "wiki.test.txt"), "sotu.test": os.path.join(CORPORA, "sotu.test.txt")}
+    calib, corpora = CALIB, TEST_CORPORA
     os.makedirs(args.work, exist_ok=True)
     store = load_store(args.out)
     run_id = 1 + max((r["id"] for r in store["runs"]), default=0)
@@ -213,20 +214,20 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores ({cpu or 'CPU'}), no GPU"
 
 
-def _json_path(md_path: str) -> str:
+def json_path(md_path: str) -> str:
     return os.path.splitext(md_path)[0] + ".json"
 
 
 def load_store(md_path: str | None) -> dict:
     """All measured rows so far (the JSON next to the markdown): a run adds or replaces cells, never whole tables."""
-    if md_path and os.path.exists(_json_path(md_path)):
-        with open(_json_path(md_path)) as f:
+    if md_path and os.path.exists(json_path(md_path)):
+        with open(json_path(md_path)) as f:
             return json.load(f)
     return {"runs": [], "rows": []}
 
 
 def save_store(store: dict, md_path: str) -> None:
-    with open(_json_path(md_path), "w") as f:
+    with open(json_path(md_path), "w") as f:
         json.dump(store, f, indent=1)
         f.write("\n")
     with open(md_path, "w") as f:
