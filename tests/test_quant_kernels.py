@@ -1,12 +1,16 @@
 """The int8 numerics (vllm_haq.quant) and the CPU kernels (vllm_haq.kernels) against float64 references."""
 
+import os
+
 import pytest
 import torch
 
 from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward
-from vllm_haq.kernels.int8_gemm import _onednn_is_exact, exact_int8_mm, torch_scaled_int8_mm
+from vllm_haq.kernels.int8_gemm import (ONEDNN_EXACT, ONEDNN_SATURATING, exact_int8_mm, onednn_int8_arithmetic,
+                                        torch_scaled_int8_mm)
 from vllm_haq.quant import (
     dequantize,
+    int8_matmul_int16_saturating,
     int8_matmul_reference,
     quantize_per_token,
     quantize_weight_per_channel,
@@ -57,8 +61,13 @@ def test_exact_int8_mm_matches_integer_math_across_k_chunks():
 @pytest.mark.parametrize("backend", ["torch", "onednn"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_scaled_int8_gemm_backends_match_reference(backend, out_dtype):
-    if backend == "onednn" and not _onednn_is_exact():
-        pytest.skip("oneDNN int8 is inexact on this CPU (no VNNI/AMX): the backend is not selected here")
+    """oneDNN is held to the arithmetic the self-check found on this CPU: HAQ's exact products where it is
+    exact (VNNI/AMX; the backend ``auto`` picks there), the int16-saturating model of it elsewhere (AVX2;
+    never picked, but an explicit HAQ_INT8_BACKEND=onednn gets exactly that), so its wiring (scales, bias,
+    output dtype, HAQ's quantization) is checked on every x86 host."""
+    arithmetic = onednn_int8_arithmetic() if backend == "onednn" else ONEDNN_EXACT
+    if arithmetic not in (ONEDNN_EXACT, ONEDNN_SATURATING):
+        pytest.skip(f"vLLM's oneDNN int8 GEMM is {arithmetic} on this CPU: no reference for it")
     torch.manual_seed(0)
     w = torch.randn(80, 200)
     q, s = quantize_weight_per_channel(w)
@@ -66,9 +75,41 @@ def test_scaled_int8_gemm_backends_match_reference(backend, out_dtype):
     bias = torch.randn(80)
     out = torch.full((9, 80), float("nan"))
     out[:] = ScaledInt8Gemm(q, s, out_dtype, backend=backend)(x.to(out_dtype), bias.to(out_dtype)).float()
-    ref = w8a8_linear_reference(x.to(out_dtype).float(), q, s, bias.to(out_dtype).float())
+    xf = x.to(out_dtype).float()
+    if arithmetic == ONEDNN_EXACT:
+        ref = w8a8_linear_reference(xf, q, s, bias.to(out_dtype).float())
+    else:
+        x_q, x_s = quantize_per_token(xf)
+        ref = int8_matmul_int16_saturating(x_q, q).double() * x_s.double() * s.double().t() + bias.to(out_dtype).double()
+        assert _rel(ref, w8a8_linear_reference(xf, q, s, bias.to(out_dtype).float())) > 1e-3  # it does saturate
     tol = 1e-5 if out_dtype == torch.float32 else 1e-2
     assert _rel(out, ref) <= tol
+
+
+def test_onednn_self_check_recognises_the_arithmetic_of_this_cpu():
+    """Exact with VNNI/AMX, int16-saturating on AVX2 alone; anything else would leave the backend unchecked."""
+    arithmetic = onednn_int8_arithmetic()
+    if arithmetic is None:
+        pytest.skip("this vLLM build has no oneDNN int8 ops")
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    int8_dot = sorted(f for f in flags if "vnni" in f or "amx" in f)
+    assert arithmetic in (ONEDNN_EXACT, ONEDNN_SATURATING), f"{arithmetic} (CPU's VNNI/AMX flags: {int8_dot})"
+    if not int8_dot:
+        assert arithmetic == ONEDNN_SATURATING, "no VNNI/AMX, yet oneDNN's int8 GEMM does not saturate"
+
+
+def test_int16_saturating_model_saturates_pairs_and_is_exact_below():
+    """The model of oneDNN without VNNI: (x+128)·w summed over adjacent pairs in int16 with saturation,
+    minus 128·Σw. Small operands never saturate (exact); a pair of 127s against 127s does."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-60, 61, (5, 33), generator=gen, dtype=torch.int8)  # (60+128)·60·2 = 22560 < 32767
+    w = torch.randint(-60, 61, (7, 33), generator=gen, dtype=torch.int8)
+    assert torch.equal(int8_matmul_int16_saturating(x, w), x.long() @ w.long().t())
+    x = torch.tensor([[127, 127, -127, 0]], dtype=torch.int8)
+    w = torch.tensor([[127, 127, 5, -3]], dtype=torch.int8)
+    # pairs: (255·127 + 255·127) = 64770 -> 32767; (1·5 + 128·(-3)) = -379; shift back: 128·(127+127+5-3)
+    assert int(int8_matmul_int16_saturating(x, w)) == 32767 - 379 - 128 * 256
+    assert int(x.long() @ w.long().t()) == 2 * 127 * 127 - 635
 
 
 def test_reference_matmul_is_exact_integer_product_times_scales():

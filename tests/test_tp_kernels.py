@@ -51,12 +51,15 @@ def _run_ranks(fn, n: int):
 
 
 def _cpu_backends():
-    from vllm_haq.kernels.int8_gemm import _onednn_is_exact, _vllm_ops
+    """torch, and vLLM's oneDNN wherever its arithmetic is known: exact (VNNI/AMX) or int16-saturating (AVX2).
+    Saturation happens per adjacent pair of K; shards of whole pairs (and the phantom column, paired with
+    oneDNN's zero padding) keep every pair, so the shards still add up to the unsharded product."""
+    from vllm_haq.kernels.int8_gemm import ONEDNN_EXACT, ONEDNN_SATURATING, onednn_int8_arithmetic
 
-    ops = _vllm_ops()
-    usable = ops is not None and hasattr(ops, "create_onednn_scaled_mm") and _onednn_is_exact()
-    return ["torch", pytest.param("onednn", marks=pytest.mark.skipif(not usable, reason="vLLM's oneDNN int8 ops "
-                                                                    "are absent or inexact on this CPU"))]
+    arithmetic = onednn_int8_arithmetic()
+    usable = arithmetic in (ONEDNN_EXACT, ONEDNN_SATURATING)
+    return ["torch", pytest.param("onednn", marks=pytest.mark.skipif(
+        not usable, reason=f"vLLM's oneDNN int8 GEMM is {arithmetic} on this CPU (None: absent)"))]
 
 
 @pytest.mark.parametrize("rotation", [None, 32], ids=["unrotated", "rotated"])

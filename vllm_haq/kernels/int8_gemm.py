@@ -7,9 +7,10 @@ first) — the arithmetic defined in :mod:`vllm_haq.quant`.
 Backends (chosen in one place, :func:`select_backend`):
 
 * ``onednn``  — CPU, vLLM's oneDNN int8 ops (prepacked weights; what vLLM's own
-  W8A8 uses on CPU). Used only where a start-up self-check finds it exact:
-  on CPUs without VNNI/AMX (AVX2 only) oneDNN's int8 path saturates its int16
-  intermediates and was measured 14–23% off on full-range int8 data.
+  W8A8 uses on CPU) behind HAQ's own per-token quantization. Chosen only where a
+  start-up self-check (:func:`onednn_int8_arithmetic`) finds it exact: on CPUs
+  without VNNI/AMX (AVX2 only) oneDNN's int8 path saturates its int16 pair sums
+  (:func:`vllm_haq.quant.int8_matmul_int16_saturating`, 14–23% off on full-range data).
 * ``triton``  — CUDA, this package's Triton kernels (:mod:`.triton_quant`,
   :mod:`.triton_gemm`): fused smoothing + per-token quant, then the scaled GEMM
   reading the checkpoint's row-major weight. Needs only torch and Triton. The
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from vllm_haq.quant import quantize_per_token
+from vllm_haq.quant import int8_matmul_int16_saturating, quantize_per_token
 from vllm_haq.quant.rotation import check_block, rotate
 
 log = logging.getLogger("vllm_haq.kernels")
@@ -60,9 +61,11 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
         return requested
     ops = _vllm_ops()
     if device.type == "cpu" and ops is not None and hasattr(ops, "create_onednn_scaled_mm"):
-        if _onednn_is_exact():
+        arithmetic = onednn_int8_arithmetic()
+        if arithmetic == ONEDNN_EXACT:
             return _chosen(device, "onednn", "vLLM oneDNN int8 ops, exact on this CPU")
-        return _chosen(device, "torch", "oneDNN int8 GEMM is inexact on this CPU (no VNNI); exact fp32-BLAS int8 GEMM")
+        return _chosen(device, "torch", f"vLLM's oneDNN int8 GEMM is {arithmetic} on this CPU, not exact; "
+                       "exact fp32-BLAS int8 GEMM")
     if device.type == "cuda":
         if _triton_available():
             return _chosen(device, "triton", "Triton int8 kernels")
@@ -100,29 +103,57 @@ def _triton_available() -> bool:
     return _TRITON_OK
 
 
-_ONEDNN_EXACT: bool | None = None
+ONEDNN_EXACT = "exact"
+ONEDNN_SATURATING = "int16-saturating"  # vllm_haq.quant.int8_matmul_int16_saturating: x86 without VNNI/AMX
+_ONEDNN_ARITHMETIC: list[str | None] = []  # cached answer of onednn_int8_arithmetic()
+
+
+def onednn_int8_arithmetic() -> str | None:
+    """What vLLM's oneDNN int8 GEMM computes on this CPU (cached): ``"exact"`` (int32-exact products),
+    ``"int16-saturating"`` (bit-identical to :func:`~vllm_haq.quant.int8_matmul_int16_saturating`, the
+    arithmetic of CPUs without VNNI/AMX), ``"unknown"`` (neither, or the self-check failed), or ``None``
+    where vLLM has no oneDNN int8 ops.
+
+    One full-range GEMM decides it. Its activations pin each row's max at 127 so that quantization is the
+    identity and only the GEMM is judged. The handler keeps raw pointers to the weight scales (vLLM holds
+    them as layer parameters), so they must outlive every call: a temporary here made the check read freed
+    memory and fail on every CPU.
+    """
+    if not _ONEDNN_ARITHMETIC:
+        _ONEDNN_ARITHMETIC.append(_measure_onednn_arithmetic())
+        log.info("vllm-haq: vLLM's oneDNN int8 GEMM on this CPU: %s", _ONEDNN_ARITHMETIC[0])
+    return _ONEDNN_ARITHMETIC[0]
+
+
+def _measure_onednn_arithmetic() -> str | None:
+    ops = _vllm_ops()
+    if ops is None or not hasattr(ops, "create_onednn_scaled_mm"):
+        return None
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (64, 512), generator=gen, dtype=torch.int8)
+        x = torch.randint(-127, 128, (16, 512), generator=gen).float()
+        x[:, 0] = 127.0
+        w_scale = torch.ones(64, 1)  # referenced by the handler: alive until the GEMM below has run
+        handler = ops.create_onednn_scaled_mm(w.t(), w_scale, torch.float32, True, False, 32)
+        x_q, x_s = quantize_per_token(x)
+        out = torch.full((16, 64), float("nan"))
+        ops.onednn_scaled_mm(handler, x_q, out, x_s, None, None, None)
+        del handler, w_scale
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+        log.info("vllm-haq: oneDNN int8 self-check failed (%s)", exc)
+        return "unknown"
+    got = out.double()
+    if torch.equal(got, (x_q.double() @ w.double().t())):
+        return ONEDNN_EXACT
+    if torch.equal(got, int8_matmul_int16_saturating(x_q, w).double()):
+        return ONEDNN_SATURATING
+    return "unknown"
 
 
 def _onednn_is_exact() -> bool:
-    """Run one full-range int8 GEMM through oneDNN and compare it with exact integer math (cached)."""
-    global _ONEDNN_EXACT
-    if _ONEDNN_EXACT is None:
-        ops = _vllm_ops()
-        try:
-            gen = torch.Generator().manual_seed(0)
-            w = torch.randint(-127, 128, (64, 512), generator=gen, dtype=torch.int8)
-            x = torch.randint(-127, 128, (16, 512), generator=gen).float()
-            x[:, 0] = 127.0  # pin each row's amax so quantization is the identity
-            handler = ops.create_onednn_scaled_mm(w.t(), torch.ones(64, 1), torch.float32, True, False, 32)
-            x_q, x_s, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
-            out = torch.empty(16, 64)
-            ops.onednn_scaled_mm(handler, x_q, out, x_s, None, None, None)
-            exact = (x_q.double() @ w.double().t()) * x_s.double()
-            _ONEDNN_EXACT = bool(torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-3))
-        except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
-            log.info("vllm-haq: oneDNN int8 self-check failed (%s)", exc)
-            _ONEDNN_EXACT = False
-    return _ONEDNN_EXACT
+    """Whether vLLM's oneDNN int8 GEMM computes HAQ's exact int32 products on this CPU."""
+    return onednn_int8_arithmetic() == ONEDNN_EXACT
 
 
 TokenAmax = Callable[[torch.Tensor], torch.Tensor]
@@ -200,7 +231,7 @@ class ScaledInt8Gemm:
         if smooth is not None:
             x = x.float() / smooth
         if self.backend == "onednn":
-            x_q, x_s, _ = self._ops.onednn_scaled_int8_quant(x, None, None, True)
+            x_q, x_s = quantize_per_token(x)  # HAQ's rounding (vLLM's op rounds some ties the other way)
             out = torch.empty((x.shape[0], self.n), dtype=self.out_dtype, device=x.device)
             self._ops.onednn_scaled_mm(self._handler, x_q, out, x_s, None, None, bias)
         elif self.backend == "cutlass":

@@ -3,6 +3,7 @@
 from vllm_haq.quant.int8 import (
     INT8_MAX,
     dequantize,
+    int8_matmul_int16_saturating,
     int8_matmul_reference,
     quantize_per_token,
     quantize_weight_per_channel,
@@ -17,6 +18,7 @@ __all__ = [
     "INT8_MAX",
     "dequantize",
     "hadamard",
+    "int8_matmul_int16_saturating",
     "int8_matmul_reference",
     "quantize_per_token",
     "quantize_weight_per_channel",
