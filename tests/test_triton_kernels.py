@@ -426,6 +426,27 @@ def test_auto_backend_is_triton_on_cuda_and_unchanged_on_cpu(monkeypatch):
         int8_gemm.select_backend("cuda", "tritonn")
 
 
+def test_backend_override_applies_only_where_that_backend_runs(monkeypatch):
+    """HAQ_INT8_BACKEND=triton on a GPU host must not reach the offload engine's GEMMs on host tensors."""
+    from vllm_haq.kernels import int8_gemm
+
+    monkeypatch.setattr(int8_gemm, "_triton_available", lambda: True)
+    monkeypatch.delenv("HAQ_INT8_BACKEND", raising=False)
+    auto = {d: int8_gemm.select_backend(d) for d in ("cpu", "cuda")}
+    assert auto["cuda"] == "triton" and auto["cpu"] in ("torch", "onednn")
+    for value, want in (("triton", {"cuda": "triton", "cpu": auto["cpu"]}),
+                        ("cutlass", {"cuda": "cutlass", "cpu": auto["cpu"]}),
+                        ("onednn", {"cuda": "triton", "cpu": "onednn"}),
+                        ("torch", {"cuda": "torch", "cpu": "torch"})):
+        monkeypatch.setenv("HAQ_INT8_BACKEND", value)
+        assert {d: int8_gemm.select_backend(d) for d in ("cpu", "cuda")} == want, value
+    assert int8_gemm.select_backend("cpu", "triton") == "triton"  # an explicit argument is taken as given
+    monkeypatch.setenv("HAQ_INT8_BACKEND", "tritonn")
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="HAQ_INT8_BACKEND.*tritonn"):
+            int8_gemm.select_backend(device)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-child"]:
     _child_main(sys.argv[2])
 elif __name__ == "__main__" and sys.argv[1:2] == ["--compile-child"]:

@@ -54,7 +54,7 @@ def _vllm_ops():
 def select_backend(device: torch.device | str, requested: str | None = None) -> str:
     """The int8 GEMM backend for ``device``: ``requested``, ``$HAQ_INT8_BACKEND``, or the best available."""
     device = torch.device(device)
-    requested = requested or os.environ.get(_ENV_BACKEND) or "auto"
+    requested = requested or _env_backend(device)
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"{_ENV_BACKEND}/backend {requested!r} is not one of {BACKENDS + ('auto',)}")
@@ -75,7 +75,25 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
                    "chunks on CPU", level=logging.WARNING)
 
 
-_LOGGED: set[tuple[str, str]] = set()
+# The device types each backend runs on. $HAQ_INT8_BACKEND applies where its backend runs and leaves the
+# other devices to "auto": on a GPU host the offload engine also computes experts from host memory, and
+# HAQ_INT8_BACKEND=triton (or cutlass) must not launch GPU kernels on those CPU tensors.
+_RUNS_ON = {"onednn": ("cpu",), "cutlass": ("cuda",), "triton": ("cuda",), "torch": ("cpu", "cuda")}
+
+
+def _env_backend(device: torch.device) -> str:
+    """``$HAQ_INT8_BACKEND`` for ``device``: its value where that backend runs on this device type, else "auto"."""
+    value = os.environ.get(_ENV_BACKEND) or "auto"
+    if value == "auto" or value not in _RUNS_ON or device.type in _RUNS_ON[value]:
+        return value  # an unknown name is refused by select_backend
+    if ("env", device.type, value) not in _LOGGED:
+        _LOGGED.add(("env", device.type, value))
+        log.info("vllm-haq: %s=%s does not run on %s; the %s backend is chosen automatically", _ENV_BACKEND,
+                 value, device.type, device.type)
+    return "auto"
+
+
+_LOGGED: set[tuple[str, ...]] = set()
 
 
 def _chosen(device: torch.device, backend: str, why: str, level: int = logging.INFO) -> str:
