@@ -572,3 +572,5 @@ class OffloadEngine:
         for pool in (self._pool, self._copier):
             if pool is not None:
                 pool.shutdown(wait=True)
+        if self._copy_stream is not None:  # prefetches still copying into the cache must land before it is freed
+            self._copy_stream.synchronize()

@@ -95,7 +95,19 @@ def _routing_prior(vllm_config, routing_file: str | None) -> dict | None:
     return validate_routing_stats(os.path.join(model_dir, routing_file), read_config(model_dir))
 
 
-def _keep_moe_out_of_cuda_graphs(vllm_config) -> None:
+# The ops through which vLLM calls an MoE layer in a compiled model on CUDA (every platform but CPU and TPU):
+# its own opaque vllm::moe_forward / moe_forward_shared (fused_moe/runner/moe_runner.py, _select_forward and
+# the direct_register_custom_op calls), which run the layer, and so haq_moe_forward, eagerly. Only CPU and TPU
+# trace into the layer, where haq_moe_forward itself shows in the graph.
+_VLLM_MOE_OPS = ("vllm::moe_forward", "vllm::moe_forward_shared")
+
+
+def moe_ops_in_graph(cpu_or_tpu: bool) -> tuple[str, ...]:
+    """The MoE op names a compiled graph holds: what a graph split must name to keep MoE layers out of it."""
+    return (_OP_NAME,) if cpu_or_tpu else _VLLM_MOE_OPS
+
+
+def _keep_moe_out_of_cuda_graphs(vllm_config, cpu_or_tpu: bool = False) -> None:
     """Offloading decides on the host per step: graphs may not capture the MoE op (PIECEWISE, op split out)."""
     from vllm.config import CUDAGraphMode
 
@@ -104,10 +116,10 @@ def _keep_moe_out_of_cuda_graphs(vllm_config) -> None:
         return
     if cc.splitting_ops is None:
         cc.splitting_ops = []
-    if _OP_NAME not in cc.splitting_ops:
-        cc.splitting_ops.append(_OP_NAME)
+    ops = moe_ops_in_graph(cpu_or_tpu)
+    cc.splitting_ops.extend(op for op in ops if op not in cc.splitting_ops)
     if cc.cudagraph_mode != CUDAGraphMode.PIECEWISE:
-        log.info("vllm-haq offload: cudagraph_mode %s -> PIECEWISE with %s split out", cc.cudagraph_mode, _OP_NAME)
+        log.info("vllm-haq offload: cudagraph_mode %s -> PIECEWISE with %s split out", cc.cudagraph_mode, ops)
         cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
@@ -150,6 +162,14 @@ def _expert_rotation(qcfg, prefix: str, num_experts: int, explicit_smoothing: bo
 class HAQMoEMethod(FusedMoEMethodBase):
     """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales."""
 
+    @property
+    def requires_device_loading(self) -> bool:
+        """False when offloading: vLLM's loader would otherwise run process_weights_after_loading inside
+        ``device_loading_context`` (model_loader/utils.py: process_weights_after_loading, device_loading_context),
+        which first moves every CPU parameter to the GPU — all the host experts, the model that does not fit —
+        and the engine would then be handed CUDA tensors to pin."""
+        return not self.offload.offloading
+
     def __init__(self, quant_config, moe, prefix: str):
         super().__init__(moe)
         self.quant_config = quant_config
@@ -157,6 +177,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.layer_key = f"{prefix}#{next(_ids)}"
         self.offload, self._vllm_config = _offload_settings(quant_config)
         self.engine: OffloadEngine | None = None
+        self.fused = None  # (slots, weights) of the fused Triton MoE, when all experts are resident on CUDA
         match = _LAYER_INDEX.search(prefix)
         self.layer_index = int(match.group(1)) if match else None
         if self.offload.offloading and self.layer_index is None:
@@ -182,8 +203,14 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.shard_amax = tp_shard_amax(parallel.tp_size > 1)
         # offloaded experts live in host memory (the engine pins them and owns the device cache)
         device = "cpu" if self.offload.offloading else None
-        if self.offload.offloading and torch.cuda.is_available():
-            _keep_moe_out_of_cuda_graphs(self._vllm_config)
+        self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
+        # Only the fused kernel may be captured in a CUDA graph: offloading plans on the host every step, and the
+        # per-expert loop reads its routes' counts on the host (RouteGroups: bincount, .tolist()), which a
+        # capturing stream refuses. Both run eagerly, split out of vLLM's graphs.
+        if torch.cuda.is_available() and not self._fused(torch.device("cuda")):
+            from vllm.platforms import current_platform
+
+            _keep_moe_out_of_cuda_graphs(self._vllm_config, current_platform.is_cpu() or current_platform.is_tpu())
         for name, (shape, dtype) in shapes.items():
             param = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
             layer.register_parameter(name, param)
@@ -192,7 +219,6 @@ class HAQMoEMethod(FusedMoEMethodBase):
             if dtype == SCALE_DTYPE:
                 attrs["quant_method"] = "channel"
             set_weight_attrs(param, attrs)
-        self.explicit_smoothing = self.prefix in self.quant_config.explicit_smoothing
         self.rotation, self.down_rotation = _expert_rotation(self.quant_config.qcfg, self.prefix, num_experts,
                                                              self.explicit_smoothing)
         if self.down_rotation is not None and inter % self.down_rotation:
@@ -207,6 +233,12 @@ class HAQMoEMethod(FusedMoEMethodBase):
             layer.register_parameter("w13_input_smooth", param)
             set_weight_attrs(param, {"weight_loader": self._input_smooth_loader(layer)})
         self.out_dtype = params_dtype
+
+    def _fused(self, device: torch.device) -> bool:
+        """All experts resident on CUDA run as one fused Triton MoE (slot = expert id). It has no per-expert
+        smoothing input and no TP all-shard max, so those layers, and other backends, take the per-expert loop."""
+        return (device.type == "cuda" and not self.offload.offloading and not self.explicit_smoothing
+                and self.shard_amax is None and select_backend(device) == "triton")
 
     def get_fused_moe_quant_config(self, layer):
         return None  # not a vLLM modular kernel
@@ -238,11 +270,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
             self._register_with_engine(layer)
             return
         e = layer.w13_weight.shape[0]
-        # CUDA: the fused Triton MoE (all experts resident: slot = expert id). It has no per-expert
-        # smoothing input, so explicitly smoothed layers take the per-expert GEMM loop below.
-        self.fused = None
-        if (layer.w13_weight.is_cuda and not self.explicit_smoothing and self.shard_amax is None
-                and select_backend(layer.w13_weight.device) == "triton"):
+        if self._fused(layer.w13_weight.device):
             slots = torch.arange(e, dtype=torch.int32, device=layer.w13_weight.device)
             weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
             self.fused = (slots, weights)
@@ -270,12 +298,12 @@ class HAQMoEMethod(FusedMoEMethodBase):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:  # every expert's gate/up reads the same rotated input; the router did not
             x = rotate(x.float(), self.rotation).to(x.dtype)
+        if self.fused is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"vllm-haq: {self.prefix}: the MoE op is being captured in a CUDA graph; offloading "
+                               "and the per-expert loop must run eagerly (cudagraph_mode PIECEWISE with "
+                               f"{', '.join(_VLLM_MOE_OPS)} in splitting_ops, or enforce_eager=True)")
         if self.engine is not None:
             record = _serving_step()
-            if not record and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("vllm-haq offload: the MoE op is being captured in a CUDA graph; it must run "
-                                   "eagerly (cudagraph_mode PIECEWISE with vllm::haq_moe_forward in splitting_ops, "
-                                   "or enforce_eager=True)")
             return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
         if self.fused is not None:
             slots, weights = self.fused
