@@ -415,6 +415,9 @@ def test_auto_backend_is_triton_on_cuda_and_unchanged_on_cpu(monkeypatch):
     monkeypatch.delenv("HAQ_INT8_BACKEND", raising=False)
     monkeypatch.setattr(int8_gemm, "_vllm_ops", lambda: CutlassOnly)
     monkeypatch.setattr(int8_gemm, "_triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert int8_gemm.select_backend("cuda") == "cutlass"  # Turing: vLLM accepts it, Triton's int8 kernels do not
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert int8_gemm.select_backend("cuda") == "triton"
     assert int8_gemm.select_backend("cuda", "cutlass") == "cutlass"  # still selectable explicitly
     assert int8_gemm.select_backend("cpu") == "torch"  # no oneDNN ops: exact torch path, never Triton
@@ -431,6 +434,7 @@ def test_backend_override_applies_only_where_that_backend_runs(monkeypatch):
     from vllm_haq.kernels import int8_gemm
 
     monkeypatch.setattr(int8_gemm, "_triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("HAQ_INT8_BACKEND", raising=False)
     auto = {d: int8_gemm.select_backend(d) for d in ("cpu", "cuda")}
     assert auto["cuda"] == "triton" and auto["cpu"] in ("torch", "onednn")

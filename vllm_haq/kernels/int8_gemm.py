@@ -40,6 +40,9 @@ log = logging.getLogger("vllm_haq.kernels")
 
 BACKENDS = ("onednn", "cutlass", "triton", "torch")
 _ENV_BACKEND = "HAQ_INT8_BACKEND"
+# This package's Triton int8 kernels (tl.dot of int8 into int32) are written and checked for sm_80 and newer;
+# vLLM's config accepts sm_75 (Turing int8 tensor cores), where CUTLASS or torch._int_mm serve instead.
+TRITON_MIN_CAPABILITY = (8, 0)
 
 
 def _vllm_ops():
@@ -67,10 +70,12 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
         return _chosen(device, "torch", f"vLLM's oneDNN int8 GEMM is {arithmetic} on this CPU, not exact; "
                        "exact fp32-BLAS int8 GEMM")
     if device.type == "cuda":
-        if _triton_available():
+        ampere = torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
+        if _triton_available() and ampere:
             return _chosen(device, "triton", "Triton int8 kernels")
         if ops is not None and hasattr(ops, "cutlass_scaled_mm"):
-            return _chosen(device, "cutlass", "Triton is not importable; vLLM CUTLASS int8 ops")
+            why = "Triton is not importable" if ampere else "this GPU is older than sm_80 (Triton's int8 tl.dot)"
+            return _chosen(device, "cutlass", f"{why}; vLLM CUTLASS int8 ops")
     return _chosen(device, "torch", "no usable Triton or vLLM int8 ops: torch._int_mm on CUDA, exact fp32-BLAS "
                    "chunks on CPU", level=logging.WARNING)
 
