@@ -58,6 +58,18 @@ def test_exact_int8_mm_matches_integer_math_across_k_chunks():
     assert torch.equal(got.long(), (a.long() @ b.long()))
 
 
+def test_cuda_int8_mm_op_pads_small_m_per_call_under_compile():
+    """The CUDA _int_mm path (cuBLASLt needs M > 16) is one opaque op: compiled once with dynamic M and no
+    guards (as vLLM compiles), it still pads M = 3 and not M = 30. torch._int_mm also runs on CPU tensors."""
+    x = torch.randint(-127, 128, (30, 64), dtype=torch.int8)
+    w_t = torch.randint(-127, 128, (64, 40), dtype=torch.int8)
+    exact = (x.long() @ w_t.long()).int()
+    fn = torch.compile(lambda a: torch.ops.vllm_haq.cuda_int8_mm(a, w_t), backend="eager", dynamic=True,
+                       fullgraph=True, options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    assert torch.equal(fn(x), exact)
+    assert torch.equal(fn(x[:3]), exact[:3])
+
+
 @pytest.mark.parametrize("backend", ["torch", "onednn"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_scaled_int8_gemm_backends_match_reference(backend, out_dtype):

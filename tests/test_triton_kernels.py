@@ -217,6 +217,42 @@ def check_moe_nothing_resident_leaves_out_unchanged(device):
     assert torch.equal(got.cpu(), out_init)
 
 
+def check_compiled_linear_chooses_its_tile_per_call(device):
+    """Under torch.compile with dynamic M and vLLM's guard-free mode, the tile still follows each call's M.
+
+    vLLM compiles once (traced at its profiling batch size) and drops every guard; a linear traced into
+    would keep that trace's tile for decode. The op must stay opaque in the graph, compile once for both
+    sizes, and choose the decode tile at M = 1.
+    """
+    from vllm_haq.kernels import triton_gemm
+
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(48, 64))
+    w_q, w_scale = w_q.to(device), w_scale.to(device)
+    graphs, seen_m = [], []
+    real_config = triton_gemm.gemm_config
+
+    def spy(m, n, k):
+        seen_m.append(int(m))
+        return real_config(m, n, k)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda x: triton_gemm.triton_w8a8_linear(x, w_q, w_scale, out_dtype=torch.float32),
+                       backend=backend, dynamic=True, fullgraph=True,
+                       options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    with mock.patch.object(triton_gemm, "gemm_config", spy):
+        for m in (64, 1):
+            x = torch.randn(m, 64, device=device)
+            ref = w8a8_linear_reference(x.float().cpu(), w_q.cpu(), w_scale.cpu())
+            assert _rel_err(fn(x), ref) <= REL_TOL, f"M={m}: compiled output differs from the reference"
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert len(graphs) == 1, f"compiled {len(graphs)} graphs for two sizes (expected one, guard-free)"
+    assert any("vllm_haq.triton_w8a8_linear" in o for o in ops), f"the linear is not one opaque op: {ops}"
+    assert seen_m == [64, 1], f"gemm_config saw M = {seen_m}, expected each call's M (64, then 1)"
+
+
 def _cases():
     cases = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -234,6 +270,7 @@ def _cases():
                                                                   config=(16, 32, 64, 2)))
     cases["gemm-full-range-int8"] = (check_gemm_full_range_int8, {})
     cases["scaled-int8-gemm-triton-backend"] = (check_scaled_int8_gemm_dispatches_to_triton, {})
+    cases["compiled-linear-tile-per-call"] = (check_compiled_linear_chooses_its_tile_per_call, {})
     cases["moe-decode-m1"] = (check_moe, dict(m=1, holes=False))
     cases["moe-decode-m6-holes"] = (check_moe, dict(m=6))
     cases["moe-prefill-m37-holes-fp32-x"] = (check_moe, dict(m=37, x_dtype=torch.float32))

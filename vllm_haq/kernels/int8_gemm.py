@@ -281,14 +281,27 @@ _EXACT_K_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: every fp32 partial sum is an 
 
 def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA."""
-    m = x_q.shape[0]
     if x_q.is_cuda:
-        if m <= 16:  # cuBLASLt int8 needs M > 16
-            x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - m))
-        return torch._int_mm(x_q, w_t)[:m]
+        return torch.ops.vllm_haq.cuda_int8_mm(x_q, w_t)
     k = x_q.shape[1]
     acc = None
     for k0 in range(0, k, _EXACT_K_CHUNK):
         part = (x_q[:, k0 : k0 + _EXACT_K_CHUNK].float() @ w_t[k0 : k0 + _EXACT_K_CHUNK].float()).to(torch.int32)
         acc = part if acc is None else acc + part
     return acc
+
+
+@torch.library.custom_op("vllm_haq::cuda_int8_mm", mutates_args=())
+def _cuda_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` for any M, as one opaque op. cuBLASLt's int8 GEMM needs M > 16, so small M is padded;
+    traced by torch.compile, that branch would be decided once on the symbolic M's hint and kept for every
+    size, since vLLM drops all guards (see :func:`vllm_haq.kernels.triton_gemm._linear_op`)."""
+    m = x_q.shape[0]
+    if m <= 16:
+        x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - m))
+    return torch._int_mm(x_q, w_t)[:m]
+
+
+@_cuda_int8_mm.register_fake
+def _(x_q, w_t):
+    return x_q.new_empty((x_q.shape[0], w_t.shape[1]), dtype=torch.int32)

@@ -129,8 +129,36 @@ def triton_scaled_int8_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.T
 def triton_w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                        smooth: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                        config: GemmConfig | None = None) -> torch.Tensor:
-    """W8A8 linear on activations ``x`` [..., K]: per-token quant (smoothing fused), then the scaled GEMM."""
+    """W8A8 linear on activations ``x`` [..., K]: per-token quant (smoothing fused), then the scaled GEMM.
+
+    Without an explicit ``config`` it goes through the opaque op ``vllm_haq::triton_w8a8_linear``, so that the
+    tile is chosen from each call's real M (see :func:`_linear_op`)."""
+    if config is None:
+        return torch.ops.vllm_haq.triton_w8a8_linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype)
+    return _linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype, config)
+
+
+def _linear(x, w_q, w_scale, bias, smooth, out_dtype, config):
     shape = x.shape
     x_q, x_scale = triton_quantize_per_token(x.reshape(-1, shape[-1]), smooth)
-    out = triton_scaled_int8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype or x.dtype, config)
+    out = triton_scaled_int8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype, config)
     return out.reshape(*shape[:-1], w_q.shape[0])
+
+
+@torch.library.custom_op("vllm_haq::triton_w8a8_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               smooth: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The linear as one opaque op: torch.compile must not trace into it.
+
+    Traced, ``gemm_config(m)`` would run once on the symbolic M's hint (vLLM traces at its profiling batch
+    size) and vLLM drops every guard (vllm/compilation/wrapper.py, TorchCompileWithNoGuardsWrapper: with
+    the default ``dynamic_shapes_config.evaluate_guards=False`` its ``guard_filter_fn`` is
+    ``torch.compiler.skip_all_guards_unsafe``), so decode at M = 1 would run the prefill tile. Opaque, the
+    op chooses per call, also when a CUDA graph is captured per batch size.
+    """
+    return _linear(x, w_q, w_scale, bias, smooth, out_dtype, None)
+
+
+@_linear_op.register_fake
+def _(x, w_q, w_scale, bias, smooth, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
