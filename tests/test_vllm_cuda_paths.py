@@ -99,3 +99,42 @@ def test_only_the_fused_resident_moe_may_be_captured_in_cuda_graphs(monkeypatch)
     assert not method(shard_amax=lambda a: a)._fused(cuda)
     monkeypatch.setattr(moe, "select_backend", lambda device: "cutlass")
     assert not method()._fused(cuda)
+
+
+def test_cuda_graph_padding_rows_are_not_routed_to_the_engine():
+    """With CUDA graphs vLLM pads a step to a captured size; the eager MoE between graph pieces must not fetch,
+    compute or count the padding rows. The real count comes from vLLM's own forward context (attention
+    metadata's num_actual_tokens), as the GPU model runner sets it."""
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+
+    from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine
+    from vllm_haq.quant import quantize_weight_per_channel
+
+    e, h, inter, real, padded = 4, 32, 48, 3, 8
+    w13 = [quantize_weight_per_channel(torch.randn(2 * inter, h)) for _ in range(e)]
+    w2 = [quantize_weight_per_channel(torch.randn(h, inter)) for _ in range(e)]
+    experts = ExpertTensors(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]),
+                            torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2]))
+    engine = OffloadEngine(OffloadConfig(slots_per_layer=1), "cpu", torch.float32)
+    engine.add_layer(0, experts)
+    method = HAQMoEMethod.__new__(HAQMoEMethod)
+    method.rotation, method.fused, method.engine, method.layer_index = None, None, engine, 0
+    method.prefix = "model.layers.0.mlp.experts"
+    x = torch.randn(padded, h)
+    weights = torch.softmax(torch.randn(padded, 2), -1)
+    ids = torch.stack([torch.randperm(e)[:2] for _ in range(padded)]).int()
+    ids[real:] = torch.tensor([2, 3], dtype=torch.int32)  # padding rows would route to experts no real token uses
+    ids[:real] = torch.tensor([0, 1], dtype=torch.int32)
+    meta = {"model.layers.0.self_attn.attn": SimpleNamespace(num_actual_tokens=real)}
+    with set_forward_context(meta, VllmConfig(), num_tokens=padded):
+        out = method.forward(x, weights, ids)
+    stats = engine.stats()
+    engine.close()
+    assert stats["steps"] == 1 and stats["hits"] + stats["misses"] == 2, stats  # experts 0 and 1 only
+    assert float(engine.routing_counts()[0, 2:].sum()) == 0.0  # padding never entered the live statistics
+    assert torch.equal(out[real:], torch.zeros(padded - real, h))
+    ref = OffloadEngine(OffloadConfig(), "cpu", torch.float32)
+    ref.add_layer(0, experts)
+    assert torch.equal(out[:real], ref.forward(0, x[:real], weights[:real], ids[:real]))
+    ref.close()

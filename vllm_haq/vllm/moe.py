@@ -75,6 +75,30 @@ def _serving_step() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def _real_tokens(num_tokens: int) -> int:
+    """How many of this step's ``num_tokens`` rows are real tokens, not CUDA-graph padding (a suffix).
+
+    With CUDA graphs vLLM pads a batch to a captured size (v1/worker/gpu_model_runner.py: the forward
+    context gets ``num_tokens=num_tokens_padded``; ``_prepare_padding_mask`` marks the tail), and the
+    eager MoE between graph pieces sees the padded rows. Routed, they would be fetched, computed and
+    recorded in the live statistics. Every v1 attention backend's metadata carries the unpadded count as
+    a host int (``num_actual_tokens``), so no device sync is needed. Under data parallelism the MoE input
+    holds other ranks' tokens too, and micro-batching gives a list of metadata: then nothing is trimmed.
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return num_tokens
+    ctx = get_forward_context()
+    if ctx.dp_metadata is not None or not isinstance(ctx.attn_metadata, dict):
+        return num_tokens
+    for meta in ctx.attn_metadata.values():
+        actual = getattr(meta, "num_actual_tokens", None)
+        if isinstance(actual, int):
+            return min(actual, num_tokens)
+    return num_tokens
+
+
 def _offload_settings(quant_config) -> tuple[OffloadConfig, object]:
     """The model's offload settings (parsed once per model) and its vLLM config."""
     from vllm.config import get_current_vllm_config
@@ -302,13 +326,22 @@ class HAQMoEMethod(FusedMoEMethodBase):
             raise RuntimeError(f"vllm-haq: {self.prefix}: the MoE op is being captured in a CUDA graph; offloading "
                                "and the per-expert loop must run eagerly (cudagraph_mode PIECEWISE with "
                                f"{', '.join(_VLLM_MOE_OPS)} in splitting_ops, or enforce_eager=True)")
-        if self.engine is not None:
-            record = _serving_step()
-            return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
-        if self.fused is not None:
+        if self.fused is not None:  # may be inside a captured graph: computes the padding rows too
             slots, weights = self.fused
             return triton_int8_moe_forward(x, topk_weights, topk_ids, slots, *weights,
                                            down_rotation=self.down_rotation).to(x.dtype)
+        real = _real_tokens(x.shape[0])
+        if real == x.shape[0]:
+            return self._eager_experts(x, topk_weights, topk_ids)
+        out = x.new_zeros(x.shape)  # padding rows: their outputs are never read
+        out[:real] = self._eager_experts(x[:real], topk_weights[:real], topk_ids[:real])
+        return out
+
+    def _eager_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The engine or the per-expert loop, on real tokens only."""
+        if self.engine is not None:
+            record = _serving_step()
+            return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
         return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2, shard_amax=self.shard_amax).to(x.dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
