@@ -52,14 +52,22 @@ def _run_ranks(fn, n: int):
 
 def _cpu_backends():
     """torch, and vLLM's oneDNN wherever its arithmetic is known: exact (VNNI/AMX) or int16-saturating (AVX2).
-    Saturation happens per adjacent pair of K; shards of whole pairs (and the phantom column, paired with
-    oneDNN's zero padding) keep every pair, so the shards still add up to the unsharded product."""
+    Saturation happens per adjacent pair of K; shards of whole pairs keep every pair, so the shards still add
+    up to the unsharded product."""
     from vllm_haq.kernels.int8_gemm import ONEDNN_EXACT, ONEDNN_SATURATING, onednn_int8_arithmetic
 
     arithmetic = onednn_int8_arithmetic()
     usable = arithmetic in (ONEDNN_EXACT, ONEDNN_SATURATING)
     return ["torch", pytest.param("onednn", marks=pytest.mark.skipif(
         not usable, reason=f"vLLM's oneDNN int8 GEMM is {arithmetic} on this CPU (None: absent)"))]
+
+
+def test_a_shard_gemm_keeps_its_weight_as_loaded():
+    """The all-shard max enters through quantization, not an extra input column: K stays what it was
+    (torch._int_mm needs K % 8 == 0) and the weight is a view of the layer's parameter, not a second copy."""
+    w_q, w_s = quantize_weight_per_channel(torch.randn(64, 128))
+    gemm = ScaledInt8Gemm(w_q, w_s, torch.float32, backend="torch", shard_amax=lambda a: a)
+    assert gemm.k == 128 and gemm.w_t.data_ptr() == w_q.data_ptr()
 
 
 @pytest.mark.parametrize("rotation", [None, 32], ids=["unrotated", "rotated"])

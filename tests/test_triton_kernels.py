@@ -156,6 +156,25 @@ def check_scaled_int8_gemm_dispatches_to_triton(device):
     assert _rel_err(y, w8a8_linear_reference(x, w_q, w_scale, b, s)) <= REL_TOL
 
 
+def check_shard_gemm_quantizes_with_the_given_max(device):
+    """A tensor-parallel shard (shard_amax) on the Triton backend: quantized with the all-shard max, the weight
+    used as loaded (no extra column, no copy), the torch backend's result."""
+    from vllm_haq.kernels import ScaledInt8Gemm
+
+    w_q, w_scale = quantize_weight_per_channel(torch.randn(40, 64))
+    x = torch.randn(5, 64)
+    wide = x.abs().amax(-1, keepdim=True) * torch.tensor([[1.0], [3.0], [1.5], [8.0], [1.0]])  # other shards' max
+    ref = ScaledInt8Gemm(w_q, w_scale, torch.float32, backend="torch", shard_amax=lambda a: wide)(x)
+    w_dev = w_q.to(device)
+    gemm = ScaledInt8Gemm(w_dev, w_scale.to(device), torch.float32, backend="triton",
+                          shard_amax=lambda a: wide.to(device))
+    assert gemm.k == 64 and gemm.w_q.data_ptr() == w_dev.data_ptr(), "the shard's weight was copied or widened"
+    with _poisoned_allocations():
+        y = gemm(x.to(device))
+    # the same float32 epilogue order; on CUDA the compiler may contract it into FMAs
+    assert torch.equal(y.cpu(), ref) if device == "cpu" else _rel_err(y, ref) <= REL_TOL
+
+
 def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfloat16, config=None, inter=40,
               down_rotation=None):
     """Ragged groups, experts without tokens, non-resident experts (slot -1), accumulation into ``out``, the
@@ -270,6 +289,7 @@ def _cases():
                                                                   config=(16, 32, 64, 2)))
     cases["gemm-full-range-int8"] = (check_gemm_full_range_int8, {})
     cases["scaled-int8-gemm-triton-backend"] = (check_scaled_int8_gemm_dispatches_to_triton, {})
+    cases["shard-gemm-given-max"] = (check_shard_gemm_quantizes_with_the_given_max, {})
     cases["compiled-linear-tile-per-call"] = (check_compiled_linear_chooses_its_tile_per_call, {})
     cases["moe-decode-m1"] = (check_moe, dict(m=1, holes=False))
     cases["moe-decode-m6-holes"] = (check_moe, dict(m=6))

@@ -188,8 +188,9 @@ class ScaledInt8Gemm:
     ``shard_amax`` is for a tensor-parallel shard of the input (row-parallel layers): it maps this
     shard's per-token max |x| [M, 1] to the max over all shards, so that each rank quantizes a token
     with the scale of the unsharded layer and the ranks' int32 partial products add up to the
-    unsharded product. The global max enters as one extra input column against a zero weight column:
-    every backend's own per-token quantization then picks it up, and it adds nothing to the product.
+    unsharded product. Every backend then quantizes with that max (HAQ's ``quantize_per_token`` with
+    ``amax``) and multiplies the weight as loaded: no extra column, no copy of the weight, K unchanged
+    (``torch._int_mm`` needs K % 8 == 0, Triton specializes on K % 16).
     """
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
@@ -198,14 +199,12 @@ class ScaledInt8Gemm:
         if w_q.dtype != torch.int8 or w_q.dim() != 2:
             raise ValueError(f"expected int8 [N, K] weight, got {w_q.dtype} {tuple(w_q.shape)}")
         self.shard_amax = shard_amax
-        if shard_amax is not None:
-            w_q = torch.cat([w_q, w_q.new_zeros(w_q.shape[0], 1)], dim=1)  # the phantom column's weight
         self.n, self.k = w_q.shape
         self.out_dtype = out_dtype
         self.smooth = None if smooth is None else smooth.float()
         self.rotation = rotation  # block-Hadamard order applied to the (smoothed) activations, or None
         if rotation is not None:
-            check_block(rotation, self.k - (shard_amax is not None), "ScaledInt8Gemm")
+            check_block(rotation, self.k, "ScaledInt8Gemm")
         self.w_scale = w_scale.float().reshape(self.n, 1).contiguous()
         self.backend = select_backend(w_q.device, backend)
         ops = _vllm_ops() if self.backend in ("onednn", "cutlass") else None
@@ -245,31 +244,37 @@ class ScaledInt8Gemm:
         if self.rotation is not None or self.shard_amax is not None:
             # block-diagonal rotation: a shard of whole blocks rotates on its own
             x, smooth = self._transformed(x), None
-        if self.shard_amax is not None:  # the shards' max of what they quantize, as the phantom column
+        if self.shard_amax is not None:  # the shards' max of what they quantize
             amax = self.shard_amax(x.abs().amax(-1, keepdim=True)) if amax is None else amax
-            x = torch.cat([x, amax.to(x.dtype)], dim=1)
+        else:
+            amax = None
         if self.backend == "triton":  # smoothing is fused into its quantization
-            out = self._triton_linear(x, self.w_q, self.w_scale, bias, smooth, self.out_dtype)
+            out = self._triton_linear(x, self.w_q, self.w_scale, bias, smooth, self.out_dtype, amax=amax)
             return out.reshape(*shape[:-1], self.n)
         if smooth is not None:
             x = x.float() / smooth
         if self.backend == "onednn":
-            x_q, x_s = quantize_per_token(x)  # HAQ's rounding (vLLM's op rounds some ties the other way)
+            x_q, x_s = quantize_per_token(x, amax=amax)  # HAQ's rounding (vLLM's op rounds some ties the other way)
             out = torch.empty((x.shape[0], self.n), dtype=self.out_dtype, device=x.device)
             self._ops.onednn_scaled_mm(self._handler, x_q, out, x_s, None, None, bias)
         elif self.backend == "cutlass":
-            x_q, x_s, _ = self._ops.scaled_int8_quant(x.contiguous())
+            if amax is None:
+                x_q, x_s, _ = self._ops.scaled_int8_quant(x.contiguous())
+            else:
+                x_q, x_s = quantize_per_token(x, amax=amax)
             out = self._ops.cutlass_scaled_mm(x_q, self.w_t, scale_a=x_s, scale_b=self.w_scale,
                                               out_dtype=self.out_dtype, bias=bias)
         else:
-            out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype)
+            out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype, amax)
         return out.reshape(*shape[:-1], self.n)
 
 
 def torch_scaled_int8_mm(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Per-token quantize ``x`` [M, K], exact int32 ``torch._int_mm`` with ``w_t`` [K, N], scale, bias."""
-    x_q, x_s = quantize_per_token(x)
+                         bias: torch.Tensor | None, out_dtype: torch.dtype,
+                         amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token quantize ``x`` [M, K] (with ``amax`` instead of its own max, when given), exact int32
+    ``torch._int_mm`` with ``w_t`` [K, N], scale, bias."""
+    x_q, x_s = quantize_per_token(x, amax=amax)
     y = exact_int8_mm(x_q, w_t).float() * x_s * w_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias.float()

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from vllm_haq.kernels.triton_quant import triton_quantize_per_token
+from vllm_haq.quant import quantize_per_token
 
 
 @dataclass(frozen=True)
@@ -128,26 +129,31 @@ def triton_scaled_int8_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.T
 
 def triton_w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                        smooth: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                       config: GemmConfig | None = None) -> torch.Tensor:
+                       config: GemmConfig | None = None, amax: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 linear on activations ``x`` [..., K]: per-token quant (smoothing fused), then the scaled GEMM.
 
-    Without an explicit ``config`` it goes through the opaque op ``vllm_haq::triton_w8a8_linear``, so that the
-    tile is chosen from each call's real M (see :func:`_linear_op`)."""
+    ``amax`` [M, 1]: quantize with it instead of each token's own max (a tensor-parallel shard; see
+    ``ScaledInt8Gemm``), in torch with HAQ's numerics. Without an explicit ``config`` it goes through the
+    opaque op ``vllm_haq::triton_w8a8_linear``, so that the tile is chosen from each call's real M (see
+    :func:`_linear_op`)."""
     if config is None:
-        return torch.ops.vllm_haq.triton_w8a8_linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype)
-    return _linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype, config)
+        return torch.ops.vllm_haq.triton_w8a8_linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype, amax)
+    return _linear(x, w_q, w_scale, bias, smooth, out_dtype or x.dtype, config, amax)
 
 
-def _linear(x, w_q, w_scale, bias, smooth, out_dtype, config):
+def _linear(x, w_q, w_scale, bias, smooth, out_dtype, config, amax=None):
     shape = x.shape
-    x_q, x_scale = triton_quantize_per_token(x.reshape(-1, shape[-1]), smooth)
+    if amax is None:
+        x_q, x_scale = triton_quantize_per_token(x.reshape(-1, shape[-1]), smooth)
+    else:
+        x_q, x_scale = quantize_per_token(x.reshape(-1, shape[-1]), smooth, amax.reshape(-1, 1))
     out = triton_scaled_int8_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype, config)
     return out.reshape(*shape[:-1], w_q.shape[0])
 
 
 @torch.library.custom_op("vllm_haq::triton_w8a8_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               smooth: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+               smooth: torch.Tensor | None, out_dtype: torch.dtype, amax: torch.Tensor | None) -> torch.Tensor:
     """The linear as one opaque op: torch.compile must not trace into it.
 
     Traced, ``gemm_config(m)`` would run once on the symbolic M's hint (vLLM traces at its profiling batch
@@ -156,9 +162,9 @@ def _linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     ``torch.compiler.skip_all_guards_unsafe``), so decode at M = 1 would run the prefill tile. Opaque, the
     op chooses per call, also when a CUDA graph is captured per batch size.
     """
-    return _linear(x, w_q, w_scale, bias, smooth, out_dtype, None)
+    return _linear(x, w_q, w_scale, bias, smooth, out_dtype, None, amax)
 
 
 @_linear_op.register_fake
-def _(x, w_q, w_scale, bias, smooth, out_dtype):
+def _(x, w_q, w_scale, bias, smooth, out_dtype, amax):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)

@@ -59,8 +59,8 @@ class ExpertTensors:
               shard_amax=None) -> tuple[ScaledInt8Gemm, ScaledInt8Gemm]:
         """Prepared (w13, w2) GEMMs of expert/slot ``i`` (views, no weight copies on the torch backend).
 
-        ``shard_amax``: the intermediate dimension is a tensor-parallel shard (see ScaledInt8Gemm); w2 then
-        holds its own copy of the weight (plus the phantom column) and is called with the all-shard max."""
+        ``shard_amax``: the intermediate dimension is a tensor-parallel shard (see ScaledInt8Gemm); w2 is
+        then called with the all-shard max."""
         smooth = None if self.smooth is None else self.smooth[i]
         return (ScaledInt8Gemm(self.w13[i], self.w13_scale[i], out_dtype, smooth=smooth, backend=backend),
                 ScaledInt8Gemm(self.w2[i], self.w2_scale[i], out_dtype, backend=backend, shard_amax=shard_amax,

@@ -63,19 +63,21 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_token(
-    x: torch.Tensor, smooth: torch.Tensor | None = None
+    x: torch.Tensor, smooth: torch.Tensor | None = None, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token int8 quantization of activations ``x`` [..., in].
 
     ``smooth`` (float32 [in]), when given, divides the activations channel-wise
     before quantization (the explicit ``input_smooth`` of a checkpoint: the
-    matching weight columns were multiplied by it).
+    matching weight columns were multiplied by it). ``amax`` [..., 1], when given,
+    replaces each token's own max |x| (after smoothing): a tensor-parallel shard
+    quantizes with the max over all shards, at least its own.
     Returns ``(q int8 [..., in], scale float32 [..., 1])``.
     """
     xf = x.float()
     if smooth is not None:
         xf = xf / smooth
-    scale = weight_scale_from_amax(xf.abs().amax(dim=-1, keepdim=True))
+    scale = weight_scale_from_amax(xf.abs().amax(dim=-1, keepdim=True) if amax is None else amax.float())
     return quantize_with_scale(xf, scale), scale
 
 
