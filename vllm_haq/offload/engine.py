@@ -574,3 +574,5 @@ class OffloadEngine:
                 pool.shutdown(wait=True)
         if self._copy_stream is not None:  # prefetches still copying into the cache must land before it is freed
             self._copy_stream.synchronize()
+        for layer in self.layers.values():  # host pages locked in place (vLLM's parameters) are unlocked
+            layer.host.release()
