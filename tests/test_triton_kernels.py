@@ -463,8 +463,16 @@ def test_kernels_compile_for_hopper():
             assert info["wgmma"] == (info["block_m"] >= 64), f"{name}: expected wgmma exactly for 64+ row tiles"
 
 
-def test_auto_backend_is_triton_on_cuda_and_unchanged_on_cpu(monkeypatch):
+def test_auto_backend_on_cuda_is_vllms_cutlass_where_a_layer_fits_else_triton(monkeypatch):
+    """vLLM's CUTLASS GEMM (what its own W8A8 runs and tests) for linears it serves as they are; Triton for
+    fused smoothing, shapes/dtypes CUTLASS refuses, and the MoE's per-slot GEMMs; unchanged on CPU."""
     from vllm_haq.kernels import int8_gemm
+
+    fits = int8_gemm.cutlass_fits
+    assert fits(4096, 14336, torch.bfloat16, smooth=False) and fits(48, 64, torch.float16, smooth=False)
+    assert not fits(4096, 4096, torch.bfloat16, smooth=True)  # smoothing fused into Triton's quantization
+    assert not fits(4096, 4096, torch.float32, smooth=False)  # cutlass_scaled_mm asserts a 16-bit output
+    assert not fits(4104 - 1, 4096, torch.bfloat16, smooth=False)  # vLLM would fall back to its Triton GEMM
 
     class CutlassOnly:
         cutlass_scaled_mm = staticmethod(lambda *a, **k: None)
@@ -476,12 +484,15 @@ def test_auto_backend_is_triton_on_cuda_and_unchanged_on_cpu(monkeypatch):
     assert int8_gemm.select_backend("cuda") == "cutlass"  # Turing: vLLM accepts it, Triton's int8 kernels do not
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert int8_gemm.select_backend("cuda") == "triton"
+    assert int8_gemm.select_backend("cuda", cutlass_ok=True) == "cutlass"
     assert int8_gemm.select_backend("cuda", "cutlass") == "cutlass"  # still selectable explicitly
     assert int8_gemm.select_backend("cpu") == "torch"  # no oneDNN ops: exact torch path, never Triton
     monkeypatch.setattr(int8_gemm, "_triton_available", lambda: False)
     assert int8_gemm.select_backend("cuda") == "cutlass"
     monkeypatch.setattr(int8_gemm, "_vllm_ops", lambda: None)
     assert int8_gemm.select_backend("cuda") == "torch"
+    monkeypatch.setattr(int8_gemm, "_triton_available", lambda: True)
+    assert int8_gemm.select_backend("cuda", cutlass_ok=True) == "triton"  # no vLLM (make gpu-check's hosts)
     with pytest.raises(ValueError, match="triton"):
         int8_gemm.select_backend("cuda", "tritonn")
 

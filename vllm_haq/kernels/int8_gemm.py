@@ -17,8 +17,11 @@ Backends (chosen in one place, :func:`select_backend`):
   modules are imported on first use, never when this package is imported: a
   Triton kernel is fixed as compiled or interpreted when its module is imported
   (``TRITON_INTERPRET``), and vLLM's processes must not inherit a test's choice.
-* ``cutlass`` — CUDA, vLLM's CUTLASS ``cutlass_scaled_mm`` + ``scaled_int8_quant``
-  (explicit choice; ``auto`` takes it on CUDA only when Triton is missing).
+* ``cutlass`` — CUDA, vLLM's CUTLASS ``cutlass_scaled_mm`` (the GEMM vLLM's own W8A8
+  runs and tests) behind HAQ's per-token quantization (vLLM's ``scaled_int8_quant``
+  is not asked to round like HAQ). ``auto`` takes it for every linear whose shape
+  and output dtype CUTLASS takes and that has no explicit smoothing (which the
+  Triton quantization fuses); the rest, and the MoE's cache-slot kernels, stay Triton.
 * ``torch``   — exact int32 products without vLLM: ``torch._int_mm`` on CUDA; on
   CPU (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
   integers via float32 BLAS in K-chunks of 1024, each chunk exact because
@@ -54,8 +57,20 @@ def _vllm_ops():
         return None
 
 
-def select_backend(device: torch.device | str, requested: str | None = None) -> str:
-    """The int8 GEMM backend for ``device``: ``requested``, ``$HAQ_INT8_BACKEND``, or the best available."""
+def cutlass_fits(n: int, k: int, out_dtype: torch.dtype, smooth: bool) -> bool:
+    """Whether vLLM's CUTLASS int8 GEMM serves an [N, K] weight exactly as this layer needs it.
+
+    vllm/_custom_ops.py ``cutlass_scaled_mm`` asserts a bf16/fp16 output and falls back to its own Triton
+    kernel unless N and K are multiples of 16; an explicit smoothing vector is fused into this package's
+    Triton quantization, so such a layer keeps the Triton path."""
+    return out_dtype in (torch.bfloat16, torch.float16) and n % 16 == 0 and k % 16 == 0 and not smooth
+
+
+def select_backend(device: torch.device | str, requested: str | None = None, cutlass_ok: bool = False) -> str:
+    """The int8 GEMM backend for ``device``: ``requested``, ``$HAQ_INT8_BACKEND``, or the best available.
+
+    ``cutlass_ok``: the layer fits vLLM's CUTLASS GEMM (:func:`cutlass_fits`); callers that do not say
+    (the MoE's per-slot GEMMs) get this package's kernels."""
     device = torch.device(device)
     requested = requested or _env_backend(device)
     if requested != "auto":
@@ -71,6 +86,8 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
                        "exact fp32-BLAS int8 GEMM")
     if device.type == "cuda":
         ampere = torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
+        if cutlass_ok and ops is not None and hasattr(ops, "cutlass_scaled_mm"):
+            return _chosen(device, "cutlass", "vLLM's CUTLASS int8 GEMM behind HAQ's quantization")
         if _triton_available() and ampere:
             return _chosen(device, "triton", "Triton int8 kernels")
         if ops is not None and hasattr(ops, "cutlass_scaled_mm"):
@@ -102,9 +119,9 @@ _LOGGED: set[tuple[str, ...]] = set()
 
 
 def _chosen(device: torch.device, backend: str, why: str, level: int = logging.INFO) -> str:
-    """Log the automatic choice once per device type and backend (it is made for every layer)."""
-    if (device.type, backend) not in _LOGGED:
-        _LOGGED.add((device.type, backend))
+    """Log the automatic choice once per device type, backend and reason (it is made for every layer)."""
+    if (device.type, backend, why) not in _LOGGED:
+        _LOGGED.add((device.type, backend, why))
         log.log(level, "vllm-haq: int8 GEMM backend for %s: %s (%s)", device.type, backend, why)
     return backend
 
@@ -206,7 +223,7 @@ class ScaledInt8Gemm:
         if rotation is not None:
             check_block(rotation, self.k, "ScaledInt8Gemm")
         self.w_scale = w_scale.float().reshape(self.n, 1).contiguous()
-        self.backend = select_backend(w_q.device, backend)
+        self.backend = select_backend(w_q.device, backend, cutlass_fits(self.n, self.k, out_dtype, smooth is not None))
         ops = _vllm_ops() if self.backend in ("onednn", "cutlass") else None
         if self.backend == "onednn":
             # oneDNN prepacks the weight: the handler owns it, w_q can be freed by the caller.
@@ -258,12 +275,7 @@ class ScaledInt8Gemm:
             out = torch.empty((x.shape[0], self.n), dtype=self.out_dtype, device=x.device)
             self._ops.onednn_scaled_mm(self._handler, x_q, out, x_s, None, None, bias)
         elif self.backend == "cutlass":
-            if amax is None:
-                x_q, x_s, _ = self._ops.scaled_int8_quant(x.contiguous())
-            else:
-                x_q, x_s = quantize_per_token(x, amax=amax)
-            out = self._ops.cutlass_scaled_mm(x_q, self.w_t, scale_a=x_s, scale_b=self.w_scale,
-                                              out_dtype=self.out_dtype, bias=bias)
+            out = torch.ops.vllm_haq.cutlass_w8a8_linear(x, self.w_t, self.w_scale, bias, amax, self.out_dtype)
         else:
             out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype, amax)
         return out.reshape(*shape[:-1], self.n)
@@ -310,3 +322,22 @@ def _cuda_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 @_cuda_int8_mm.register_fake
 def _(x_q, w_t):
     return x_q.new_empty((x_q.shape[0], w_t.shape[1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("vllm_haq::cutlass_w8a8_linear", mutates_args=())
+def _cutlass_linear(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    amax: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """HAQ's per-token quantization (Triton's one-kernel version when there is no given max), then vLLM's
+    CUTLASS GEMM on the column-major weight ``w_t`` [K, N]; opaque to torch.compile like the other CUDA ops."""
+    if amax is None and _triton_available():
+        from vllm_haq.kernels.triton_quant import triton_quantize_per_token  # noqa: PLC0415 (see module doc)
+
+        x_q, x_s = triton_quantize_per_token(x)
+    else:
+        x_q, x_s = quantize_per_token(x, amax=amax)
+    return _vllm_ops().cutlass_scaled_mm(x_q, w_t, scale_a=x_s, scale_b=w_scale, out_dtype=out_dtype, bias=bias)
+
+
+@_cutlass_linear.register_fake
+def _(x, w_t, w_scale, bias, amax, out_dtype):
+    return x.new_empty((x.shape[0], w_t.shape[1]), dtype=out_dtype)
