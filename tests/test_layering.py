@@ -51,7 +51,8 @@ def test_no_upward_imports(rel):
 
 
 def test_converting_and_hf_eval_never_load_vllm():
-    code = ("import sys, offline.cli, offline.convert, offline.evaluate, vllm_haq.format, vllm_haq.quant; "
+    code = ("import sys, offline.cli, offline.convert, offline.evaluate, offline.generate, vllm_haq.format, "
+            "vllm_haq.quant; "
             "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules), "
             "[m for m in sys.modules if m.startswith('vllm')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
