@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo demo-moe clean
+.PHONY: install test demo demo-moe gpu-check clean
 
 install: $(STAMP)
 
@@ -47,6 +47,14 @@ demo: $(DEMO_STAMP)
 # SmolLM2 sparsely upcycled to an 8-expert Mixtral -> HAQ int8, served with expert offloading (cache statistics)
 demo-moe: $(DEMO_STAMP)
 	$(VPY) examples/demo.py --moe
+
+# GPU host (no vLLM, no pip, no network): every GPU check in <= 8 min on an H200, results in $OUT (default
+# out/gpu_check); without a CUDA device the same driver runs dry on the CPU (tests/test_gpu_check.py runs that).
+# The first of $(PYTHON), python and the venv's interpreter that imports torch (a GPU host: no install step).
+GPU_CHECK_PY = $(firstword $(foreach p,$(PYTHON) python $(VPY),$(shell $(p) -c "import torch" >/dev/null 2>&1 && echo $(p))) $(PYTHON))
+
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) benchmarks/gpu_check.py --out $${OUT:-out/gpu_check}
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -2,12 +2,18 @@
 
     python benchmarks/kernels.py --device cuda --out benchmarks/results/kernels.md
     python benchmarks/kernels.py --device cpu          # smoke run: tiny shapes, Triton interpreter
+    python benchmarks/kernels.py --device cuda --shapes "Mixtral attn q/o 4096x4096" --linear-m 1,16  # a subset
 
 Needs only torch and Triton (never vLLM). Per shape and M it first checks every
 kernel against torch (per-token quant bit-exact, GEMM and MoE to relative 1e-3),
 then times it: CUDA events around batches of calls, warm-up, median over
 repetitions, inputs rotated over enough copies (>= 256 MB) that L2 cannot serve
-them. Rows: Triton quant+GEMM, Triton GEMM on int8 input, torch._int_mm + torch
+them. On CUDA each timed batch is one CUDA graph of its calls, replayed: a
+decode-size GEMM takes a few microseconds, less than launching it from Python,
+so eager back-to-back calls would time the launches (vLLM replays graphs too).
+The per-expert loops read routing counts on the host, cannot be captured and
+are timed as eager launches, which is their real cost; the "timing" column says
+which. Rows: Triton quant+GEMM, Triton GEMM on int8 input, torch._int_mm + torch
 epilogue, torch quant + _int_mm + epilogue, bf16 torch.matmul; MoE: the fused
 Triton MoE vs the per-expert torch._int_mm loop and a per-expert bf16 loop.
 Percentages are of the ceilings measured on an H200 (DESIGN.md), upper ends:
@@ -23,6 +29,7 @@ import argparse
 import datetime
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -47,7 +54,8 @@ LINEAR_SHAPES = {
 }
 LINEAR_M = {"cuda": (1, 16, 256, 4096), "cpu": (1, 16)}
 # name -> (experts, top_k, hidden, intermediate); every expert resident
-MOE_SHAPES = {"cuda": {"Mixtral-8x7B MoE": (8, 2, 4096, 14336)}, "cpu": {"tiny MoE": (4, 2, 64, 96)}}
+MOE_SHAPES = {"cuda": {"Mixtral-8x7B MoE": (8, 2, 4096, 14336), "Qwen3-30B-A3B MoE": (128, 8, 2048, 768)},
+              "cpu": {"tiny MoE": (4, 2, 64, 96)}}
 MOE_M = {"cuda": (1, 16), "cpu": (1, 16)}
 
 
@@ -56,7 +64,27 @@ def parse_args():
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", help="write the markdown table here (default: stdout only)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median; default 25 cuda, 3 cpu)")
+    p.add_argument("--shapes", default=None, help="comma-separated shape names to run (default: all of the device's)")
+    p.add_argument("--linear-m", default=None, help="comma-separated M of the linear layers (default: all)")
+    p.add_argument("--moe-m", default=None, help="comma-separated M of the MoE (default: all)")
     return p.parse_args()
+
+
+def selection(args) -> tuple[dict, tuple, dict, tuple]:
+    """(linear shapes, linear M, MoE shapes, MoE M) after --shapes / --linear-m / --moe-m."""
+    linear, moe = LINEAR_SHAPES[args.device], MOE_SHAPES[args.device]
+    if args.shapes:
+        wanted = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in linear and s not in moe]
+        if unknown:
+            sys.exit(f"--shapes: unknown {unknown}; {args.device} shapes: {list(linear) + list(moe)}")
+        linear = {k: v for k, v in linear.items() if k in wanted}
+        moe = {k: v for k, v in moe.items() if k in wanted}
+
+    def ms(text, default):
+        return tuple(int(m) for m in text.split(",")) if text else default
+
+    return linear, ms(args.linear_m, LINEAR_M[args.device]), moe, ms(args.moe_m, MOE_M[args.device])
 
 
 def main() -> None:
@@ -74,11 +102,12 @@ def main() -> None:
     lines = bench.header(torch, triton)
     print("\n".join(lines), flush=True)
     linear_rows, moe_rows = [], []
-    for name, (n, k) in LINEAR_SHAPES[args.device].items():
-        for m in LINEAR_M[args.device]:
+    linear_shapes, linear_m, moe_shapes, moe_m = selection(args)
+    for name, (n, k) in linear_shapes.items():
+        for m in linear_m:
             linear_rows += bench.linear(name, m, n, k)
-    for name, (experts, top_k, hidden, inter) in MOE_SHAPES[args.device].items():
-        for m in MOE_M[args.device]:
+    for name, (experts, top_k, hidden, inter) in moe_shapes.items():
+        for m in moe_m:
             moe_rows += bench.moe(name, m, experts, top_k, hidden, inter)
     lines += ["", "## Linear layers (x bf16 [M, K], W [N, K], bf16 out)", "", *table(linear_rows),
               "", "## MoE (x bf16 [M, H], top-k routing, all experts resident, float32 out)", "", *table(moe_rows),
@@ -123,9 +152,12 @@ class Bench:
             "",
             f"date {datetime.date.today().isoformat()}; device {dev}; torch {torch.__version__}; "
             f"triton {triton.__version__}",
-            f"command: `python benchmarks/kernels.py --device {self.device}`; median of {self.reps} repetitions; "
+            f"command: `python benchmarks/kernels.py {shlex.join(sys.argv[1:])}`; median of {self.reps} repetitions; "
             + (f"inputs rotated over >= {ROTATE_BYTES >> 20} MB of copies" if self.device == "cuda"
                else f"inputs rotated over {self.max_copies} copies"),
+            *(["timing: each timed batch of calls is one CUDA graph, replayed between CUDA events (launch overhead "
+               "excluded, as in vLLM's graph replays); loops that read routing on the host are timed as eager "
+               "launches (column \"timing\")"] if self.device == "cuda" else []),
             f"ceilings (H200, measured): int8 {INT8_PEAK_TOPS:.0f} TOPS (torch._int_mm 825-900 at M=4096), "
             f"bf16 {BF16_PEAK_TFLOPS:.0f} TFLOPS (705-740), HBM {HBM_GBPS / 1000:.0f} TB/s (device copy, r+w)",
         ]
@@ -139,12 +171,19 @@ class Bench:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
-    def time_ms(self, fn, copies: int) -> float:
-        """Median milliseconds per call; each timed batch cycles through all rotating copies."""
+    def time_ms(self, fn, copies: int, graph: bool = True) -> tuple[float, str]:
+        """(median milliseconds per call, how it was timed); each timed batch cycles through all rotating copies.
+
+        On CUDA with ``graph`` the batch is captured once as a CUDA graph and its replays are timed, so that
+        launch overhead (a few microseconds per Python launch, as long as a decode GEMM) is not measured."""
         calls = max(copies, 4 if self.device == "cuda" else 1)
         for i in range(calls * (2 if self.device == "cuda" else 1)):  # warm-up (and Triton compiles)
             fn(i % copies)
         self.sync()
+        if self.device == "cuda" and graph:
+            replay = self.capture(fn, calls, copies)
+            if replay is not None:
+                return self.time_replays(replay, calls), "CUDA graph"
         samples = []
         for _ in range(self.reps):
             if self.device == "cuda":
@@ -160,10 +199,44 @@ class Bench:
                 for i in range(calls):
                     fn(i % copies)
                 samples.append((time.perf_counter() - t0) * 1e3 / calls)
+        return statistics.median(samples), ("eager launches" if self.device == "cuda" else "wall clock")
+
+    def capture(self, fn, calls: int, copies: int):
+        """A CUDA graph of ``calls`` calls of ``fn`` over the rotating copies, or None if it cannot be captured."""
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture-time allocations settle on a side stream first
+            for i in range(copies):
+                fn(i % copies)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for i in range(calls):
+                    fn(i % copies)
+        except Exception as exc:  # noqa: BLE001 - e.g. a host synchronization inside fn
+            print(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); timing eager launches", flush=True)
+            torch.cuda.synchronize()
+            return None
+        return graph
+
+    def time_replays(self, graph, calls: int) -> float:
+        torch = self.torch
+        graph.replay()  # first replay uploads the graph
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / calls)
         return statistics.median(samples)
 
     def row(self, shape: str, m: int, impl: str, ms: float, ops: float, bytes_moved: float, int8: bool,
-            baseline_ms: float | None, bf16_ms: float | None) -> dict:
+            baseline_ms: float | None, bf16_ms: float | None, timing: str = "") -> dict:
         tops = ops / ms / 1e9
         gbps = bytes_moved / ms / 1e6
         gpu = self.device == "cuda"
@@ -171,6 +244,7 @@ class Bench:
         ratio = lambda ref: f"{ref / ms:.2f}x" if ref else "-"  # noqa: E731
         return {
             "shape": shape, "M": m, "implementation": impl, "ms": f"{ms:.4g}",
+            **({"timing": timing} if gpu else {}),
             "T(FL)OPS": f"{tops:.3g}" if ops else "-",
             "% compute peak": (f"{100 * tops / peak:.0f}%" if gpu else "n/a") if ops else "-",
             "GB/s": f"{gbps:.3g}", "% HBM": f"{100 * gbps / HBM_GBPS:.0f}%" if gpu else "n/a",
@@ -252,7 +326,8 @@ class Bench:
                 sets[i]["x"], sets[i]["w_t"], sets[i]["w_s"], None, torch.bfloat16),
             "bf16 matmul": lambda i: torch.matmul(sets[i]["x"], sets[i]["w_bf16"].t()),
         }
-        ms = {impl: self.time_ms(fn, copies) for impl, fn in timings.items()}
+        timed = {impl: self.time_ms(fn, copies) for impl, fn in timings.items()}
+        ms = {impl: t for impl, (t, _) in timed.items()}
         torch_counterpart = {"triton quant": "torch quant", "triton gemm (int8 in)": "_int_mm + epilogue (int8 in)",
                              "triton quant+gemm": "torch quant + _int_mm + epilogue"}
         # ideal traffic: each operand read once, each result written once
@@ -262,14 +337,16 @@ class Bench:
         for impl, t in ms.items():
             has_counterpart = "matmul" not in impl and "alone" not in impl
             baseline = ms.get(torch_counterpart.get(impl, impl)) if has_counterpart else None
+            how = timed[impl][1]
             if impl.endswith(" quant"):
-                rows.append(self.row(shape, m, impl, t, 0.0, quant_bytes, True, baseline, None))
+                rows.append(self.row(shape, m, impl, t, 0.0, quant_bytes, True, baseline, None, how))
             elif impl == "bf16 matmul":
                 rows.append(self.row(shape, m, impl, t, 2.0 * m * n * k, 2 * (n * k + m * k + m * n), False,
-                                     None, t))
+                                     None, t, how))
             else:  # quant+gemm reads bf16 x: one more byte per element than the int8 GEMM alone
                 rows.append(self.row(shape, m, impl, t, 2.0 * m * n * k,
-                                     gemm_bytes + (m * k if "quant" in impl else 0), True, baseline, ms["bf16 matmul"]))
+                                     gemm_bytes + (m * k if "quant" in impl else 0), True, baseline, ms["bf16 matmul"],
+                                     how))
         print(f"{shape} M={m}: " + ", ".join(f"{impl} {t:.4f} ms" for impl, t in ms.items()), flush=True)
         return rows
 
@@ -326,7 +403,9 @@ class Bench:
             "torch _int_mm expert loop": lambda i: int8_moe_forward(*inputs[i], g13, g2),
             "bf16 expert loop": bf16_loop,
         }
-        ms = {impl: self.time_ms(fn, copies) for impl, fn in timings.items()}
+        host_loops = ("torch _int_mm expert loop", "bf16 expert loop")  # read routing counts on the host
+        timed = {impl: self.time_ms(fn, copies, graph=impl not in host_loops) for impl, fn in timings.items()}
+        ms = {impl: t for impl, (t, _) in timed.items()}
         touched = statistics.mean(len(set(inp[2].reshape(-1).tolist())) for inp in inputs)
         flops = 2.0 * m * top_k * 3 * hidden * inter
         io_bytes = m * hidden * 2 + m * hidden * 4  # bf16 x in, float32 out
@@ -335,7 +414,8 @@ class Bench:
             int8 = impl != "bf16 expert loop"
             weight_bytes = touched * 3 * hidden * inter * (1 if int8 else 2)  # experts actually routed to
             rows.append(self.row(shape, m, impl, t, flops, weight_bytes + io_bytes, int8,
-                                 ms["torch _int_mm expert loop"] if int8 else None, ms["bf16 expert loop"]))
+                                 ms["torch _int_mm expert loop"] if int8 else None, ms["bf16 expert loop"],
+                                 timed[impl][1]))
         print(f"{shape} M={m}: " + ", ".join(f"{impl} {t:.4f} ms" for impl, t in ms.items()), flush=True)
         return rows
 
