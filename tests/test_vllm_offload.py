@@ -84,21 +84,21 @@ def mixtral_resident(tiny_mixtral_haq, mixtral_windows):
     return out
 
 
-INJECT_COPY_FAILURES = """
-import vllm_haq.offload.engine as engine_module
+def _inject_copy_failures(monkeypatch, at=(40, 41, 90)) -> None:
+    """Make the engine's expert copies fail at the given calls (the engine runs in this process: conftest)."""
+    import vllm_haq.offload.engine as engine_module
 
-_real_copy, _calls = engine_module.copy_expert, []
+    real_copy, calls = engine_module.copy_expert, []
 
+    def sometimes_failing_copy(dst, slot, src, expert, non_blocking=False):
+        calls.append(expert)
+        if len(calls) in at:
+            raise RuntimeError("injected copy failure")
+        return real_copy(dst, slot, src, expert, non_blocking)
 
-def _sometimes_failing_copy(dst, slot, src, expert, non_blocking=False):
-    _calls.append(expert)
-    if len(_calls) in (40, 41, 90):
-        raise RuntimeError("injected copy failure")
-    return _real_copy(dst, slot, src, expert, non_blocking)
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "the engine must run in this process"
+    monkeypatch.setattr(engine_module, "copy_expert", sometimes_failing_copy)
 
-
-engine_module.copy_expert = _sometimes_failing_copy
-"""
 
 MIXTRAL_CASES = [
     {"expert_fraction": 0.5, "policy": "haq", "prefetch": "always"},  # "auto" may skip tiny experts' prefetches
@@ -109,17 +109,13 @@ MIXTRAL_CASES = [
 
 @pytest.mark.parametrize("haq", MIXTRAL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_tiny_mixtral_offloaded_equals_all_resident(haq, tiny_mixtral_haq, mixtral_windows, mixtral_resident,
-                                                   monkeypatch, tmp_path):
+                                                   monkeypatch):
     concurrent = haq["policy"] == "haq"
     faults = 3 if haq["policy"] == "lru" else 0
     if faults:
-        # Copies fail now and then inside the serving engine (injected into vLLM's engine process at its start
-        # through sitecustomize): each failed expert is served from host memory instead, requests see no
-        # error and the output stays the all-resident one.
-        site = tmp_path / "inject"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(INJECT_COPY_FAILURES)
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+        # Copies fail now and then inside the serving engine: each failed expert is served from host memory
+        # instead, requests see no error and the output stays the all-resident one.
+        _inject_copy_failures(monkeypatch)
     got = _run(tiny_mixtral_haq, haq, mixtral_windows, concurrent_check=concurrent)
     s = _check_same_as_resident(got, mixtral_resident, haq)
     assert s["recovered_faults"] == faults, s
