@@ -117,6 +117,24 @@ class Run:
         return caught, detail, c
 
 
+def pinned_in_place(torch) -> tuple[bool, str, dict]:
+    """ExpertTensors.pinned() page-locks the loaded bytes where they lie (issue 20 item 7): same addresses,
+    reported pinned, no second copy in host RAM; release() unlocks them."""
+    from gpucheck.engine_driver import make_layers
+
+    host = make_layers(torch, Shape(layers=1, experts=4, top_k=2, hidden=1024, inter=512))[0]
+    before = [t.data_ptr() for t in host.parts()]
+    locked = host.pinned()
+    same = [t.data_ptr() for t in locked.parts()] == before
+    pinned = all(t.is_pinned() for t in locked.parts())
+    registered = len(locked.registered)
+    locked.release()
+    unlocked = not any(t.is_pinned() for t in host.parts())
+    ok = same and pinned and unlocked and registered == len(before)
+    return ok, (f"same addresses {same}, pinned {pinned}, {registered} ranges registered, "
+                f"unpinned after release {unlocked}"), {}
+
+
 def main() -> int:
     st = Stage("offload")
     names = plan.checks("offload")
@@ -138,6 +156,10 @@ def main() -> int:
             st.run(f"offload/{policy}/{budget}", run.policy, policy, cfg)
     st.run("offload/delayed-copies", run.delayed_copies)
     st.run("offload/sabotage", run.sabotage)
+    if run.dev == "cuda":
+        st.run("offload/pinned-in-place", pinned_in_place, torch)
+    else:
+        st.skip_all(["offload/pinned-in-place"])
     if run.dev == "cuda":
         for layer in run.layers:
             layer.release()

@@ -72,7 +72,7 @@ def checks(stage: str, backends: tuple[str, ...] = GPU_BACKENDS) -> list[str]:
         return [f"graphs/{c}/M{m}" for c in GRAPH_CASES for m in GRAPH_M]
     if stage == "offload":
         return ([f"offload/{p}/{b}" for p in OFFLOAD_POLICIES for b in OFFLOAD_BUDGETS]
-                + ["offload/delayed-copies", "offload/sabotage"])
+                + ["offload/delayed-copies", "offload/sabotage", "offload/pinned-in-place"])
     if stage == "syncs":
         return [f"syncs/{c}" for c in SYNC_CASES]
     if stage == "e2e":
