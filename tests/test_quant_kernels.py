@@ -161,3 +161,17 @@ def test_int8_moe_forward_matches_per_token_loop_with_empty_and_ragged_experts()
     g13[0] = None
     with pytest.raises(RuntimeError, match="expert 0"):
         int8_moe_forward(x, weights, torch.zeros(m, k, dtype=torch.int32), g13, g2)
+
+
+def test_route_groups_refuse_out_of_range_expert_ids_and_keep_a_host_copy():
+    from vllm_haq.kernels import RouteGroups
+
+    ids = torch.tensor([[3, 0], [0, 1], [3, 2]], dtype=torch.int32)
+    g = RouteGroups(ids, 4)
+    assert g.counts == [2, 1, 1, 2] and g.starts == [0, 2, 3, 4] and g.routed == {0: 2, 1: 1, 2: 1, 3: 2}
+    assert torch.equal(g.ids_host, ids.long())
+    t, j = g.routes_of(3)
+    assert t.tolist() == [0, 2] and j.tolist() == [0, 0]
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
+            RouteGroups(torch.tensor([[0, bad]], dtype=torch.int32), 4)

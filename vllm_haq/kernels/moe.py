@@ -30,16 +30,32 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
 
 class RouteGroups:
-    """The routes of one forward step grouped by expert (host-side counts, computed once)."""
+    """The routes of one forward step grouped by expert (host-side counts, computed once).
+
+    One device->host transfer per step: the per-expert counts (plus a bucket for out-of-range ids) and the
+    ids themselves travel in one small int64 tensor; on CUDA every further host read (``int(min)``,
+    ``bincount``'s size probe, ``.tolist()``) would be another blocking sync per MoE layer and step.
+    """
 
     def __init__(self, topk_ids: torch.Tensor, num_experts: int):
-        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
-            raise ValueError(f"topk_ids out of range [0, {num_experts}): min {int(topk_ids.min())}, "
-                             f"max {int(topk_ids.max())}")
         self.top_k = topk_ids.shape[1]
-        self.tok, self.slot, counts = group_by_expert(topk_ids, num_experts)
-        self.counts = counts.tolist()
-        self.starts = (torch.cumsum(counts, 0) - counts).tolist()
+        flat = topk_ids.reshape(-1).long()
+        valid = (flat >= 0) & (flat < num_experts)
+        bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, bucket, torch.ones_like(bucket))
+        host = torch.cat([counts, flat]).cpu()  # the one transfer
+        self.counts = host[:num_experts].tolist()
+        if int(host[num_experts]):
+            ids = host[num_experts + 1 :]
+            raise ValueError(f"topk_ids out of range [0, {num_experts}): min {int(ids.min())}, max {int(ids.max())}")
+        self.ids_host = host[num_experts + 1 :].view(topk_ids.shape)  # int64, for statistics and planning
+        order = torch.argsort(flat, stable=True)
+        self.tok, self.slot = order // self.top_k, order % self.top_k
+        self.starts, start = [], 0
+        for n in self.counts:
+            self.starts.append(start)
+            start += n
         self.routed = {e: n for e, n in enumerate(self.counts) if n}  # expert -> routed tokens
 
     def routes_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:

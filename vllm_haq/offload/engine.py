@@ -531,7 +531,7 @@ class OffloadEngine:
         c.bytes_h2d += moved
         c.prefetch_hits += sum(1 for e in groups.routed if e in layer.prefetched)
         routed = torch.zeros(topk_ids.shape[0], layer.num_experts, dtype=torch.float64)
-        routed.scatter_(1, topk_ids.detach().cpu().long(), 1.0)
+        routed.scatter_(1, groups.ids_host, 1.0)  # the host copy RouteGroups made: no second transfer
         prev = self._prev_routed[1] if self._prev_routed and self._prev_routed[0] == layer.pos - 1 else None
         self.stats_model.record(layer.pos, torch.tensor(groups.counts, dtype=torch.float64), prev, routed)
         self._prev_routed = (layer.pos, routed)
