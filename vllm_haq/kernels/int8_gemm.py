@@ -23,7 +23,8 @@ Backends (chosen in one place, :func:`select_backend`):
   and output dtype CUTLASS takes and that has no explicit smoothing (which the
   Triton quantization fuses); the rest, and the MoE's cache-slot kernels, stay Triton.
 * ``torch``   — exact int32 products without vLLM: ``torch._int_mm`` on CUDA; on
-  CPU (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
+  CPU this package's AVX2 kernel (:mod:`.cpu_int8`, near memory bandwidth at
+  decode), else (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
   integers via float32 BLAS in K-chunks of 1024, each chunk exact because
   1024 * 127**2 < 2**24. Weights stay int8 in memory either way.
 """
@@ -36,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from vllm_haq.kernels import cpu_int8
 from vllm_haq.quant import int8_matmul_int16_saturating, quantize_per_token
 from vllm_haq.quant.rotation import check_block, rotate
 
@@ -300,6 +302,13 @@ def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA."""
     if x_q.is_cuda:
         return torch.ops.vllm_haq.cuda_int8_mm(x_q, w_t)
+    if w_t.t().is_contiguous() and cpu_int8.available():  # w_t: a transposed view of the row-major weight
+        return torch.ops.vllm_haq.cpu_int8_mm(x_q, w_t.t(), 0)
+    return blas_int8_mm(x_q, w_t)
+
+
+def blas_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """The same integers through float32 BLAS in K-chunks (CPUs without the int8 kernel; benchmarks' baseline)."""
     k = x_q.shape[1]
     acc = None
     for k0 in range(0, k, _EXACT_K_CHUNK):

@@ -1,0 +1,85 @@
+"""Exact int8 GEMM on the CPU at memory bandwidth: a small AVX2 C++ extension, built on first use.
+
+Why: the exact fallback (:func:`vllm_haq.kernels.int8_gemm.exact_int8_mm` through fp32 BLAS in K-chunks)
+converts the whole int8 weight into fresh fp32 temporaries on every call (a Mixtral-8x7B expert: 0.7 GB of
+float32, page faults each time): 2% of the host's read bandwidth at decode. This kernel reads the int8
+weight once per call (``cpu/int8_gemm.cpp``: vpabsb/vpsignb + vpmaddubsw + vpmaddwd, exact for activations in
+[-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one in its workers).
+
+Built with ``torch.utils.cpp_extension.load`` (g++, ninja; cached in torch's extensions directory, ~30 s the
+first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or ``HAQ_CPU_INT8_KERNEL=off``,
+:func:`available` is False, the reason is logged once and callers keep the BLAS path. The call is one
+opaque op, ``vllm_haq::cpu_int8_mm``, so torch.compile (vLLM's CPU build) does not trace into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+log = logging.getLogger("vllm_haq.kernels")
+
+ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it
+ENV_THREADS = "HAQ_CPU_THREADS"  # threads per call (default: the cores this process may run on)
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "int8_gemm.cpp")
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def _build():
+    if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "false", "no"):
+        return None, f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AVX2" not in capability and "AVX512" not in capability:
+        return None, f"this CPU has no AVX2 (torch reports {capability})"
+    try:
+        from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
+
+        module = load(name="haq_cpu_int8", sources=[_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
+        return None, f"building {_SOURCE} failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
+    return module, "AVX2 exact int8 GEMM"
+
+
+def _module():
+    """The built extension or None (decided once per process, the reason logged)."""
+    if "module" not in _state:
+        with _lock:
+            if "module" not in _state:
+                module, why = _build()
+                _state["module"], _state["why"] = module, why
+                log.log(logging.INFO if module else logging.WARNING, "vllm-haq: CPU int8 kernel %s (%s)",
+                        "enabled" if module else "not used", why)
+    return _state["module"]
+
+
+def available() -> bool:
+    return _module() is not None
+
+
+def default_threads() -> int:
+    value = os.environ.get(ENV_THREADS)
+    if value:
+        return max(1, int(value))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@torch.library.custom_op("vllm_haq::cpu_int8_mm", mutates_args=())
+def cpu_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, threads: int = 0) -> torch.Tensor:
+    """int32 [M, N] = int8 ``x_q`` [M, K] @ int8 ``w_q`` [N, K]ᵀ, exactly (``x_q`` in [-127, 127], as HAQ's
+    quantization writes it; ``w_q`` any int8).
+
+    ``w_q`` is the row-major checkpoint weight (not transposed). ``threads`` 0: :func:`default_threads`."""
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"vllm-haq: the CPU int8 kernel is not available ({_state.get('why')})")
+    return module.int8_mm(x_q.contiguous(), w_q.contiguous(), threads or default_threads())
+
+
+@cpu_int8_mm.register_fake
+def _(x_q, w_q, threads=0):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.int32)
