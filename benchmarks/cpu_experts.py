@@ -58,7 +58,7 @@ def _mlp(method, experts, x, threads):
     from vllm_haq.kernels import ScaledInt8Gemm, expert_mlp
     from vllm_haq.kernels import int8_gemm
 
-    os.environ["HAQ_CPU_THREADS"] = str(threads)
+    os.environ["HAQ_CPU_GEMM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     if method == "fp32":
         w13, w2 = experts  # float32 [H, 2I] and [I, H]

@@ -77,3 +77,15 @@ def test_switched_off_it_is_not_built_and_the_blas_path_stays_exact():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPU int8 kernel not used (HAQ_CPU_INT8_KERNEL=off)" in proc.stderr
+
+
+def test_worker_threads_take_their_share_of_the_cores(monkeypatch):
+    """An offload engine's CPU workers each set their share; other threads keep the default."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv(cpu_int8.ENV_THREADS, raising=False)
+    with ThreadPoolExecutor(2, initializer=cpu_int8.set_threads_for_this_thread, initargs=(1,)) as pool:
+        assert pool.submit(cpu_int8.default_threads).result() == 1
+    assert cpu_int8.default_threads() == cpu_int8.host_cores()
+    monkeypatch.setenv(cpu_int8.ENV_THREADS, "3")
+    assert cpu_int8.default_threads() == 3

@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger("vllm_haq.kernels")
 
 ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it
-ENV_THREADS = "HAQ_CPU_THREADS"  # threads per call (default: the cores this process may run on)
+ENV_THREADS = "HAQ_CPU_GEMM_THREADS"  # threads per call (default: the cores this process may run on)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "int8_gemm.cpp")
 _state: dict = {}
 _lock = threading.Lock()
@@ -61,11 +61,25 @@ def available() -> bool:
     return _module() is not None
 
 
+_local = threading.local()
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads_for_this_thread(threads: int) -> None:
+    """This Python thread's GEMM calls use ``threads`` (an offload engine's CPU workers run side by side: each
+    takes its share of the cores instead of every call starting a team as large as the host)."""
+    _local.threads = max(1, int(threads))
+
+
 def default_threads() -> int:
+    """``$HAQ_CPU_GEMM_THREADS``, else this thread's share (:func:`set_threads_for_this_thread`), else all cores."""
     value = os.environ.get(ENV_THREADS)
     if value:
         return max(1, int(value))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return getattr(_local, "threads", None) or host_cores()
 
 
 @torch.library.custom_op("vllm_haq::cpu_int8_mm", mutates_args=())

@@ -40,6 +40,7 @@ import torch
 
 from vllm_haq.kernels import RouteGroups, expert_inter, expert_mlp, new_route_buffer, select_backend, write_routes
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
+from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
@@ -208,7 +209,9 @@ class OffloadEngine:
             if self.device.type == "cpu":
                 self._pool = _InlineExecutor()
             else:
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert")
+                share = max(1, cpu_int8.host_cores() // threads)  # each worker's GEMMs: its share of the cores
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert",
+                                                initializer=cpu_int8.set_threads_for_this_thread, initargs=(share,))
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:
