@@ -89,3 +89,108 @@ def test_worker_threads_take_their_share_of_the_cores(monkeypatch):
     assert cpu_int8.default_threads() == cpu_int8.host_cores()
     monkeypatch.setenv(cpu_int8.ENV_THREADS, "3")
     assert cpu_int8.default_threads() == 3
+
+
+# ---- one MoE layer-step's experts in one call (cpu_moe_forward / cpu_expert_routes) ----------------------
+
+def _stack(experts, hidden, inter, seed, smooth=False, rotation=None, full_range=False):
+    from vllm_haq.offload import ExpertTensors
+
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randint(-127, 128, (experts, 2 * inter, hidden), generator=g, dtype=torch.int8)
+    w2 = torch.randint(-127, 128, (experts, hidden, inter), generator=g, dtype=torch.int8)
+    if full_range:
+        w13[:, 0, :] = -128  # llm-compressor's weights may hold -128
+        w2[:, -1, :] = -128
+    sm = torch.rand(experts, hidden, generator=g) + 0.5 if smooth else None
+    return ExpertTensors(w13, torch.rand(experts, 2 * inter, 1, generator=g) * 1e-2 + 1e-3, w2,
+                         torch.rand(experts, hidden, 1, generator=g) * 1e-2 + 1e-3, sm, down_rotation=rotation)
+
+
+def _loop(x, weights, ids, stack):
+    """int8_moe_forward over per-expert ScaledInt8Gemm (the path without the kernel), float32 throughout."""
+    from vllm_haq.kernels import int8_moe_forward
+
+    g13, g2 = zip(*(stack.gemms(e, torch.float32, backend="torch") for e in range(stack.count)))
+    return int8_moe_forward(x, weights, ids, list(g13), list(g2))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 33])
+@pytest.mark.parametrize("case", ["plain", "smooth", "rotation", "odd-shapes", "full-range"])
+def test_one_call_gives_the_per_expert_loop_result(tokens, case):
+    """Same int8 products, scales and quantization as the per-expert loop: the only float step computed
+    differently is SiLU's exp, so the results agree to float rounding (most often bit for bit)."""
+    from vllm_haq.kernels import cpu_moe_forward
+
+    hidden, inter = (72, 44) if case == "odd-shapes" else (128, 96)  # K tails, short row tiles
+    stack = _stack(6, hidden, inter, seed=tokens, smooth=case == "smooth",
+                   rotation=32 if case == "rotation" else None, full_range=case == "full-range")
+    g = torch.Generator().manual_seed(100 + tokens)
+    x = torch.randn(tokens, hidden, generator=g) * 3
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)]).int()
+    weights = torch.rand(tokens, 2, generator=g)
+    got, want = cpu_moe_forward(x, weights, ids, stack), _loop(x, weights, ids, stack)
+    assert got.dtype == torch.float32 and got.shape == (tokens, hidden)
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= 2e-3, err  # one int8 step of one intermediate at most, where the two exps round apart
+
+
+def test_threads_and_stack_rows_do_not_change_the_result():
+    """Any team size, and experts addressed through cache-slot rows, give the same bits."""
+    from vllm_haq.kernels import RouteGroups, cpu_expert_routes, new_route_buffer
+    from vllm_haq.offload import ExpertTensors
+
+    stack = _stack(5, 96, 64, seed=7, smooth=True)
+    x, weights = torch.randn(9, 96), torch.rand(9, 2)
+    ids = torch.randint(0, 5, (9, 2))
+    groups = RouteGroups(ids, 5)
+    experts = list(groups.routed)
+    outs = []
+    for threads in (1, 2, 3):
+        routes = new_route_buffer(x, 2)
+        cpu_expert_routes(x, weights, groups, stack, experts, routes, threads=threads)
+        outs.append(routes)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    perm = [3, 0, 4, 1, 2]  # slot s holds expert perm[s]
+    slots = ExpertTensors(stack.w13[perm], stack.w13_scale[perm], stack.w2[perm], stack.w2_scale[perm],
+                          stack.smooth[perm])
+    routes = new_route_buffer(x, 2)
+    cpu_expert_routes(x, weights, groups, slots, experts, routes, index=[perm.index(e) for e in experts])
+    assert torch.equal(routes, outs[0])
+
+
+def test_experts_left_out_leave_their_rows_alone():
+    """The engine fills one route buffer from several calls (cache slots, CPU jobs): each writes its rows only."""
+    from vllm_haq.kernels import RouteGroups, cpu_expert_routes, new_route_buffer
+
+    stack = _stack(4, 64, 32, seed=3)
+    x, weights, ids = torch.randn(6, 64), torch.rand(6, 2), torch.randint(0, 4, (6, 2))
+    groups = RouteGroups(ids, 4)
+    whole, parts = new_route_buffer(x, 2), new_route_buffer(x, 2)
+    cpu_expert_routes(x, weights, groups, stack, list(groups.routed), whole)
+    experts = list(groups.routed)
+    cpu_expert_routes(x, weights, groups, stack, experts[::2], parts)
+    untouched = parts.clone()
+    cpu_expert_routes(x, weights, groups, stack, experts[1::2], parts)
+    assert torch.equal(parts, whole)
+    rows = torch.cat([groups.routes_of(e)[0] * 2 + groups.routes_of(e)[1] for e in experts[1::2]])
+    assert untouched.view(-1, 64)[rows].abs().sum() == 0
+
+
+def test_bad_stacks_are_refused_by_name():
+    from vllm_haq.kernels import cpu_int8 as k
+
+    stack = _stack(2, 64, 32, seed=1)
+    x, routes, w = torch.randn(1, 64), torch.zeros(1, 1, 64), torch.ones(1, 1)
+    tok, slot = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    args = [x, routes, w, stack.w13, stack.w13_scale, stack.w2, stack.w2_scale, None, tok, slot]
+    with pytest.raises(RuntimeError, match="w13 must be int8"):
+        k.moe_routes(*args[:3], stack.w13.float(), *args[4:], [0], [0], [1], None)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        k.moe_routes(*args, [2], [0], [1], None)
+    with pytest.raises(RuntimeError, match="route range out of bounds"):
+        k.moe_routes(*args, [0], [0], [2], None)
+    with pytest.raises(RuntimeError, match="x float32"):
+        k.moe_routes(x.double(), *args[1:], [0], [0], [1], None)
+    with pytest.raises(RuntimeError, match="rotation block"):
+        k.moe_routes(*args, [0], [0], [1], 24)

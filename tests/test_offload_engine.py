@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from vllm_haq.kernels import int8_moe_forward
+from vllm_haq.kernels import cpu_fused_ok, cpu_moe_forward, int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadConfigError, OffloadEngine, parse_offload_config
 from vllm_haq.offload.planner import allocate_slots, split_misses
 from vllm_haq.offload.cost import CostModel
@@ -25,6 +25,10 @@ def _layer_experts(seed: int, smooth: bool = False) -> ExpertTensors:
 
 
 def _resident(experts: ExpertTensors, x, w, ids):
+    """All experts resident, as vLLM's CPU build serves them: the CPU kernel where it is built (what the engine
+    uses too; its SiLU is not torch's), else the per-expert loop."""
+    if cpu_fused_ok(experts.w13):
+        return cpu_moe_forward(x, w, ids, experts)
     g13, g2 = zip(*(experts.gemms(e, torch.float32) for e in range(E)))
     return int8_moe_forward(x, w, ids, list(g13), list(g2))
 
@@ -135,7 +139,9 @@ def test_warmup_steps_are_not_recorded():
     assert engine.stats()["steps"] == 1 and engine.routing_counts()[0, 5] == 1
 
 
-def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for_that_step():
+def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for_that_step(monkeypatch):
+    import vllm_haq.offload.engine as engine_module
+
     layers = [_layer_experts(400)]
     engine = OffloadEngine(OffloadConfig(policy="static", slots_per_layer=0), "cpu", torch.float32)
     engine.add_layer(0, layers[0])
@@ -143,28 +149,36 @@ def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for
     x, w = torch.randn(1, H), torch.ones(1, K)
     expected = _resident(layers[0], x, w, ids)
     engine.forward(0, x, w, ids)
-    good = engine.layers[0].host_gemms[1]
+    fused = engine._fused
+    real = engine_module.cpu_expert_routes if fused else engine.layers[0].host_gemms[1][0]
     failures = []
 
-    def flaky(rows):  # fails the first time only: a transient fault
+    def flaky(*args, **kwargs):  # fails the first time only: a transient fault
         if not failures:
             failures.append(1)
+            if fused:
+                args[-1].fill_(7.0)  # a partial write into the route buffer first
             raise RuntimeError("simulated CPU worker failure")
-        return good[0](rows)
+        return real(*args, **kwargs)
 
-    engine.layers[0].host_gemms[1] = (flaky, good[1])
-    assert torch.equal(engine.forward(0, x, w, ids), expected)  # absorbed: recomputed from host memory
-    assert engine.stats()["recovered_faults"] == 1
-
-    def broken(_rows):
+    def broken(*args, **kwargs):
         raise RuntimeError("simulated CPU worker failure")
 
-    engine.layers[0].host_gemms[1] = (broken, good[1])
+    def install(fn):
+        if fused:  # all CPU experts of a step are one kernel call
+            monkeypatch.setattr(engine_module, "cpu_expert_routes", fn)
+        else:
+            engine.layers[0].host_gemms[1] = (fn, engine.layers[0].host_gemms[1][1])
+
+    install(flaky)
+    assert torch.equal(engine.forward(0, x, w, ids), expected)  # absorbed: recomputed from host memory
+    assert engine.stats()["recovered_faults"] == 1
+    install(broken)
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="layer 0 expert 1: its CPU job failed .* failed too"):
+    with pytest.raises(RuntimeError, match=r"layer 0 experts? \[?1\b.*: its CPU job failed .* failed too"):
         engine.forward(0, x, w, ids)
     assert time.monotonic() - t0 < 5  # surfaces at once: no hang
-    engine.layers[0].host_gemms[1] = good
+    install(real)
     assert torch.equal(engine.forward(0, x, w, ids), expected)  # and the engine keeps serving
     engine.close()
 

@@ -38,7 +38,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
 
-        module = load(name="haq_cpu_int8", sources=[_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        module = load(name="haq_cpu_int8", sources=[_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
         return None, f"building {_SOURCE} failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
@@ -97,3 +97,23 @@ def cpu_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, threads: int = 0) -> torch
 @cpu_int8_mm.register_fake
 def _(x_q, w_q, threads=0):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.int32)
+
+
+def moe_routes(x: torch.Tensor, routes: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+               w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, smooth: torch.Tensor | None,
+               tok: torch.Tensor, slot: torch.Tensor, index: list[int], starts: list[int], counts: list[int],
+               rotation: int | None, threads: int = 0) -> None:
+    """Every route of the experts at ``index`` of the stacks (expert ids, or cache slots) in one call:
+    ``routes[t, j] = topk_weights[t, j] * w2(SwiGLU(w13(x[t])))``, HAQ's W8A8 arithmetic (per-token int8
+    inputs after the expert's ``smooth``, exact int32 products, scales; the down projection's input rotated
+    by the block-Hadamard of order ``rotation``). ``tok``/``slot``: the step's routes sorted by expert; job
+    ``i``'s are ``[starts[i], starts[i] + counts[i])``. All host tensors; ``x``, ``routes`` and the weights
+    float32. One OpenMP team of ``threads`` (0: :func:`default_threads`) runs all experts' tiles together.
+
+    Not a torch.library op: it writes into ``routes`` and is called from eager MoE code only (vLLM runs the
+    MoE layer as its own opaque op), where a custom op's Python dispatch would cost more than a small expert."""
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"vllm-haq: the CPU int8 kernel is not available ({_state.get('why')})")
+    module.moe_routes(x, routes, topk_weights, w13, w13_scale, w2, w2_scale, smooth, tok, slot, index, starts,
+                      counts, rotation or 0, threads or default_threads())

@@ -17,10 +17,12 @@ projection's input, may round one ulp apart. GPU checks state a tolerance
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from vllm_haq.kernels import cpu_int8
 
 Gemm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,6 +64,18 @@ class RouteGroups:
             self.starts.append(start)
             start += n
         self.routed = {e: n for e, n in enumerate(self.counts) if n}  # expert -> routed tokens
+        self._host_routes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def host_routes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token index, top-k position) of every route sorted by expert, as host tensors (the CPU kernel's
+        route lists): the same order as ``tok``/``slot``, from the host copy of the ids (no transfer)."""
+        if self._host_routes is None:
+            if self.tok.device.type == "cpu":
+                self._host_routes = (self.tok, self.slot)
+            else:
+                order = torch.argsort(self.ids_host.reshape(-1), stable=True)
+                self._host_routes = (order // self.top_k, order % self.top_k)
+        return self._host_routes
 
     def routes_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token indices, top-k positions) of the routes to ``expert``."""
@@ -161,3 +175,47 @@ def int8_moe_forward(
             write_routes(routes, topk_weights, groups, e, g2(h, amax=amax[route_rows(groups, e)]).float())
     total = routes.sum(1)
     return total if out is None else out.add_(total)
+
+
+class ExpertStack(Protocol):
+    """Stacked experts as the CPU kernel reads them (``vllm_haq.offload.ExpertTensors`` is one): int8 ``w13``
+    [N, 2I, H] and ``w2`` [N, H, I], float32 scales [N, 2I, 1] / [N, H, 1], optional per-expert input
+    smoothing [N, H] and the block-Hadamard order of the down projections' input."""
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    smooth: torch.Tensor | None
+    down_rotation: int | None
+
+
+def cpu_fused_ok(w13: torch.Tensor) -> bool:
+    """Whether the CPU kernel serves experts stacked in ``w13`` in one call per step: host tensors and the
+    kernel built (else the per-expert loop of :func:`int8_moe_forward`, with the reason logged once)."""
+    return w13.device.type == "cpu" and cpu_int8.available()
+
+
+def cpu_expert_routes(x: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, stack: ExpertStack,
+                      experts: Sequence[int], routes: torch.Tensor, index: Sequence[int] | None = None,
+                      threads: int = 0) -> None:
+    """Write every route of ``experts`` into ``routes`` [M, k, H] (float32, host) in one call of the CPU
+    kernel (:func:`vllm_haq.kernels.cpu_int8.moe_routes`). ``index``: each expert's row in ``stack`` (its
+    cache slot), by default the expert id itself. ``x`` and ``topk_weights`` are host tensors."""
+    if not experts:
+        return
+    tok, slot = groups.host_routes()
+    cpu_int8.moe_routes(x.float().contiguous(), routes, topk_weights.float().contiguous(), stack.w13,
+                        stack.w13_scale, stack.w2, stack.w2_scale, stack.smooth, tok, slot,
+                        list(experts) if index is None else list(index), [groups.starts[e] for e in experts],
+                        [groups.counts[e] for e in experts], stack.down_rotation, threads)
+
+
+def cpu_moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    stack: ExpertStack) -> torch.Tensor:
+    """All experts resident in host memory: :func:`int8_moe_forward`'s result (float32 [M, H]) from one
+    kernel call per step instead of a Python loop over experts."""
+    groups = RouteGroups(topk_ids, stack.w13.shape[0])
+    routes = new_route_buffer(x, topk_ids.shape[1])
+    cpu_expert_routes(x, topk_weights, groups, stack, list(groups.routed), routes)
+    return routes.sum(1)

@@ -38,7 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_haq.kernels import RouteGroups, expert_inter, expert_mlp, new_route_buffer, select_backend, write_routes
+from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, expert_inter, expert_mlp, new_route_buffer,
+                              select_backend, write_routes)
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.config import OffloadConfig
@@ -172,6 +173,7 @@ class OffloadEngine:
         self._copier: ThreadPoolExecutor | None = None
         self._copy_stream = None
         self._backend = select_backend(self.device)
+        self._fused = False  # host experts (and on the CPU build the cache's) served by one CPU kernel call per step
 
     # ---- set-up -------------------------------------------------------------------------
     def add_layer(self, layer_index: int, host: ExpertTensors) -> None:
@@ -216,6 +218,7 @@ class OffloadEngine:
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:
                 self._copier = ThreadPoolExecutor(1, thread_name_prefix="haq-prefetch")
+            self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
             if self.cost is None:
                 self.cost = self._calibrate()
             self.counters.extra.update({
@@ -266,10 +269,20 @@ class OffloadEngine:
         g13, g2 = first.host.gemms(0, self.out_dtype)
         hidden = first.host.w13.shape[2]
 
+        def fused(stack: ExpertTensors, tokens: int) -> None:  # one expert's tokens in one kernel call
+            ids = torch.zeros(tokens, 1, dtype=torch.int64)
+            cpu_expert_routes(torch.randn(tokens, hidden), torch.ones(tokens, 1), RouteGroups(ids, stack.count),
+                              stack, [0], torch.zeros(tokens, 1, hidden))
+
         def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
-            self._pool.submit(_in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
+            if self._fused:
+                self._pool.submit(_in_inference_mode, fused, first.host, tokens).result()
+            else:
+                self._pool.submit(_in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
 
         def device_mlp(tokens: int) -> None:  # from a cache slot, as hits are computed
+            if self._fused and self.device.type == "cpu":
+                return fused(scratch, tokens)
             rows = torch.randn(tokens, hidden, device=self.device)
             expert_mlp(rows, *scratch.gemms(0, self.out_dtype, self._backend))
 
@@ -305,7 +318,7 @@ class OffloadEngine:
         routes = new_route_buffer(x, topk_ids.shape[1])
         outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None)
 
-        jobs = self._submit_cpu(layer, x, groups, cpu)
+        jobs = self._submit_cpu(layer, x, groups, cpu, outputs)
         pending = list(fetch)
         wave, moved = self._issue_wave(layer, pending, exclude={layer.slot_of_expert[e] for e in hits}, step=step)
         if self.config.policy == "haq" and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
@@ -313,12 +326,7 @@ class OffloadEngine:
             # run while this layer (and the next one's attention) computes
             self._prefetch(self.order[layer.pos + 1], layer, groups, record)
         moved += self._serve_on_device(layer, x, groups, hits, wave, pending, outputs, step)
-        for e, job in jobs:
-            try:
-                y = job.result()
-            except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
-                y = self._recover(layer, x, groups, e, "its CPU job", exc)
-            outputs.put(e, y, None)
+        self._gather_cpu(layer, x, groups, cpu, jobs, outputs)
         if self.shard_amax is not None:
             self._down_projections(layer, x, outputs)
         out = routes.sum(1)
@@ -328,12 +336,53 @@ class OffloadEngine:
         layer.prefetched.clear()
         return out
 
-    def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int]):
+    def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
+                    outputs: _StepOutputs):
+        """Hand ``experts`` to the CPU workers: one kernel call for all of them (fused), else a job each."""
         if not experts:
             return []
         x_host = _on_host(x)
-        return [(e, self._pool.submit(_in_inference_mode, self._job, *self._host_job(layer, x_host, groups, e)))
+        if self._fused:
+            groups.host_routes()  # built here, not raced for by the worker
+            target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
+            job = self._pool.submit(_in_inference_mode, cpu_expert_routes, x_host, _on_host(outputs.topk_weights),
+                                    groups, layer.host, experts, target)
+            return [(tuple(experts), job, target)]
+        return [(e, self._pool.submit(_in_inference_mode, self._job, *self._host_job(layer, x_host, groups, e)), None)
                 for e in experts]
+
+    def _gather_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int], jobs: list,
+                    outputs: _StepOutputs) -> None:
+        """Wait for the CPU jobs and put their routes with the device's (a failed job is recomputed once)."""
+        for e, job, target in jobs:
+            if target is None:
+                try:
+                    y = job.result()
+                except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
+                    y = self._recover(layer, x, groups, e, "its CPU job", exc)
+                outputs.put(e, y, None)
+                continue
+            try:
+                job.result()
+            except Exception as exc:  # noqa: BLE001 - recompute the experts of the failed call once (their
+                # rows are all rewritten; the other rows are not theirs)
+                self._recover_fused(layer, x, groups, list(e), target, outputs, "its CPU job", exc)
+            if target is not outputs.routes:  # their rows are zero on the device, the device's zero here
+                outputs.routes.add_(target.to(outputs.routes.device))
+
+    def _recover_fused(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
+                       target: torch.Tensor, outputs: _StepOutputs, what: str, exc: BaseException) -> None:
+        """:meth:`_recover` for the fused path: ``experts`` once more from host memory into the host buffer
+        ``target`` (the step's routes themselves on the CPU build)."""
+        log.warning("vllm-haq offload (%s): layer %d experts %s: %s failed (%s: %s); recomputing from host memory",
+                    self.name, layer.index, experts, what, type(exc).__name__, exc)
+        try:
+            _in_inference_mode(cpu_expert_routes, _on_host(x), _on_host(outputs.topk_weights), groups, layer.host,
+                               experts, target)
+        except Exception as again:
+            raise RuntimeError(f"offload engine {self.name}: layer {layer.index} experts {experts}: {what} failed "
+                               f"({exc}) and recomputing them from host memory failed too ({again})") from again
+        self.counters.recovered_faults += 1
 
     def _host_job(self, layer: _Layer, x_host: torch.Tensor, groups: RouteGroups, expert: int):
         """(rows, w13, w2) to compute ``expert``'s routes from host memory."""
@@ -364,17 +413,38 @@ class OffloadEngine:
 
     def _compute_on_device(self, layer: _Layer, x, groups: RouteGroups, experts: list[int],
                            outputs: _StepOutputs, step: int) -> None:
+        ready = []
         for e in experts:
             s = layer.slot_of_expert[e]
             try:
                 self._slot_ready(layer, s)  # only the slots this step reads wait: wrong prefetches stall nothing
             except Exception as exc:  # noqa: BLE001 - the slot is evicted; serve this expert from the host
-                outputs.put(e, self._recover(layer, x, groups, e, "its copy to the device", exc), None)
+                self._from_host_after_fault(layer, x, groups, e, outputs, exc)
                 continue
+            ready.append((e, s))
+        if not ready:
+            return
+        if self._fused and self.device.type == "cpu":  # the CPU build: all ready slots in one kernel call
+            cpu_expert_routes(x, outputs.topk_weights, groups, layer.cache, [e for e, _ in ready], outputs.routes,
+                              index=[s for _, s in ready])
+            for _, s in ready:
+                layer.last_use[s] = step
+            return
+        for e, s in ready:
             if s not in layer.slot_gemms:
                 layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend, shard_amax=self.shard_amax)
             outputs.put(e, self._job(x[groups.routes_of(e)[0]], *layer.slot_gemms[s]), s)
             layer.last_use[s] = step
+
+    def _from_host_after_fault(self, layer: _Layer, x, groups: RouteGroups, expert: int, outputs: _StepOutputs,
+                               exc: BaseException) -> None:
+        if not self._fused:
+            outputs.put(expert, self._recover(layer, x, groups, expert, "its copy to the device", exc), None)
+            return
+        target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
+        self._recover_fused(layer, x, groups, [expert], target, outputs, "its copy to the device", exc)
+        if target is not outputs.routes:
+            outputs.routes.add_(target.to(outputs.routes.device))
 
     def _down_projections(self, layer: _Layer, x: torch.Tensor, outputs: _StepOutputs) -> None:
         """Tensor parallelism: the down projections of every expert computed this step.

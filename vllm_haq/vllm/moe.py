@@ -20,7 +20,8 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_haq.format import (SCALE_DTYPE, WEIGHT_DTYPE, CheckpointError, check_scale_values, read_config,
                              validate_routing_stats)
-from vllm_haq.kernels import ScaledInt8Gemm, int8_moe_forward, select_backend, triton_int8_moe_forward
+from vllm_haq.kernels import (ScaledInt8Gemm, cpu_fused_ok, cpu_moe_forward, int8_moe_forward, select_backend,
+                              triton_int8_moe_forward)
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
 from vllm_haq.quant.rotation import rotate
 from vllm_haq.vllm.tp import tp_shard_amax
@@ -202,6 +203,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
         self.offload, self._vllm_config = _offload_settings(quant_config)
         self.engine: OffloadEngine | None = None
         self.fused = None  # (slots, weights) of the fused Triton MoE, when all experts are resident on CUDA
+        self.host_stack: ExpertTensors | None = None  # all experts resident in host memory: the CPU kernel
         match = _LAYER_INDEX.search(prefix)
         self.layer_index = int(match.group(1)) if match else None
         if self.offload.offloading and self.layer_index is None:
@@ -299,6 +301,9 @@ class HAQMoEMethod(FusedMoEMethodBase):
             weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
             self.fused = (slots, weights)
             return
+        if self.shard_amax is None and cpu_fused_ok(layer.w13_weight.data):
+            self.host_stack = self._stack(layer)  # one CPU kernel call per step for all routed experts
+            return
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else [None] * e
         self.w13 = [ScaledInt8Gemm(layer.w13_weight.data[i], layer.w13_weight_scale.data[i], self.out_dtype,
                                    smooth=smooth[i]) for i in range(e)]
@@ -314,10 +319,13 @@ class HAQMoEMethod(FusedMoEMethodBase):
                                               name=str(self._vllm_config.model_config.model),
                                               shard_amax=self.shard_amax)
         self.engine = qc.offload_engine
+        self.engine.add_layer(self.layer_index, self._stack(layer))
+
+    def _stack(self, layer) -> ExpertTensors:
+        """The layer's experts as one stack (views of its parameters)."""
         smooth = layer.w13_input_smooth.data if self.explicit_smoothing else None
-        self.engine.add_layer(self.layer_index, ExpertTensors(layer.w13_weight.data, layer.w13_weight_scale.data,
-                                                              layer.w2_weight.data, layer.w2_weight_scale.data,
-                                                              smooth, down_rotation=self.down_rotation))
+        return ExpertTensors(layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data,
+                             layer.w2_weight_scale.data, smooth, down_rotation=self.down_rotation)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:  # every expert's gate/up reads the same rotated input; the router did not
@@ -342,6 +350,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         if self.engine is not None:
             record = _serving_step()
             return self.engine.forward(self.layer_index, x, topk_weights, topk_ids, record=record).to(x.dtype)
+        if self.host_stack is not None:
+            return cpu_moe_forward(x, topk_weights, topk_ids, self.host_stack).to(x.dtype)
         return int8_moe_forward(x, topk_weights, topk_ids, self.w13, self.w2, shard_amax=self.shard_amax).to(x.dtype)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):

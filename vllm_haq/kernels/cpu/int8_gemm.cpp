@@ -1,16 +1,28 @@
-// Exact int8 GEMM on x86 CPUs: int32 out[M, N] = x[M, K] . w[N, K]^T, x in [-127, 127] (HAQ's per-token
-// quantization), w any int8 (llm-compressor's weights may hold -128).
+// Exact int8 GEMMs and the experts of an MoE layer-step on x86 CPUs (AVX2), HAQ's W8A8 arithmetic.
 //
-// AVX2 sign trick (as llama.cpp's and fbgemm's int8 paths): |w| as u8 times x * sign(w) as s8 with
-// vpmaddubsw gives int16 pair sums of at most 2 * 128 * 127 = 32512 < 32767, so nothing saturates;
-// vpmaddwd with ones widens them to int32. (|w| of -128 is 0x80 = 128 as an unsigned byte; x = -128
-// would break the sign step, and quantization never writes it.) Weights are read in their checkpoint layout (row-major [N, K]) in blocks of 4 rows; every
-// token row of x reuses a block while it is in cache, so DRAM sees each weight byte once per call.
+// Products: int32 out = x . w^T, x in [-127, 127] (HAQ's per-token quantization), w any int8 (llm-compressor's
+// weights may hold -128). AVX2 sign trick (as llama.cpp's and fbgemm's int8 paths): |w| as u8 times x * sign(w)
+// as s8 with vpmaddubsw gives int16 pair sums of at most 2 * 128 * 127 = 32512 < 32767, so nothing saturates;
+// vpmaddwd with ones widens them to int32. (|w| of -128 is 0x80 = 128 as an unsigned byte; x = -128 would break
+// the sign step, and quantization never writes it.) Weights are read in their checkpoint layout (row-major
+// [N, K]) in tiles of 4 rows; every pair of token rows reuses a tile's |w| while it is in registers and every
+// token the tile while it is in L1/L2, so DRAM sees each weight byte once per call and decode is memory-bound.
+//
+// moe_routes: all of one layer-step's experts served from one stacked store (host experts or cache slots) in
+// one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
+// no Python per expert. Its float steps are those of vllm_haq.quant (true division, round half to even,
+// ((float)acc * x_scale) * w_scale, the rotation's butterfly order); SiLU uses expf, not torch's vector exp.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 namespace {
+
+constexpr int RB = 4;  // weight rows per tile
 
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -19,30 +31,94 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline __m256i dot32(__m256i x, const int8_t* w, __m256i ones) {
-  __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv)), ones);
-}
-
-// rows [n0, n0 + nb) of w (nb <= 4) against every row of x
-void block(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t N, int64_t K, int64_t n0, int nb) {
+// out[r][t] = dot(w[r][0..K), x[t][0..K)) for RB weight rows and T token rows.
+template <int T>
+inline void tile(const int8_t* const* w, const int8_t* const* x, int64_t K, int32_t out[RB][T]) {
   const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RB][T];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
   const int64_t kv = K / 32 * 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* xr = x + m * K;
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                      _mm256_setzero_si256()};
-    for (int64_t k = 0; k < kv; k += 32) {
-      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
-      for (int r = 0; r < nb; ++r) acc[r] = _mm256_add_epi32(acc[r], dot32(xv, w + (n0 + r) * K + k, ones));
-    }
-    for (int r = 0; r < nb; ++r) {
-      int32_t s = hsum(acc[r]);
-      const int8_t* wr = w + (n0 + r) * K;
-      for (int64_t k = kv; k < K; ++k) s += int32_t(xr[k]) * int32_t(wr[k]);
-      out[m * N + n0 + r] = s;
+  for (int64_t k = 0; k < kv; k += 32) {
+    __m256i xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
+    for (int r = 0; r < RB; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
+      const __m256i aw = _mm256_abs_epi8(wv);
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones));
     }
   }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < T; ++t) {
+      int32_t s = hsum(acc[r][t]);
+      for (int64_t k = kv; k < K; ++k) s += int32_t(x[t][k]) * int32_t(w[r][k]);
+      out[r][t] = s;
+    }
+}
+
+// Rows [n0, n1) of w [N, K] against the M contiguous token rows of x [M, K]; epi(n, t, int32) per product.
+template <class Epi>
+void gemm_rows(const int8_t* w, int64_t K, int64_t n0, int64_t n1, const int8_t* x, int64_t M, Epi&& epi) {
+  for (int64_t n = n0; n < n1; n += RB) {
+    const int nb = static_cast<int>(std::min<int64_t>(RB, n1 - n));
+    const int8_t* rows[RB];
+    for (int r = 0; r < RB; ++r) rows[r] = w + (n + std::min(r, nb - 1)) * K;  // a short tile repeats its last row
+    int64_t t = 0;
+    for (; t + 2 <= M; t += 2) {
+      const int8_t* xs[2] = {x + t * K, x + (t + 1) * K};
+      int32_t out[RB][2];
+      tile<2>(rows, xs, K, out);
+      for (int r = 0; r < nb; ++r) {
+        epi(n + r, t, out[r][0]);
+        epi(n + r, t + 1, out[r][1]);
+      }
+    }
+    if (t < M) {
+      const int8_t* xs[1] = {x + t * K};
+      int32_t out[RB][1];
+      tile<1>(rows, xs, K, out);
+      for (int r = 0; r < nb; ++r) epi(n + r, t, out[r][0]);
+    }
+  }
+}
+
+// HAQ's per-token quantization of one row (vllm_haq.quant.quantize_per_token): x / smooth, scale =
+// max(amax, 1e-8) / 127, q = round-half-even(x / scale) clamped to +-127. Returns the scale.
+float quantize_row(const float* x, const float* smooth, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(smooth ? x[i] / smooth[i] : x[i]));
+  const float scale = std::max(amax, 1e-8f) / 127.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint((smooth ? x[i] / smooth[i] : x[i]) / scale);
+    q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+  return scale;
+}
+
+// vllm_haq.quant.rotation.rotate on one row: butterflies within each block, then one scaling.
+void rotate_row(float* v, int64_t n, int64_t block) {
+  for (int64_t b0 = 0; b0 < n; b0 += block)
+    for (int64_t h = 1; h < block; h *= 2)
+      for (int64_t i = b0; i < b0 + block; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], c = v[j + h];
+          v[j] = a + c;
+          v[j + h] = a - c;
+        }
+  const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  for (int64_t i = 0; i < n; ++i) v[i] = v[i] * s;
+}
+
+void check_int8_stack(const torch::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2),
+              "moe_routes: ", name, " must be int8 [experts, N, K] with contiguous rows per expert");
+}
+
+void check_scale_stack(const torch::Tensor& s, const torch::Tensor& w, const char* name) {
+  TORCH_CHECK(s.dtype() == torch::kFloat32 && s.size(0) == w.size(0) && s.numel() == w.size(0) * w.size(1) &&
+                  s.stride(0) == w.size(1) * (s.dim() == 3 ? s.size(2) : 1),
+              "moe_routes: ", name, " must be float32 [experts, N, 1], contiguous per expert");
 }
 
 }  // namespace
@@ -56,13 +132,111 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, int64_t threads) {
   const int8_t* xp = x.data_ptr<int8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  const int64_t blocks = (N + 3) / 4;
+  const int64_t tiles = (N + RB - 1) / RB;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * 4;
-    block(xp, wp, op, M, N, K, n0, static_cast<int>(std::min<int64_t>(4, N - n0)));
-  }
+  for (int64_t b = 0; b < tiles; ++b)
+    gemm_rows(wp, K, b * RB, std::min(N, (b + 1) * RB), xp, M, [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = v; });
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int8_mm", &int8_mm, "exact int8 GEMM (AVX2)"); }
+// routes[tok, slot, :] = topk_w[tok, slot] * w2_e(SwiGLU(w13_e(x[tok]))) for every route of the given experts.
+// tok/slot: all routes of the step sorted by expert (RouteGroups); experts[j]'s routes are
+// tok[starts[j] : starts[j] + counts[j]]. Stacks are indexed by experts[j] (expert ids or cache slots, via index).
+void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, torch::Tensor w13, torch::Tensor s13,
+                torch::Tensor w2, torch::Tensor s2, c10::optional<torch::Tensor> smooth, torch::Tensor tok,
+                torch::Tensor slot, std::vector<int64_t> index, std::vector<int64_t> starts,
+                std::vector<int64_t> counts, int64_t rotation, int64_t threads) {
+  check_int8_stack(w13, "w13");
+  check_int8_stack(w2, "w2");
+  check_scale_stack(s13, w13, "w13_scale");
+  check_scale_stack(s2, w2, "w2_scale");
+  const int64_t H = w13.size(2), I2 = w13.size(1), I = I2 / 2, k = routes.size(1);
+  TORCH_CHECK(w2.size(1) == H && w2.size(2) == I && w2.size(0) == w13.size(0), "moe_routes: w13 [E, 2I, H] and w2 [E, H, I] expected");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) == H, "moe_routes: x float32 [T, H] expected");
+  TORCH_CHECK(routes.dtype() == torch::kFloat32 && routes.is_contiguous() && routes.dim() == 3 && routes.size(0) == x.size(0) &&
+                  routes.size(2) == H, "moe_routes: routes float32 [T, k, H] expected");
+  TORCH_CHECK(topk_w.dtype() == torch::kFloat32 && topk_w.is_contiguous() && topk_w.numel() == x.size(0) * k,
+              "moe_routes: topk weights float32 [T, k] expected");
+  TORCH_CHECK(tok.dtype() == torch::kInt64 && slot.dtype() == torch::kInt64 && tok.is_contiguous() && slot.is_contiguous(),
+              "moe_routes: int64 route lists expected");
+  TORCH_CHECK(index.size() == starts.size() && index.size() == counts.size(), "moe_routes: one start and count per expert");
+  TORCH_CHECK(rotation == 0 || (I % rotation == 0), "moe_routes: rotation block does not divide the intermediate size");
+  const float* sm = nullptr;
+  int64_t sm_stride = 0;
+  if (smooth.has_value() && smooth->defined()) {
+    TORCH_CHECK(smooth->dtype() == torch::kFloat32 && smooth->stride(1) == 1 && smooth->size(1) == H, "moe_routes: smooth float32 [E, H] expected");
+    sm = smooth->data_ptr<float>();
+    sm_stride = smooth->stride(0);
+  }
+  const int64_t jobs = static_cast<int64_t>(index.size());
+  std::vector<int64_t> offs(jobs + 1, 0);
+  for (int64_t j = 0; j < jobs; ++j) {
+    TORCH_CHECK(index[j] >= 0 && index[j] < w13.size(0), "moe_routes: expert/slot index out of range");
+    TORCH_CHECK(starts[j] >= 0 && counts[j] >= 0 && starts[j] + counts[j] <= tok.numel(), "moe_routes: route range out of bounds");
+    offs[j + 1] = offs[j] + counts[j];
+  }
+  const int64_t R = offs[jobs];
+  if (R == 0) return;
+  std::vector<int64_t> job_of(R);
+  for (int64_t j = 0; j < jobs; ++j) std::fill(job_of.begin() + offs[j], job_of.begin() + offs[j + 1], j);
+
+  std::vector<int8_t> xq(R * H), hq(R * I);
+  std::vector<float> xs(R), hs(R), h(R * I2);
+  const float* xp = x.data_ptr<float>();
+  float* rp = routes.data_ptr<float>();
+  const float* wp = topk_w.data_ptr<float>();
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  const int8_t* w13p = w13.data_ptr<int8_t>();
+  const int8_t* w2p = w2.data_ptr<int8_t>();
+  const float* s13p = s13.data_ptr<float>();
+  const float* s2p = s2.data_ptr<float>();
+  const int64_t T = x.size(0), tiles1 = (I2 + RB - 1) / RB, tiles2 = (H + RB - 1) / RB;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t j = job_of[r], t = tp[starts[j] + r - offs[j]];
+    TORCH_CHECK(t >= 0 && t < T && sp[starts[j] + r - offs[j]] >= 0 && sp[starts[j] + r - offs[j]] < k, "moe_routes: route out of range");
+  }
+
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {  // 1. inputs, per route
+      const int64_t j = job_of[r];
+      xs[r] = quantize_row(xp + tp[starts[j] + r - offs[j]] * H, sm ? sm + index[j] * sm_stride : nullptr, H, &xq[r * H]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < jobs * tiles1; ++i) {  // 2. gate/up
+      const int64_t j = i / tiles1, n0 = (i % tiles1) * RB, e = index[j];
+      const float* ws = s13p + e * s13.stride(0);
+      float* hj = h.data() + offs[j] * I2;
+      const float* xsj = xs.data() + offs[j];
+      gemm_rows(w13p + e * w13.stride(0), H, n0, std::min(I2, n0 + RB), xq.data() + offs[j] * H, counts[j],
+                [&](int64_t n, int64_t t, int32_t v) { hj[t * I2 + n] = (static_cast<float>(v) * xsj[t]) * ws[n]; });
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {  // 3. SwiGLU, rotation, quantization
+      float* g = h.data() + r * I2;
+      for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+      if (rotation > 0) rotate_row(g, I, rotation);
+      hs[r] = quantize_row(g, nullptr, I, &hq[r * I]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < jobs * tiles2; ++i) {  // 4. down, weighted into each route's row
+      const int64_t j = i / tiles2, n0 = (i % tiles2) * RB, e = index[j];
+      const float* ws = s2p + e * s2.stride(0);
+      const float* hsj = hs.data() + offs[j];
+      const int64_t* tj = tp + starts[j];
+      const int64_t* sj = sp + starts[j];
+      gemm_rows(w2p + e * w2.stride(0), I, n0, std::min(H, n0 + RB), hq.data() + offs[j] * I, counts[j],
+                [&](int64_t n, int64_t t, int32_t v) {
+                  const int64_t route = tj[t] * k + sj[t];
+                  rp[route * H + n] = ((static_cast<float>(v) * hsj[t]) * ws[n]) * wp[route];
+                });
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_mm", &int8_mm, "exact int8 GEMM (AVX2)");
+  m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8 (AVX2)");
+}
