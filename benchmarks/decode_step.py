@@ -80,27 +80,42 @@ def _prior(t, trace):
     return {"expert_counts": counts, "transition_counts": trans, "layer_indices": torch.arange(t["layers"])}
 
 
-def _per_layer_step(run_layer, trace, layers):
-    per_step = []
+def _per_layer_step(methods, trace, layers):
+    """{name: median µs per layer-step}: every method runs each step in turn (interleaved: this host is noisy)."""
+    times = {name: [] for name in methods}
     for step in trace:
-        t0 = time.perf_counter()
-        for layer, args in enumerate(step):
-            run_layer(layer, *args)
-        per_step.append((time.perf_counter() - t0) / layers)
-    return statistics.median(per_step[len(per_step) // 5:])  # the first fifth warms caches and the planner
+        for name, run_layer in methods.items():
+            t0 = time.perf_counter()
+            for layer, args in enumerate(step):
+                run_layer(layer, *args)
+            times[name].append((time.perf_counter() - t0) / layers)
+    return {name: statistics.median(ts[len(ts) // 5:]) for name, ts in times.items()}  # first fifth: warm-up
 
 
 def _floor(stacks):
+    """Lean eager torch: routes grouped on the host from one ``tolist()``, one fused gate/up matmul per expert."""
     dense = [(s.w13.float() * s.w13_scale, s.w2.float() * s.w2_scale) for s in stacks]
 
     def run(layer, x, w, ids):
         w13, w2 = dense[layer]
+        inter = w13.shape[1] // 2
+        groups: dict[int, list] = {}
+        for t, row in enumerate(ids.tolist()):
+            for j, e in enumerate(row):
+                groups.setdefault(e, []).append((t, j))
+        weights = w.tolist()
         out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            rows, pos = (ids == e).nonzero(as_tuple=True)
-            gu = x[rows] @ w13[e].t()
-            h = torch.nn.functional.silu(gu[:, : gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2 :]
-            out.index_add_(0, rows, (h @ w2[e].t()) * w[rows, pos, None])
+        for e, routes in groups.items():
+            if len(routes) == 1:  # a decode step's usual case: no gather, no scatter
+                (t, j), = routes
+                gu = torch.mm(x[t : t + 1], w13[e].t())
+                h = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+                out[t : t + 1].add_(torch.mm(h, w2[e].t()), alpha=weights[t][j])
+                continue
+            rows = torch.tensor([t for t, _ in routes])
+            gu = torch.mm(x[rows], w13[e].t())
+            y = torch.mm(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], w2[e].t())
+            out.index_add_(0, rows, y * torch.tensor([weights[t][j] for t, j in routes]).unsqueeze(1))
         return out
     return run
 
@@ -133,16 +148,17 @@ def measure(name, batch, steps, gen):
     stacks = _layers(t, gen)
     trace = _trace(t, steps, batch, gen)
     prior = _prior(t, trace)
-    rows = {}
-    rows["floor"] = _per_layer_step(_floor(stacks), trace, t["layers"])
-    rows["loop (per-expert int8)"] = _per_layer_step(_loop(stacks), trace, t["layers"])
-    rows["fused (one call)"] = _per_layer_step(_fused(stacks), trace, t["layers"])
+    methods = {"floor": _floor(stacks), "loop (per-expert int8)": _loop(stacks), "fused (one call)": _fused(stacks)}
+    engines = []
     for policy in POLICIES:
         for budget, cfg in BUDGETS.items():
             for old in (True, False):
                 engine, run = _engine(stacks, prior, policy, cfg, old)
-                rows[f"engine {policy} {budget} {'old' if old else 'new'}"] = _per_layer_step(run, trace, t["layers"])
-                engine.close()
+                engines.append(engine)
+                methods[f"engine {policy} {budget} {'old' if old else 'new'}"] = run
+    rows = _per_layer_step(methods, trace, t["layers"])
+    for engine in engines:
+        engine.close()
     return rows
 
 

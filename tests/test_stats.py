@@ -296,3 +296,41 @@ def test_help_documents_every_option(capsys):
     for opt in ("CHECKPOINT", "--live", "--out", "--top", "--coverage", "--dpi"):
         assert opt in text
     assert text.count("default") >= 5
+
+
+def test_buffered_online_statistics_equal_decaying_at_every_step():
+    """The engine records every layer-step and folds once per model step: the same decayed counts,
+    transitions and exact counts as decaying at each record (float rounding apart)."""
+    from vllm_haq.offload.stats import ONLINE_DECAY, RoutingStatistics
+
+    layers, experts, k = 3, 6, 2
+    stats = RoutingStatistics(layers, experts)
+    g = torch.Generator().manual_seed(0)
+    online = torch.zeros(layers, experts, dtype=torch.float64)
+    trans = torch.zeros(layers - 1, experts, experts, dtype=torch.float64)
+    exact = torch.zeros(layers - 1, experts, experts, dtype=torch.int64)
+    for step in range(7):
+        prev = None
+        for layer in range(layers):
+            tokens = 1 + step % 3
+            ids = [torch.randperm(experts, generator=g)[:k].tolist() for _ in range(tokens)]
+            counts = [sum(row.count(e) for row in ids) for e in range(experts)]
+            stats.record(layer, counts, prev, ids)
+            online[layer] = online[layer] * ONLINE_DECAY + torch.tensor(counts, dtype=torch.float64)
+            if prev is not None:
+                pairs = torch.zeros(experts, experts, dtype=torch.float64)
+                for a_row, b_row in zip(prev, ids):
+                    for a in a_row:
+                        for b in b_row:
+                            pairs[a, b] += 1
+                trans[layer - 1] = trans[layer - 1] * ONLINE_DECAY + pairs
+                exact[layer - 1] += pairs.long()
+            prev = ids if step != 3 else None  # a step without transitions
+        if step == 4:
+            stats.record(0, [1] + [0] * (experts - 1), None, [[0, 1]])  # a partial step: folded on the next read
+            online[0] = online[0] * ONLINE_DECAY + torch.tensor([1.0] + [0.0] * (experts - 1))
+    served = stats.served(list(range(layers)))
+    assert torch.allclose(stats.online, online, rtol=1e-12, atol=0)
+    assert torch.allclose(stats.online_transition, trans, rtol=1e-12, atol=0)
+    assert served["transition_counts"] == exact.tolist()
+    assert served["expert_counts"] == stats.served_counts.tolist() and sum(served["tokens"]) > 0

@@ -39,48 +39,67 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int):
 class RouteGroups:
     """The routes of one forward step grouped by expert (host-side counts, computed once).
 
-    One device->host transfer per step: the per-expert counts (plus a bucket for out-of-range ids) and the
-    ids themselves travel in one small int64 tensor; on CUDA every further host read (``int(min)``,
-    ``bincount``'s size probe, ``.tolist()``) would be another blocking sync per MoE layer and step.
+    One device->host transfer per step: the routed ids (on CUDA every further host read — ``int(min)``,
+    ``bincount``'s size probe, ``.tolist()`` of a device tensor — would be another blocking sync per MoE layer
+    and step). Everything else is built on the host from that copy: a decode step's few routes by plain
+    Python (a handful of torch ops would cost more than the experts of a small MoE), larger batches by torch
+    on host tensors. ``tok``/``slot`` (on the ids' device) follow as one host-to-device copy.
     """
 
+    PY_ROUTES = 256  # up to this many routes per step, grouped in Python
+
     def __init__(self, topk_ids: torch.Tensor, num_experts: int):
-        self.top_k = topk_ids.shape[1]
-        flat = topk_ids.reshape(-1).long()
-        valid = (flat >= 0) & (flat < num_experts)
-        bucket = torch.where(valid, flat, torch.full_like(flat, num_experts))
-        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-        counts.index_add_(0, bucket, torch.ones_like(bucket))
-        host = torch.cat([counts, flat]).cpu()  # the one transfer
-        self.counts = host[:num_experts].tolist()
-        if int(host[num_experts]):
-            ids = host[num_experts + 1 :]
-            raise ValueError(f"topk_ids out of range [0, {num_experts}): min {int(ids.min())}, max {int(ids.max())}")
-        self.ids_host = host[num_experts + 1 :].view(topk_ids.shape)  # int64, for statistics and planning
-        order = torch.argsort(flat, stable=True)
-        self.tok, self.slot = order // self.top_k, order % self.top_k
+        self.top_k = k = topk_ids.shape[1]
+        host = topk_ids.to("cpu") if topk_ids.device.type != "cpu" else topk_ids  # the one transfer
+        self.ids_host = host.long()  # int64 [M, k], for statistics and planning
+        flat = self.ids_host.reshape(-1)
+        self._rows: list[list[int]] | None = None
+        if flat.numel() <= self.PY_ROUTES:
+            ids = flat.tolist()
+            self._rows = [ids[i : i + k] for i in range(0, len(ids), k)]
+            _check_range(min(ids, default=0), max(ids, default=0), num_experts)
+            counts = [0] * num_experts
+            for e in ids:
+                counts[e] += 1
+            order_list = sorted(range(len(ids)), key=ids.__getitem__)  # stable
+            self._host_routes = tuple(torch.tensor([[r // k for r in order_list], [r % k for r in order_list]],
+                                                   dtype=torch.int64))
+        else:
+            _check_range(int(flat.min()), int(flat.max()), num_experts)
+            counts = torch.bincount(flat, minlength=num_experts).tolist()
+            order = torch.argsort(flat, stable=True)
+            self._host_routes = (order // k, order % k)
+        self.counts = counts
+        if topk_ids.device.type == "cpu":
+            self.tok, self.slot = self._host_routes
+        else:
+            self.tok, self.slot = (t.to(topk_ids.device, non_blocking=True) for t in self._host_routes)
         self.starts, start = [], 0
-        for n in self.counts:
+        for n in counts:
             self.starts.append(start)
             start += n
-        self.routed = {e: n for e, n in enumerate(self.counts) if n}  # expert -> routed tokens
-        self._host_routes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.routed = {e: n for e, n in enumerate(counts) if n}  # expert -> routed tokens
+
+    def id_rows(self) -> list[list[int]]:
+        """Each token's routed expert ids (host lists)."""
+        if self._rows is None:
+            self._rows = self.ids_host.tolist()
+        return self._rows
 
     def host_routes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token index, top-k position) of every route sorted by expert, as host tensors (the CPU kernel's
-        route lists): the same order as ``tok``/``slot``, from the host copy of the ids (no transfer)."""
-        if self._host_routes is None:
-            if self.tok.device.type == "cpu":
-                self._host_routes = (self.tok, self.slot)
-            else:
-                order = torch.argsort(self.ids_host.reshape(-1), stable=True)
-                self._host_routes = (order // self.top_k, order % self.top_k)
+        route lists): the order of ``tok``/``slot``."""
         return self._host_routes
 
     def routes_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token indices, top-k positions) of the routes to ``expert``."""
         a, n = self.starts[expert], self.counts[expert]
         return self.tok[a : a + n], self.slot[a : a + n]
+
+
+def _check_range(lo: int, hi: int, num_experts: int) -> None:
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"topk_ids out of range [0, {num_experts}): min {lo}, max {hi}")
 
 
 def all_shard_route_amax(inters: Mapping[int, tuple[torch.Tensor, Gemm]], groups: RouteGroups, num_tokens: int,

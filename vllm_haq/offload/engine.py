@@ -6,7 +6,7 @@ slots). Per forward step, after routing:
 1. misses the planner gives to the CPU are submitted to the CPU worker pool first
    (they run while the device works);
 2. the first wave of misses the planner fetches starts copying into free slots
-   (victims by policy; copy stream on CUDA, a copier thread otherwise);
+   (victims by policy; copy stream on CUDA, inline memcpy on the CPU build);
 3. hits are computed on the device from their slots meanwhile, then each fetched
    wave as it lands (waves when a step routes to more experts than free slots);
 4. CPU results are gathered into the same per-route buffer, which is summed over
@@ -114,6 +114,7 @@ class _Layer:
         self.index = index
         self.host = host
         self.num_experts = host.count
+        self.expert_bytes = host.expert_bytes()
         self.pos = -1
         self.slots = 0
         self.cache: ExpertTensors | None = None
@@ -167,7 +168,7 @@ class OffloadEngine:
         self.stats_model: RoutingStatistics | None = None
         self._started = False
         self._lock = threading.Lock()
-        self._prev_routed: tuple[int, torch.Tensor] | None = None
+        self._prev_routed: tuple[int, list[list[int]]] | None = None
         self._last_report = time.monotonic()
         self._pool: ThreadPoolExecutor | None = None
         self._copier: ThreadPoolExecutor | None = None
@@ -216,8 +217,9 @@ class OffloadEngine:
                                                 initializer=cpu_int8.set_threads_for_this_thread, initargs=(share,))
             if self.device.type == "cuda":
                 self._copy_stream = torch.cuda.Stream(self.device)
-            else:
-                self._copier = ThreadPoolExecutor(1, thread_name_prefix="haq-prefetch")
+            else:  # the CPU build: a copy is a memcpy on the same cores as the "device" work; a copier thread
+                # would only add a hand-off to each (tiny experts: more than the copy itself)
+                self._copier = _InlineExecutor()
             self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
             if self.cost is None:
                 self.cost = self._calibrate()
@@ -295,6 +297,8 @@ class OffloadEngine:
 
         cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device,
                          issue_prefetch, device_mlp)
+        if isinstance(self._copier, _InlineExecutor):  # a prefetch is the copy itself, in the model thread
+            cost.prefetch_issue_s = cost.fetch_s()
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # scratch is freed on return
         return cost
@@ -502,7 +506,7 @@ class OffloadEngine:
         return wave, moved
 
     def _copy_async(self, layer: _Layer, slot: int, expert: int):
-        """Copy ``expert`` into ``slot`` off the model thread (copy stream / copier thread): (handle, bytes)."""
+        """Copy ``expert`` into ``slot`` off the model thread (copy stream; inline on the CPU build): (handle, bytes)."""
         layer.place(slot, expert)
         if self._copy_stream is not None:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader
@@ -516,7 +520,7 @@ class OffloadEngine:
                 handle.record(self._copy_stream)
         else:
             handle = self._copier.submit(_in_inference_mode, copy_expert, layer.cache, slot, layer.host, expert)
-            moved = layer.host.expert_bytes()
+            moved = layer.expert_bytes
         layer.copying[slot] = handle  # a later copy into this slot queues behind it (one copy queue, FIFO)
         return handle, moved
 
@@ -603,11 +607,10 @@ class OffloadEngine:
         c.cpu_expert_tokens += sum(misses[e] for e in cpu)
         c.bytes_h2d += moved
         c.prefetch_hits += sum(1 for e in groups.routed if e in layer.prefetched)
-        routed = torch.zeros(topk_ids.shape[0], layer.num_experts, dtype=torch.float64)
-        routed.scatter_(1, groups.ids_host, 1.0)  # the host copy RouteGroups made: no second transfer
+        ids = groups.id_rows()  # the host copy RouteGroups made: no second transfer
         prev = self._prev_routed[1] if self._prev_routed and self._prev_routed[0] == layer.pos - 1 else None
-        self.stats_model.record(layer.pos, torch.tensor(groups.counts, dtype=torch.float64), prev, routed)
-        self._prev_routed = (layer.pos, routed)
+        self.stats_model.record(layer.pos, groups.counts, prev, ids)
+        self._prev_routed = (layer.pos, ids)
         if self.config.stats_file and time.monotonic() - self._last_report >= self.config.stats_interval_s:
             self.report()
 
@@ -637,7 +640,10 @@ class OffloadEngine:
 
     def routing_counts(self) -> torch.Tensor | None:
         """Online (decayed) expert counts [L, E] of served steps, for ``haq stats --live``."""
-        return None if self.stats_model is None else self.stats_model.online.clone()
+        if self.stats_model is None:
+            return None
+        self.stats_model.flush()
+        return self.stats_model.online.clone()
 
     def close(self) -> None:
         if self._started and self.config.stats_file:

@@ -53,21 +53,67 @@ class RoutingStatistics:
         self.served_tokens = torch.zeros(num_layers, dtype=torch.int64)
         self.served_counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
         self.served_transitions = torch.zeros(t.shape, dtype=torch.int64)
+        self._pending: list[tuple[int, list[int], list[list[int]] | None, list[list[int]]]] = []
 
-    def record(self, layer: int, counts: torch.Tensor, prev_routed: torch.Tensor | None,
-               routed: torch.Tensor | None) -> None:
-        """Add one served step of layer ``layer`` (``counts`` [E]; optional route indicators [M, E])."""
-        self.online[layer].mul_(ONLINE_DECAY).add_(counts.double())
-        self.served_counts[layer] += counts.round().long()
-        if routed is not None:
-            self.served_tokens[layer] += routed.shape[0]
-        if layer > 0 and prev_routed is not None and routed is not None and prev_routed.shape == routed.shape:
-            pairs = prev_routed.t().double() @ routed.double()
-            self.online_transition[layer - 1].mul_(ONLINE_DECAY).add_(pairs)
-            self.served_transitions[layer - 1] += pairs.round().long()
+    def record(self, layer: int, counts: list[int], prev_ids: list[list[int]] | None, ids: list[list[int]]) -> None:
+        """Add one served step of layer ``layer``: ``counts`` [E] routes per expert, ``ids`` each token's routed
+        experts and ``prev_ids`` the same tokens' experts at the layer before (None: no transition).
+
+        Buffered as Python lists and folded into the tensors once per model step (every ``num_layers``
+        records): a handful of torch ops per MoE layer-step would cost more than a small MoE's experts. The
+        planner reads statistics at most one model step old; :meth:`flush` brings them up to date."""
+        self._pending.append((layer, counts, prev_ids, ids))
+        if len(self._pending) >= self.num_layers:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the buffered steps in: per layer, ``online = decay^n · online + Σ decay^(n-1-i) · counts_i``
+        (the same sums as decaying at every step), transitions alike, exact counts added as integers."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        layers, weights, counts, tokens = [], [], [], []
+        trans: dict[tuple[int, int, int], list] = {}  # (tokens, k before, k after) -> [(layer-1, weight, prev, ids)]
+        seen: dict[int, int] = {}
+        seen_t: dict[int, int] = {}
+        for layer, c, prev, ids in reversed(pending):  # newest first: a record's weight is decay^(newer records)
+            layers.append(layer)
+            weights.append(ONLINE_DECAY ** seen.get(layer, 0))
+            seen[layer] = seen.get(layer, 0) + 1
+            counts.append(c)
+            tokens.append(len(ids))
+            if layer > 0 and prev is not None and len(prev) == len(ids) and ids:
+                w = ONLINE_DECAY ** seen_t.get(layer - 1, 0)
+                seen_t[layer - 1] = seen_t.get(layer - 1, 0) + 1
+                trans.setdefault((len(ids), len(prev[0]), len(ids[0])), []).append((layer - 1, w, prev, ids))
+        idx = torch.tensor(layers, dtype=torch.int64)
+        c = torch.tensor(counts, dtype=torch.float64)
+        self.online.mul_(torch.tensor([ONLINE_DECAY ** seen.get(i, 0) for i in range(self.num_layers)],
+                                      dtype=torch.float64).unsqueeze(1))
+        self.online.index_add_(0, idx, c * torch.tensor(weights, dtype=torch.float64).unsqueeze(1))
+        self.served_counts.index_add_(0, idx, c.long())
+        self.served_tokens.index_add_(0, idx, torch.tensor(tokens, dtype=torch.int64))
+        if trans:
+            decay = [ONLINE_DECAY ** seen_t.get(i, 0) for i in range(self.num_layers - 1)]
+            self.online_transition.mul_(torch.tensor(decay, dtype=torch.float64).view(-1, 1, 1))
+        for (m, ka, kb), records in trans.items():
+            self._add_pairs(m, ka, kb, records)
+
+    def _add_pairs(self, m: int, ka: int, kb: int, records: list) -> None:
+        """Every (expert before, expert after) pair of each token, for records of one shape, in one index_put."""
+        r = len(records)
+        shape = (r, m, ka, kb)
+        layer = torch.tensor([rec[0] for rec in records], dtype=torch.int64).view(r, 1, 1, 1).expand(shape)
+        weight = torch.tensor([rec[1] for rec in records], dtype=torch.float64).view(r, 1, 1, 1).expand(shape)
+        before = torch.tensor([rec[2] for rec in records], dtype=torch.int64).view(r, m, ka, 1).expand(shape)
+        after = torch.tensor([rec[3] for rec in records], dtype=torch.int64).view(r, m, 1, kb).expand(shape)
+        where = (layer.reshape(-1), before.reshape(-1), after.reshape(-1))
+        self.online_transition.index_put_(where, weight.reshape(-1), accumulate=True)
+        self.served_transitions.index_put_(where, torch.ones(where[0].numel(), dtype=torch.int64), accumulate=True)
 
     def served(self, layer_indices: list[int]) -> dict:
         """Exact routing counts of all served steps as JSON-able lists (``LIVE_ROUTING_KEY`` schema)."""
+        self.flush()
         return {
             "layer_indices": [int(i) for i in layer_indices],
             "tokens": self.served_tokens.tolist(),

@@ -50,7 +50,7 @@ class ExpertTensors:
 
     def expert_bytes(self) -> int:
         """Bytes of one expert (what one fetch moves)."""
-        return sum(t[0].numel() * t.element_size() for t in self.parts())
+        return sum(t[0].numel() * t.element_size() for t in self.parts()) if self.count else 0
 
     def nbytes(self) -> int:
         """Bytes of all its experts (or cache slots), as allocated."""
