@@ -40,7 +40,7 @@ from vllm_haq.quant import quantize_weight_per_channel  # noqa: E402
 
 TOPOLOGIES = {"mixtral-8x7b": dict(layers=32, experts=8, top_k=2, hidden=64, inter=224),
               "qwen3-30b-a3b": dict(layers=48, experts=128, top_k=8, hidden=64, inter=24)}
-POLICIES = ("haq", "lru", "static")
+from vllm_haq.offload import POLICIES  # noqa: E402
 BUDGETS = {"all": {}, "25%": {"expert_fraction": 0.25}}
 
 

@@ -8,7 +8,7 @@ import torch
 
 from vllm_haq.kernels import cpu_fused_ok, cpu_moe_forward, int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadConfigError, OffloadEngine, parse_offload_config
-from vllm_haq.offload.planner import allocate_slots, split_misses
+from vllm_haq.offload.policy import POLICIES, make_policy
 from vllm_haq.offload.cost import CostModel
 from vllm_haq.quant import quantize_weight_per_channel
 
@@ -223,33 +223,55 @@ def test_stats_file_is_written(tmp_path):
 
 def test_slot_allocation_follows_expected_gain():
     shares = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.25, 0.25, 0.25, 0.25]])
-    assert allocate_slots(2, shares, "haq") == [1, 1]
-    assert allocate_slots(4, shares, "haq") == [1, 3]  # the flat layer gains more from slots 2..4
-    assert allocate_slots(3, shares, "lru") == [2, 1]
-    assert allocate_slots(99, shares, "static") == [4, 4]
+    haq, lru, static = (make_policy(p) for p in ("haq", "lru", "static"))
+    assert haq.slots(2, shares) == [1, 1]
+    assert haq.slots(4, shares) == [1, 3]  # the flat layer gains more from slots 2..4
+    assert lru.slots(3, shares) == [2, 1]
+    assert static.slots(99, shares) == [4, 4]
 
 
 def test_planner_balances_copy_engine_and_cpu():
     cost = CostModel(h2d_bytes_per_s=1e9, expert_bytes=10_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=2e-3)
     # fetch 10 ms; CPU 3 ms for 1 token, 41 ms for 20 tokens
-    fetch, cpu = split_misses({0: 20, 1: 1, 2: 1}, cost, "haq", num_slots=2)
+    fetch, cpu = make_policy("haq").split({0: 20, 1: 1, 2: 1}, cost, num_slots=2)
     assert fetch == [0] and sorted(cpu) == [1, 2]
     # fetched experts still need the device: a device busy with 50 ms of hits sends even the big miss to the CPU
     slow_device = CostModel(h2d_bytes_per_s=1e9, expert_bytes=10_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=2e-3,
                             device_overhead_s=5e-3)
-    assert split_misses({0: 20, 1: 1, 2: 1}, slow_device, "haq", 2) == ([0], [1, 2])
-    assert split_misses({0: 20, 1: 1, 2: 1}, slow_device, "haq", 2, device_busy_s=50e-3) == ([], [0, 1, 2])
+    assert make_policy("haq").split({0: 20, 1: 1, 2: 1}, slow_device, 2) == ([0], [1, 2])
+    assert make_policy("haq").split({0: 20, 1: 1, 2: 1}, slow_device, 2, device_busy_s=50e-3) == ([], [0, 1, 2])
     # admission: fetching a cold expert over a hot one is declined when the CPU serves it about as fast,
     # but a miss with many tokens (prefill) is still fetched
     even = CostModel(h2d_bytes_per_s=1e9, expert_bytes=1_000_000, cpu_overhead_s=1e-3, cpu_s_per_token=1e-4,
                      device_overhead_s=1e-4)
-    assert split_misses({0: 1}, even, "haq", 1) == ([0], [])
-    assert split_misses({0: 1}, even, "haq", 1, admission=lambda: ({0: 0.5}, [2.0])) == ([], [0])
-    assert split_misses({0: 1}, even, "haq", 1, admission=lambda: ({0: 2.5}, [2.0])) == ([0], [])
-    assert split_misses({0: 1000}, even, "haq", 1, admission=lambda: ({0: 0.5}, [2.0])) == ([0], [])
-    assert split_misses({0: 20, 1: 1}, cost, "lru", 2) == ([0, 1], [])
-    assert split_misses({0: 20, 1: 1}, cost, "static", 2) == ([], [0, 1])
-    assert split_misses({0: 20, 1: 1}, cost, "haq", 0) == ([], [0, 1])
+    assert make_policy("haq").split({0: 1}, even, 1) == ([0], [])
+    assert make_policy("haq").split({0: 1}, even, 1, admission=lambda: ({0: 0.5}, [2.0])) == ([], [0])
+    assert make_policy("haq").split({0: 1}, even, 1, admission=lambda: ({0: 2.5}, [2.0])) == ([0], [])
+    assert make_policy("haq").split({0: 1000}, even, 1, admission=lambda: ({0: 0.5}, [2.0])) == ([0], [])
+    assert make_policy("lru").split({0: 20, 1: 1}, cost, 2) == ([0, 1], [])
+    assert make_policy("static").split({0: 20, 1: 1}, cost, 2) == ([], [0, 1])
+    assert make_policy("haq").split({0: 20, 1: 1}, cost, 0) == ([], [0, 1])
+
+
+def test_policies_are_objects_chosen_by_name_in_one_place():
+    """The engine asks its policy; victims: LRU the least recently used slot, haq the lowest keep-value and
+    none when a prefetch would evict something worth more than it brings."""
+    from vllm_haq.offload import OffloadConfig as Config
+
+    assert sorted(POLICIES) == sorted(("haq", "lru", "static"))
+    with pytest.raises(ValueError, match="not one of"):
+        make_policy("fifo")
+
+    class Layer:
+        last_use, expert_of_slot, predicted = [5, 2, 9], [0, 1, 2], None
+
+    share = lambda: torch.tensor([0.1, 0.8, 0.1])  # noqa: E731
+    assert make_policy("lru").victim(Layer, [0, 1, 2], 10, share) == 1
+    assert make_policy("haq").victim(Layer, [0, 1, 2], 10, share) == 0  # expert 1 is hot, slot 2 recent
+    assert make_policy("haq").victim(Layer, [0, 1, 2], 10, share, keep_above=0.0) is None
+    assert make_policy("haq").prefetches and not make_policy("lru").prefetches
+    engine = OffloadEngine(Config(policy="static"), "cpu", torch.float32)
+    assert engine.policy.name == "static"
 
 
 def test_auto_prefetch_only_when_it_pays():

@@ -14,7 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-POLICIES = ("haq", "lru", "static")
+from vllm_haq.offload.policy import POLICY_NAMES as POLICIES  # one list of policies
+
 BUDGET_KEYS = ("slots_per_layer", "expert_fraction", "expert_gib")
 
 # additional_config key -> environment variable used when the key is absent

@@ -44,7 +44,8 @@ from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
-from vllm_haq.offload.planner import allocate_slots, eviction_scores, split_misses
+from vllm_haq.offload.planner import eviction_scores
+from vllm_haq.offload.policy import make_policy
 from vllm_haq.offload.stats import LIVE_ROUTING_KEY, OffloadCounters, RoutingStatistics
 from vllm_haq.offload.store import ExpertTensors, copy_expert
 
@@ -155,6 +156,7 @@ class OffloadEngine:
         ``shard_amax``: the experts are tensor-parallel shards of their intermediate dimension; this maps a
         per-route max [M·k, 1] to the max over all ranks (a collective: called once per layer and step)."""
         self.config = config
+        self.policy = make_policy(config.policy)
         self.shard_amax = shard_amax
         self._job = expert_mlp if shard_amax is None else _gate_up
         self.device = torch.device(device)
@@ -204,7 +206,7 @@ class OffloadEngine:
             elif self.config.slots_per_layer is not None:
                 per_layer = [self.config.slots_per_layer] * num_layers
             else:
-                per_layer = allocate_slots(total, self.stats_model.prior_share, self.config.policy)
+                per_layer = self.policy.slots(total, self.stats_model.prior_share)
             for layer, slots in zip(self.order, per_layer):
                 self._allocate(layer, slots)
             cache_bytes = sum(layer.cache.nbytes() for layer in self.order if layer.cache is not None)
@@ -317,7 +319,7 @@ class OffloadEngine:
         hits = [e for e in routed if layer.slot_of_expert[e] >= 0]
         misses = {e: n for e, n in routed.items() if layer.slot_of_expert[e] < 0}
         hits_s = sum(self.cost.device_s(routed[e]) for e in hits)
-        fetch, cpu = split_misses(misses, self.cost, self.config.policy, layer.slots, device_busy_s=hits_s,
+        fetch, cpu = self.policy.split(misses, self.cost, layer.slots, device_busy_s=hits_s,
                                   admission=lambda: self._admission_values(layer, misses, hits, step))
         routes = new_route_buffer(x, topk_ids.shape[1])
         outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None)
@@ -325,7 +327,7 @@ class OffloadEngine:
         jobs = self._submit_cpu(layer, x, groups, cpu, outputs)
         pending = list(fetch)
         wave, moved = self._issue_wave(layer, pending, exclude={layer.slot_of_expert[e] for e in hits}, step=step)
-        if self.config.policy == "haq" and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
+        if self.policy.prefetches and self.config.prefetch != "off" and layer.pos + 1 < len(self.order):
             # as soon as this layer has routed: the copies queue behind this layer's first demand wave and
             # run while this layer (and the next one's attention) computes
             self._prefetch(self.order[layer.pos + 1], layer, groups, record)
@@ -542,14 +544,7 @@ class OffloadEngine:
         candidates = [s for s in range(layer.slots) if s not in exclude]
         if not candidates:
             return None
-        if self.config.policy == "lru":
-            return min(candidates, key=lambda s: (layer.last_use[s], s))
-        scores = eviction_scores(self.stats_model.share(layer.pos), [layer.last_use[s] for s in candidates], step,
-                                 layer.predicted, [layer.expert_of_slot[s] for s in candidates])
-        best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i]))
-        if keep_above is not None and scores[best] >= keep_above:
-            return None
-        return candidates[best]
+        return self.policy.victim(layer, candidates, step, lambda: self.stats_model.share(layer.pos), keep_above)
 
     def _admission_values(self, layer: _Layer, misses: dict[int, int], hits: list[int], step: int):
         """Keep-values of the misses and of the residents they would evict, lowest first (hits count as

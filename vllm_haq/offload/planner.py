@@ -1,18 +1,9 @@
 """Decisions of the offload engine: slots per layer, what to do with each miss, what to evict.
 
-Policies:
-
-* ``haq``    — slots split across layers by expected hit-rate gain; each step, misses
-  (largest first) go to whichever of the copy engine and the CPU workers finishes
-  them first given the work already queued on each (cost model); eviction by a
-  score of frequency (prior + online), recency and predicted next use; the
-  prefetcher fills layer l+1 from transition statistics once layer l has routed.
-* ``lru``    — every miss is fetched on demand, the least recently used slot is
-  evicted (Mixtral-offloading's expert cache, without its speculative loading).
-* ``static`` — the hottest experts (routing statistics) are placed once and never
-  evicted; every miss is computed on the CPU workers (Fiddler).
-
-With 0 slots every routed expert is computed on the CPU, whatever the policy.
+The policies that use them are objects in :mod:`vllm_haq.offload.policy` (``haq``, ``lru``, ``static``);
+these are the computations they share: slot allocation (greedy by expected hit-rate gain, or even), the
+list scheduling of misses over copy engine, device and CPU with cache admission, and the keep-values that
+choose eviction victims.
 """
 
 from __future__ import annotations
@@ -29,17 +20,11 @@ W_FREQUENCY, W_RECENCY, W_PREDICTED = 1.0, 0.5, 1.0
 EVICTION_HORIZON_STEPS = 1 / (1 - RECENCY_DECAY)  # steps an eviction is paid for (the recency time scale)
 
 
-def allocate_slots(total: int, shares: torch.Tensor, policy: str) -> list[int]:
-    """Split ``total`` cache slots over layers (``shares`` [L, E] expected route shares).
-
-    ``haq``/``static``: greedy by marginal hit-rate gain — the k-th slot of a layer is
-    worth that layer's k-th largest expert share. ``lru``: as even as possible.
-    """
+def greedy_slots(total: int, shares: torch.Tensor) -> list[int]:
+    """Split ``total`` cache slots over layers (``shares`` [L, E] expected route shares) greedily by marginal
+    hit-rate gain: the k-th slot of a layer is worth that layer's k-th largest expert share."""
     num_layers, num_experts = shares.shape
     total = max(0, min(total, num_layers * num_experts))
-    if policy == "lru":
-        base, extra = divmod(total, num_layers)
-        return [base + (1 if i < extra else 0) for i in range(num_layers)]
     ranked = torch.sort(shares, dim=1, descending=True).values.tolist()
     slots = [0] * num_layers
     heap = [(-ranked[layer][0], layer) for layer in range(num_layers)]
@@ -52,13 +37,19 @@ def allocate_slots(total: int, shares: torch.Tensor, policy: str) -> list[int]:
     return slots
 
 
-def split_misses(misses: dict[int, int], cost: CostModel, policy: str, num_slots: int,
-                 device_busy_s: float = 0.0, pcie_busy_s: float = 0.0,
-                 admission: Callable[[], tuple[dict[int, float], list[float]]] | None = None,
-                 ) -> tuple[list[int], list[int]]:
-    """(experts to fetch, experts to compute on CPU) for this step's ``misses`` {expert: tokens}.
+def even_slots(total: int, num_layers: int, num_experts: int) -> list[int]:
+    """``total`` slots spread as evenly as possible over the layers."""
+    base, extra = divmod(max(0, min(total, num_layers * num_experts)), num_layers)
+    return [base + (1 if i < extra else 0) for i in range(num_layers)]
 
-    ``haq``: list scheduling, largest miss first, each to the side where it finishes earlier —
+
+def list_schedule(misses: dict[int, int], order: list[int], cost: CostModel, device_busy_s: float = 0.0,
+                  admission: Callable[[], tuple[dict[int, float], list[float]]] | None = None,
+                  pcie_busy_s: float = 0.0) -> tuple[list[int], list[int]]:
+    """(experts to fetch, experts to compute on CPU) for this step's ``misses`` {expert: tokens}, visited in
+    ``order`` (largest first).
+
+    List scheduling: each miss goes to the side where it finishes earlier —
     fetched: after the copies before it, then computed on the device once the device is free
     (``device_busy_s``: the hits, computed while the first copies run); on the CPU: after the
     CPU jobs before it. So the step's makespan over copy engine, device and CPU workers is
@@ -70,13 +61,8 @@ def split_misses(misses: dict[int, int], cost: CostModel, policy: str, num_slots
     does not churn the cache for a cold expert the CPU serves about as fast (cache admission),
     while a miss with many tokens (prefill) is still fetched.
     """
-    order = sorted(misses, key=lambda e: (-misses[e], e))
     if not misses:
         return [], []
-    if num_slots == 0 or policy == "static":
-        return [], order
-    if policy == "lru":
-        return order, []
     fetch, cpu = [], []
     pcie_t, device_t, cpu_t = pcie_busy_s, device_busy_s, 0.0
     typical_miss_s = cost.miss_s(max(1, round(sum(misses.values()) / len(misses))))
