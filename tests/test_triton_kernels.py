@@ -272,6 +272,35 @@ def check_compiled_linear_chooses_its_tile_per_call(device):
     assert seen_m == [64, 1], f"gemm_config saw M = {seen_m}, expected each call's M (64, then 1)"
 
 
+def check_engine_hits_in_one_triton_launch(device):
+    """The offload engine's CUDA hit path: every ready slot of a step in one fused Triton MoE launch (cache
+    slots in any order, misses fetched in waves or left to the CPU), the all-resident result within tolerance.
+    Without a GPU the engine runs on the CPU and the Triton path is selected by hand."""
+    from vllm_haq.kernels import int8_moe_forward
+    from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine
+
+    experts, hidden, inter, top_k = 6, 32, 32, 2
+    q13 = [quantize_weight_per_channel(torch.randn(2 * inter, hidden)) for _ in range(experts)]
+    q2 = [quantize_weight_per_channel(torch.randn(hidden, inter)) for _ in range(experts)]
+    host = ExpertTensors(torch.stack([q for q, _ in q13]), torch.stack([s for _, s in q13]),
+                         torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2]))
+    g13, g2 = zip(*(host.gemms(e, torch.float32, backend="torch") for e in range(experts)))
+    for policy in ("lru", "haq"):
+        engine = OffloadEngine(OffloadConfig(policy=policy, slots_per_layer=3), device, torch.float32)
+        engine.add_layer(0, host)
+        engine._start()
+        engine.slot_kernel = "triton"
+        for step in range(6):
+            m = 1 + step % 3
+            ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(m)]).int()
+            x, w = torch.randn(m, hidden), torch.softmax(torch.randn(m, top_k), -1)
+            got = engine.forward(0, x.to(device), w.to(device), ids.to(device))
+            ref = int8_moe_forward(x, w, ids, list(g13), list(g2))
+            assert _rel_err(got, ref) <= REL_TOL, f"{policy} step {step}: {_rel_err(got, ref):.2e}"
+        assert engine.stats()["hits"] > 0, "no hit was served by the Triton launch"
+        engine.close()
+
+
 def _cases():
     cases = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -298,6 +327,7 @@ def _cases():
     cases["moe-k1-holes"] = (check_moe, dict(m=9, top_k=1))
     cases["moe-m17-down-rotation"] = (check_moe, dict(m=17, inter=64, down_rotation=32))
     cases["moe-nothing-resident"] = (check_moe_nothing_resident_leaves_out_unchanged, {})
+    cases["engine-hits-one-triton-launch"] = (check_engine_hits_in_one_triton_launch, {})
     return cases
 
 

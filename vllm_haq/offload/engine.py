@@ -92,8 +92,10 @@ class _StepOutputs:
     under tensor parallelism its down-projection input and the cache slot it was computed from (None: from
     host memory), kept until the all-shard max is known."""
 
-    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool):
-        self.routes, self.topk_weights, self.groups = routes, topk_weights, groups
+    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool,
+                 topk_ids: torch.Tensor | None = None):
+        self.routes, self.topk_weights, self.groups, self.topk_ids = routes, topk_weights, groups, topk_ids
+        self.summed: torch.Tensor | None = None  # float32 [M, H]: the Triton MoE's hits, already summed over k
         self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
 
     def put(self, expert: int, y: torch.Tensor, slot: int | None) -> None:
@@ -177,6 +179,7 @@ class OffloadEngine:
         self._copy_stream = None
         self._backend = select_backend(self.device)
         self._fused = False  # host experts (and on the CPU build the cache's) served by one CPU kernel call per step
+        self.slot_kernel = "loop"  # how hits run: "cpu" (one kernel call), "triton" (one fused MoE), "loop" (per expert)
 
     # ---- set-up -------------------------------------------------------------------------
     def add_layer(self, layer_index: int, host: ExpertTensors) -> None:
@@ -223,6 +226,7 @@ class OffloadEngine:
                 # would only add a hand-off to each (tiny experts: more than the copy itself)
                 self._copier = _InlineExecutor()
             self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
+            self.slot_kernel = self._slot_kernel()
             if self.cost is None:
                 self.cost = self._calibrate()
             self.counters.extra.update({
@@ -322,7 +326,7 @@ class OffloadEngine:
         fetch, cpu = self.policy.split(misses, self.cost, layer.slots, device_busy_s=hits_s,
                                   admission=lambda: self._admission_values(layer, misses, hits, step))
         routes = new_route_buffer(x, topk_ids.shape[1])
-        outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None)
+        outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None, topk_ids=topk_ids)
 
         jobs = self._submit_cpu(layer, x, groups, cpu, outputs)
         pending = list(fetch)
@@ -336,6 +340,8 @@ class OffloadEngine:
         if self.shard_amax is not None:
             self._down_projections(layer, x, outputs)
         out = routes.sum(1)
+        if outputs.summed is not None:
+            out += outputs.summed
 
         if record:
             self._record(layer, groups, topk_ids, hits, misses, fetch, cpu, moved)
@@ -430,17 +436,47 @@ class OffloadEngine:
             ready.append((e, s))
         if not ready:
             return
-        if self._fused and self.device.type == "cpu":  # the CPU build: all ready slots in one kernel call
-            cpu_expert_routes(x, outputs.topk_weights, groups, layer.cache, [e for e, _ in ready], outputs.routes,
-                              index=[s for _, s in ready])
+        if self.slot_kernel != "loop":
             for _, s in ready:
                 layer.last_use[s] = step
+            if self.slot_kernel == "cpu":  # the CPU build: all ready slots in one kernel call
+                cpu_expert_routes(x, outputs.topk_weights, groups, layer.cache, [e for e, _ in ready],
+                                  outputs.routes, index=[s for _, s in ready])
+            else:
+                self._triton_hits(layer, x, ready, outputs)
             return
         for e, s in ready:
             if s not in layer.slot_gemms:
                 layer.slot_gemms[s] = layer.cache.gemms(s, self.out_dtype, self._backend, shard_amax=self.shard_amax)
             outputs.put(e, self._job(x[groups.routes_of(e)[0]], *layer.slot_gemms[s]), s)
             layer.last_use[s] = step
+
+    def _slot_kernel(self) -> str:
+        """How cache hits are computed, chosen once: on the CPU build one CPU kernel call per step; on CUDA one
+        fused Triton MoE launch over the ready slots (its expert->slot map skips everything else) unless the
+        experts carry explicit smoothing or TP shards (the per-expert loop serves those)."""
+        first = self.order[0].host
+        if self.device.type == "cpu":
+            return "cpu" if self._fused else "loop"
+        if self.shard_amax is None and first.smooth is None and self._backend == "triton":
+            return "triton"
+        return "loop"
+
+    def _triton_hits(self, layer: _Layer, x: torch.Tensor, ready: list[tuple[int, int]],
+                     outputs: _StepOutputs) -> None:
+        """The ready slots' routes in one Triton MoE launch, summed into ``outputs.summed`` (no weights copied:
+        the kernel reads each route's expert from its slot)."""
+        from vllm_haq.kernels import triton_int8_moe_forward  # noqa: PLC0415 (imported on first use)
+
+        slot_of = [-1] * layer.num_experts
+        for e, s in ready:
+            slot_of[e] = s
+        e2s = torch.tensor(slot_of, dtype=torch.int32).to(x.device, non_blocking=True)
+        if outputs.summed is None:
+            outputs.summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        c = layer.cache
+        triton_int8_moe_forward(x, outputs.topk_weights, outputs.topk_ids, e2s, c.w13, c.w13_scale, c.w2, c.w2_scale,
+                                out=outputs.summed, down_rotation=c.down_rotation)
 
     def _from_host_after_fault(self, layer: _Layer, x, groups: RouteGroups, expert: int, outputs: _StepOutputs,
                                exc: BaseException) -> None:
