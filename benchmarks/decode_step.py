@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import vllm_haq.offload.engine as engine_module  # noqa: E402
-from vllm_haq.kernels import ScaledInt8Gemm, cpu_moe_forward, int8_moe_forward  # noqa: E402
+from vllm_haq.kernels import cpu_moe_forward, int8_moe_forward  # noqa: E402
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine  # noqa: E402
 from vllm_haq.quant import quantize_weight_per_channel  # noqa: E402
 

@@ -101,7 +101,7 @@ _SHARED_COST: dict = {}  # CUDA: the first engine's calibrated cost model, reuse
 def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, warmup: int, device, prior) -> dict:
     cuda = device.type == "cuda"
     engine = OffloadEngine(config, device, torch.bfloat16 if cuda else torch.float32, routing=prior,
-                           cost=_SHARED_COST.get("cost") if cuda else None)
+                           cost=_SHARED_COST.get("cost") if cuda else None, copy_thread=not cuda)
     for i, experts in enumerate(stack):
         engine.add_layer(i, experts)
     batch, hidden = routes.shape[0], stack[0].w13.shape[2]

@@ -194,3 +194,60 @@ def test_bad_stacks_are_refused_by_name():
         k.moe_routes(x.double(), *args[1:], [0], [0], [1], None)
     with pytest.raises(RuntimeError, match="rotation block"):
         k.moe_routes(*args, [0], [0], [1], 24)
+
+
+def test_worker_threads_beside_the_model_thread_give_the_serial_bits():
+    """Concurrency stress: on a GPU host the offload engine's CPU workers compute experts while the model
+    thread keeps running its own work, for the whole life of the server. Here three worker threads run the
+    one-call MoE kernel and an engine with real worker threads serves steps, while the model thread runs
+    int8 GEMMs; every result must be the bits it is when computed alone.
+
+    The defect this guards against was in what the workers used to call on vLLM's CPU build: vLLM's oneDNN
+    int8 GEMM (csrc/cpu/dnnl_helper.cpp) hands every handler one process-wide scratchpad buffer
+    (``DNNLScratchPadManager::get_dnnl_scratchpad_manager()``, ``scratchpad_mode::user``) and keeps its
+    primitive caches in unsynchronized std::list/unordered_map LRUs shared by all handlers of one shape, so two
+    threads in oneDNN GEMMs at once share scratch memory and cache lists. The workers now run this kernel,
+    whose buffers are per call."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_haq.kernels import cpu_moe_forward
+    from vllm_haq.offload import OffloadConfig, OffloadEngine
+
+    stack = _stack(8, 256, 128, seed=11, smooth=True)
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for i in range(12):
+        m = 1 + i % 5
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(m)])
+        cases.append((torch.randn(m, 256, generator=g), torch.rand(m, 2, generator=g), ids))
+    expected = [cpu_moe_forward(x, w, ids, stack) for x, w, ids in cases]
+    gx = torch.randint(-127, 128, (7, 512), generator=g, dtype=torch.int8)
+    gw = torch.randint(-127, 128, (96, 512), generator=g, dtype=torch.int8)
+    gemm_expected = _exact(gx, gw)
+    errors: list[str] = []
+
+    def worker(i):
+        cpu_int8.set_threads_for_this_thread(1)
+        for it in range(30):
+            c = (i * 7 + it) % len(cases)
+            if not torch.equal(cpu_moe_forward(*cases[c], stack), expected[c]):
+                errors.append(f"worker {i} call {it} case {c}")
+
+    engine = OffloadEngine(OffloadConfig(policy="static", slots_per_layer=2), "cpu", torch.float32)
+    engine.add_layer(0, stack)
+    engine._start()
+    engine._pool = ThreadPoolExecutor(2, thread_name_prefix="stress")  # as on a GPU host: real worker threads
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for it in range(60):
+        if not torch.equal(cpu_int8.cpu_int8_mm(gx, gw, 2), gemm_expected):
+            errors.append(f"model thread GEMM {it}")
+        x, w, ids = cases[it % len(cases)]
+        if not torch.equal(engine.forward(0, x, w, ids), expected[it % len(cases)]):
+            errors.append(f"engine step {it}")
+    for t in threads:
+        t.join()
+    engine.close()
+    assert not errors, errors[:5]

@@ -140,7 +140,7 @@ def test_warmup_steps_are_not_recorded():
 
 
 def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for_that_step(monkeypatch):
-    import vllm_haq.offload.engine as engine_module
+    import vllm_haq.offload.host_jobs as jobs_module
 
     layers = [_layer_experts(400)]
     engine = OffloadEngine(OffloadConfig(policy="static", slots_per_layer=0), "cpu", torch.float32)
@@ -150,7 +150,7 @@ def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for
     expected = _resident(layers[0], x, w, ids)
     engine.forward(0, x, w, ids)
     fused = engine._fused
-    real = engine_module.cpu_expert_routes if fused else engine.layers[0].host_gemms[1][0]
+    real = jobs_module.cpu_expert_routes if fused else engine.layers[0].host_gemms[1][0]
     failures = []
 
     def flaky(*args, **kwargs):  # fails the first time only: a transient fault
@@ -166,7 +166,7 @@ def test_failed_cpu_job_is_recomputed_once_and_a_persistent_failure_surfaces_for
 
     def install(fn):
         if fused:  # all CPU experts of a step are one kernel call
-            monkeypatch.setattr(engine_module, "cpu_expert_routes", fn)
+            monkeypatch.setattr(jobs_module, "cpu_expert_routes", fn)
         else:
             engine.layers[0].host_gemms[1] = (fn, engine.layers[0].host_gemms[1][1])
 

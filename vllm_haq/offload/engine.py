@@ -21,6 +21,9 @@ shards, so every job above computes only the gate/up half; one all-shard max of
 fixed size [M·k, 1] is exchanged per layer and step (whatever each rank served
 where), and the down projections follow (``_down_projections``).
 
+The engine's parts: :mod:`.policy` decides (slots, splits, victims, prefetching), :mod:`.host_jobs` serves
+the CPU's experts, :mod:`.serving` holds the per-step pieces, :mod:`.reporting` the counters and files.
+
 No vLLM imports: the benchmark drives the same engine on a bare torch install.
 The "device" may be the CPU itself (vLLM's CPU build): every path then runs, the
 cache is a second host buffer and copies are memcpy.
@@ -28,9 +31,7 @@ cache is a second host buffer and copies are memcpy.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -38,15 +39,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, expert_inter, expert_mlp, new_route_buffer,
-                              select_backend, write_routes)
+from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, expert_mlp, new_route_buffer, select_backend,
+                              write_routes)
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.config import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import eviction_scores
 from vllm_haq.offload.policy import make_policy
-from vllm_haq.offload.stats import LIVE_ROUTING_KEY, OffloadCounters, RoutingStatistics
+from vllm_haq.offload.stats import OffloadCounters, RoutingStatistics
+from vllm_haq.offload.host_jobs import HostJobs
+from vllm_haq.offload.reporting import Reporting
+from vllm_haq.offload.serving import (InlineExecutor, Layer, StepOutputs, default_cpu_threads, gate_up,
+                                      in_inference_mode, on_host)
 from vllm_haq.offload.store import ExpertTensors, copy_expert
 
 log = logging.getLogger("vllm_haq.offload")
@@ -54,119 +59,28 @@ log = logging.getLogger("vllm_haq.offload")
 PREFETCH_MIN_P = 0.15  # prefetch an expert when P(used at the next layer) is at least this
 
 
-def _in_inference_mode(fn, *args):
-    """Run ``fn`` on a worker thread under inference mode, like the model thread (vLLM's cache tensors
-    are inference tensors; writing them outside inference mode is refused)."""
-    with torch.inference_mode():
-        return fn(*args)
-
-
-def _on_host(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to("cpu", torch.float32) if x.device.type != "cpu" else x
-
-
-class _InlineExecutor:
-    """Runs each CPU expert job at once in the model thread (the CPU build: there the "device" is the
-    same CPU, and a worker thread computing experts beside the model thread gave wrong expert outputs in
-    long-lived test processes — see README Limitations — so the CPU build never overlaps them)."""
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # surfaces at .result(), like a worker's
-            future.set_exception(exc)
-        return future
-
-    def shutdown(self, wait: bool = True) -> None:
-        pass
-
-
-def _gate_up(x: torch.Tensor, w13, w2) -> torch.Tensor:
-    """An expert job under tensor parallelism: the down projection's input only (see ``_down_projections``)."""
-    return expert_inter(x, w13)
-
-
-class _StepOutputs:
-    """Where one step's expert results go: each expert's weighted output straight into its route rows, or
-    under tensor parallelism its down-projection input and the cache slot it was computed from (None: from
-    host memory), kept until the all-shard max is known."""
-
-    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool,
-                 topk_ids: torch.Tensor | None = None):
-        self.routes, self.topk_weights, self.groups, self.topk_ids = routes, topk_weights, groups, topk_ids
-        self.summed: torch.Tensor | None = None  # float32 [M, H]: the Triton MoE's hits, already summed over k
-        self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
-
-    def put(self, expert: int, y: torch.Tensor, slot: int | None) -> None:
-        if self.inters is None:
-            write_routes(self.routes, self.topk_weights, self.groups, expert, y)
-        else:
-            self.inters[expert] = (y, slot)
-
-
-def default_cpu_threads(device: torch.device) -> int:
-    """CPU expert worker threads beside a GPU: a quarter of the host's cores (the CPU build runs them inline)."""
-    return max(1, min(8, (os.cpu_count() or 4) // 4))
-
-
-class _Layer:
-    """One MoE layer's host store, cache slots and residency map."""
-
-    def __init__(self, index: int, host: ExpertTensors):
-        self.index = index
-        self.host = host
-        self.num_experts = host.count
-        self.expert_bytes = host.expert_bytes()
-        self.pos = -1
-        self.slots = 0
-        self.cache: ExpertTensors | None = None
-        self.expert_of_slot: list[int] = []
-        self.slot_of_expert = [-1] * self.num_experts
-        self.last_use: list[int] = []
-        self.step = 0
-        self.slot_gemms: dict[int, tuple] = {}
-        self.host_gemms: dict[int, tuple] = {}
-        self.copying: dict[int, object] = {}  # slot -> its copy in flight (future on CPU, event on CUDA)
-        self.prefetched: set[int] = set()
-        self.predicted: torch.Tensor | None = None
-
-    def place(self, slot: int, expert: int) -> int:
-        """Residency bookkeeping for ``expert`` now in ``slot``; returns the evicted expert or -1."""
-        old = self.expert_of_slot[slot]
-        self.evict(slot)
-        self.expert_of_slot[slot] = expert
-        self.slot_of_expert[expert] = slot
-        return old
-
-    def evict(self, slot: int) -> None:
-        """Mark ``slot`` empty."""
-        old = self.expert_of_slot[slot]
-        if old >= 0:
-            self.slot_of_expert[old] = -1
-        self.expert_of_slot[slot] = -1
-        self.slot_gemms.pop(slot, None)
-
-
-class OffloadEngine:
+class OffloadEngine(HostJobs, Reporting):
     """Expert cache + CPU workers + prefetcher for all MoE layers of one model."""
 
     def __init__(self, config: OffloadConfig, device: torch.device | str, out_dtype: torch.dtype,
                  routing: dict[str, torch.Tensor] | None = None, name: str = "model", cost: CostModel | None = None,
-                 shard_amax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 shard_amax: Callable[[torch.Tensor], torch.Tensor] | None = None, copy_thread: bool = False):
         """``cost``: a known cost model instead of calibrating at start (deterministic plans in tests).
         ``shard_amax``: the experts are tensor-parallel shards of their intermediate dimension; this maps a
-        per-route max [M·k, 1] to the max over all ranks (a collective: called once per layer and step)."""
+        per-route max [M·k, 1] to the max over all ranks (a collective: called once per layer and step).
+        ``copy_thread``: the CPU build copies experts on a copier thread instead of inline (a benchmark's
+        emulated host->device link sleeps there, holding no core, like a DMA engine)."""
+        self._copy_thread = copy_thread
         self.config = config
         self.policy = make_policy(config.policy)
         self.shard_amax = shard_amax
-        self._job = expert_mlp if shard_amax is None else _gate_up
+        self._job = expert_mlp if shard_amax is None else gate_up
         self.device = torch.device(device)
         self.out_dtype = out_dtype
         self.routing = routing
         self.name = name
-        self.layers: dict[int, _Layer] = {}
-        self.order: list[_Layer] = []
+        self.layers: dict[int, Layer] = {}
+        self.order: list[Layer] = []
         self.counters = OffloadCounters()
         self.cost: CostModel | None = cost
         self.stats_model: RoutingStatistics | None = None
@@ -188,7 +102,7 @@ class OffloadEngine:
             raise RuntimeError(f"offload engine {self.name}: layer {layer_index} added after serving started")
         if self.device.type == "cuda":
             host = host.pinned()
-        self.layers[layer_index] = _Layer(layer_index, host)
+        self.layers[layer_index] = Layer(layer_index, host)
 
     def _start(self) -> None:
         with self._lock:
@@ -215,7 +129,7 @@ class OffloadEngine:
             cache_bytes = sum(layer.cache.nbytes() for layer in self.order if layer.cache is not None)
             threads = self.config.cpu_threads or default_cpu_threads(self.device)
             if self.device.type == "cpu":
-                self._pool = _InlineExecutor()
+                self._pool = InlineExecutor()
             else:
                 share = max(1, cpu_int8.host_cores() // threads)  # each worker's GEMMs: its share of the cores
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert",
@@ -224,7 +138,8 @@ class OffloadEngine:
                 self._copy_stream = torch.cuda.Stream(self.device)
             else:  # the CPU build: a copy is a memcpy on the same cores as the "device" work; a copier thread
                 # would only add a hand-off to each (tiny experts: more than the copy itself)
-                self._copier = _InlineExecutor()
+                self._copier = (ThreadPoolExecutor(1, thread_name_prefix="haq-copy") if self._copy_thread
+                                else InlineExecutor())
             self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
             self.slot_kernel = self._slot_kernel()
             if self.cost is None:
@@ -258,7 +173,7 @@ class OffloadEngine:
                         "starting from uniform statistics", r["layer_indices"].tolist(), indices)
         return RoutingStatistics(num_layers, num_experts)
 
-    def _allocate(self, layer: _Layer, slots: int) -> None:
+    def _allocate(self, layer: Layer, slots: int) -> None:
         layer.slots = slots
         layer.expert_of_slot = [-1] * slots
         layer.last_use = [-1] * slots
@@ -284,9 +199,9 @@ class OffloadEngine:
 
         def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
             if self._fused:
-                self._pool.submit(_in_inference_mode, fused, first.host, tokens).result()
+                self._pool.submit(in_inference_mode, fused, first.host, tokens).result()
             else:
-                self._pool.submit(_in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
+                self._pool.submit(in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
 
         def device_mlp(tokens: int) -> None:  # from a cache slot, as hits are computed
             if self._fused and self.device.type == "cpu":
@@ -299,11 +214,11 @@ class OffloadEngine:
                 with torch.cuda.stream(self._copy_stream):
                     copy_expert(scratch, 0, first.host, 0, non_blocking=True)
             else:
-                self._copier.submit(_in_inference_mode, copy_expert, scratch, 0, first.host, 0).result()
+                self._copier.submit(in_inference_mode, copy_expert, scratch, 0, first.host, 0).result()
 
         cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device,
                          issue_prefetch, device_mlp)
-        if isinstance(self._copier, _InlineExecutor):  # a prefetch is the copy itself, in the model thread
+        if isinstance(self._copier, InlineExecutor):  # a prefetch is the copy itself, in the model thread
             cost.prefetch_issue_s = cost.fetch_s()
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # scratch is freed on return
@@ -326,7 +241,7 @@ class OffloadEngine:
         fetch, cpu = self.policy.split(misses, self.cost, layer.slots, device_busy_s=hits_s,
                                   admission=lambda: self._admission_values(layer, misses, hits, step))
         routes = new_route_buffer(x, topk_ids.shape[1])
-        outputs = _StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None, topk_ids=topk_ids)
+        outputs = StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None, topk_ids=topk_ids)
 
         jobs = self._submit_cpu(layer, x, groups, cpu, outputs)
         pending = list(fetch)
@@ -348,83 +263,8 @@ class OffloadEngine:
         layer.prefetched.clear()
         return out
 
-    def _submit_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
-                    outputs: _StepOutputs):
-        """Hand ``experts`` to the CPU workers: one kernel call for all of them (fused), else a job each."""
-        if not experts:
-            return []
-        x_host = _on_host(x)
-        if self._fused:
-            groups.host_routes()  # built here, not raced for by the worker
-            target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
-            job = self._pool.submit(_in_inference_mode, cpu_expert_routes, x_host, _on_host(outputs.topk_weights),
-                                    groups, layer.host, experts, target)
-            return [(tuple(experts), job, target)]
-        return [(e, self._pool.submit(_in_inference_mode, self._job, *self._host_job(layer, x_host, groups, e)), None)
-                for e in experts]
-
-    def _gather_cpu(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int], jobs: list,
-                    outputs: _StepOutputs) -> None:
-        """Wait for the CPU jobs and put their routes with the device's (a failed job is recomputed once)."""
-        for e, job, target in jobs:
-            if target is None:
-                try:
-                    y = job.result()
-                except Exception as exc:  # noqa: BLE001 - any CPU job failure: recompute once
-                    y = self._recover(layer, x, groups, e, "its CPU job", exc)
-                outputs.put(e, y, None)
-                continue
-            try:
-                job.result()
-            except Exception as exc:  # noqa: BLE001 - recompute the experts of the failed call once (their
-                # rows are all rewritten; the other rows are not theirs)
-                self._recover_fused(layer, x, groups, list(e), target, outputs, "its CPU job", exc)
-            if target is not outputs.routes:  # their rows are zero on the device, the device's zero here
-                outputs.routes.add_(target.to(outputs.routes.device))
-
-    def _recover_fused(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
-                       target: torch.Tensor, outputs: _StepOutputs, what: str, exc: BaseException) -> None:
-        """:meth:`_recover` for the fused path: ``experts`` once more from host memory into the host buffer
-        ``target`` (the step's routes themselves on the CPU build)."""
-        log.warning("vllm-haq offload (%s): layer %d experts %s: %s failed (%s: %s); recomputing from host memory",
-                    self.name, layer.index, experts, what, type(exc).__name__, exc)
-        try:
-            _in_inference_mode(cpu_expert_routes, _on_host(x), _on_host(outputs.topk_weights), groups, layer.host,
-                               experts, target)
-        except Exception as again:
-            raise RuntimeError(f"offload engine {self.name}: layer {layer.index} experts {experts}: {what} failed "
-                               f"({exc}) and recomputing them from host memory failed too ({again})") from again
-        self.counters.recovered_faults += 1
-
-    def _host_job(self, layer: _Layer, x_host: torch.Tensor, groups: RouteGroups, expert: int):
-        """(rows, w13, w2) to compute ``expert``'s routes from host memory."""
-        t, _ = groups.routes_of(expert)
-        return (x_host[t.to(x_host.device)], *self._host_gemms(layer, expert))
-
-    def _host_gemms(self, layer: _Layer, expert: int) -> tuple:
-        if expert not in layer.host_gemms:
-            layer.host_gemms[expert] = layer.host.gemms(expert, self.out_dtype, shard_amax=self.shard_amax)
-        return layer.host_gemms[expert]
-
-    def _recover(self, layer: _Layer, x: torch.Tensor, groups: RouteGroups, expert: int, what: str,
-                 exc: BaseException) -> torch.Tensor:
-        """A CPU job or a copy failed: compute the expert once more from host memory, in this thread.
-
-        Inside vLLM an exception here would stop the engine for every request of the batch, so a
-        transient fault is absorbed (and counted); a second failure is this step's error.
-        """
-        log.warning("vllm-haq offload (%s): layer %d expert %d: %s failed (%s: %s); recomputing it from host "
-                    "memory", self.name, layer.index, expert, what, type(exc).__name__, exc)
-        try:
-            y = _in_inference_mode(self._job, *self._host_job(layer, _on_host(x), groups, expert))
-        except Exception as again:
-            raise RuntimeError(f"offload engine {self.name}: layer {layer.index} expert {expert}: {what} failed "
-                               f"({exc}) and recomputing it from host memory failed too ({again})") from again
-        self.counters.recovered_faults += 1
-        return y
-
-    def _compute_on_device(self, layer: _Layer, x, groups: RouteGroups, experts: list[int],
-                           outputs: _StepOutputs, step: int) -> None:
+    def _compute_on_device(self, layer: Layer, x, groups: RouteGroups, experts: list[int],
+                           outputs: StepOutputs, step: int) -> None:
         ready = []
         for e in experts:
             s = layer.slot_of_expert[e]
@@ -462,8 +302,8 @@ class OffloadEngine:
             return "triton"
         return "loop"
 
-    def _triton_hits(self, layer: _Layer, x: torch.Tensor, ready: list[tuple[int, int]],
-                     outputs: _StepOutputs) -> None:
+    def _triton_hits(self, layer: Layer, x: torch.Tensor, ready: list[tuple[int, int]],
+                     outputs: StepOutputs) -> None:
         """The ready slots' routes in one Triton MoE launch, summed into ``outputs.summed`` (no weights copied:
         the kernel reads each route's expert from its slot)."""
         from vllm_haq.kernels import triton_int8_moe_forward  # noqa: PLC0415 (imported on first use)
@@ -478,17 +318,7 @@ class OffloadEngine:
         triton_int8_moe_forward(x, outputs.topk_weights, outputs.topk_ids, e2s, c.w13, c.w13_scale, c.w2, c.w2_scale,
                                 out=outputs.summed, down_rotation=c.down_rotation)
 
-    def _from_host_after_fault(self, layer: _Layer, x, groups: RouteGroups, expert: int, outputs: _StepOutputs,
-                               exc: BaseException) -> None:
-        if not self._fused:
-            outputs.put(expert, self._recover(layer, x, groups, expert, "its copy to the device", exc), None)
-            return
-        target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
-        self._recover_fused(layer, x, groups, [expert], target, outputs, "its copy to the device", exc)
-        if target is not outputs.routes:
-            outputs.routes.add_(target.to(outputs.routes.device))
-
-    def _down_projections(self, layer: _Layer, x: torch.Tensor, outputs: _StepOutputs) -> None:
+    def _down_projections(self, layer: Layer, x: torch.Tensor, outputs: StepOutputs) -> None:
         """Tensor parallelism: the down projections of every expert computed this step.
 
         Each route's input is quantized with its max over all ranks, exchanged in one call of fixed size
@@ -501,7 +331,7 @@ class OffloadEngine:
             if slot is not None and layer.expert_of_slot[slot] == e:
                 plan[e] = (h, layer.slot_gemms[slot][1])
             else:
-                plan[e] = (_on_host(h), self._host_gemms(layer, e)[1])
+                plan[e] = (on_host(h), self._host_gemms(layer, e)[1])
         amax = all_shard_route_amax(plan, groups, x.shape[0], self.shard_amax, x.device)
         jobs = []
         for e, (h, w2) in plan.items():
@@ -509,12 +339,12 @@ class OffloadEngine:
             if h.device == x.device:
                 write_routes(outputs.routes, outputs.topk_weights, groups, e, w2(h, amax=a).float())
             else:
-                jobs.append((e, self._pool.submit(_in_inference_mode, w2, h, None, a)))
+                jobs.append((e, self._pool.submit(in_inference_mode, w2, h, None, a)))
         for e, job in jobs:
             write_routes(outputs.routes, outputs.topk_weights, groups, e, job.result().float())
 
-    def _serve_on_device(self, layer: _Layer, x, groups: RouteGroups, hits: list[int], wave: list,
-                         pending: list[int], outputs: _StepOutputs, step: int) -> int:
+    def _serve_on_device(self, layer: Layer, x, groups: RouteGroups, hits: list[int], wave: list,
+                         pending: list[int], outputs: StepOutputs, step: int) -> int:
         """Compute the hits while the first ``wave`` of fetches is copied, then each wave as it lands,
         issuing the ``pending`` rest into the slots computed (a step may route to more experts than
         there are free slots). Returns the bytes of the later waves."""
@@ -528,7 +358,7 @@ class OffloadEngine:
             moved += n
         return moved
 
-    def _issue_wave(self, layer: _Layer, pending: list[int], exclude: set[int], step: int):
+    def _issue_wave(self, layer: Layer, pending: list[int], exclude: set[int], step: int):
         """Start copying experts from the front of ``pending`` into slots not in ``exclude``, as many as
         there are such slots; returns ([(expert, copy handle)], bytes)."""
         wave, moved, busy = [], 0, set(exclude)
@@ -543,7 +373,7 @@ class OffloadEngine:
             moved += n
         return wave, moved
 
-    def _copy_async(self, layer: _Layer, slot: int, expert: int):
+    def _copy_async(self, layer: Layer, slot: int, expert: int):
         """Copy ``expert`` into ``slot`` off the model thread (copy stream; inline on the CPU build): (handle, bytes)."""
         layer.place(slot, expert)
         if self._copy_stream is not None:
@@ -557,12 +387,12 @@ class OffloadEngine:
                 handle = torch.cuda.Event()
                 handle.record(self._copy_stream)
         else:
-            handle = self._copier.submit(_in_inference_mode, copy_expert, layer.cache, slot, layer.host, expert)
+            handle = self._copier.submit(in_inference_mode, copy_expert, layer.cache, slot, layer.host, expert)
             moved = layer.expert_bytes
         layer.copying[slot] = handle  # a later copy into this slot queues behind it (one copy queue, FIFO)
         return handle, moved
 
-    def _slot_ready(self, layer: _Layer, slot: int) -> None:
+    def _slot_ready(self, layer: Layer, slot: int) -> None:
         """Wait for the copy into ``slot`` if one is in flight (a worker's copy error surfaces here)."""
         handle = layer.copying.pop(slot, None)
         if handle is None:
@@ -576,13 +406,13 @@ class OffloadEngine:
         else:
             torch.cuda.current_stream(self.device).wait_event(handle)
 
-    def _victim(self, layer: _Layer, exclude: set[int], step: int, keep_above: float | None = None) -> int | None:
+    def _victim(self, layer: Layer, exclude: set[int], step: int, keep_above: float | None = None) -> int | None:
         candidates = [s for s in range(layer.slots) if s not in exclude]
         if not candidates:
             return None
         return self.policy.victim(layer, candidates, step, lambda: self.stats_model.share(layer.pos), keep_above)
 
-    def _admission_values(self, layer: _Layer, misses: dict[int, int], hits: list[int], step: int):
+    def _admission_values(self, layer: Layer, misses: dict[int, int], hits: list[int], step: int):
         """Keep-values of the misses and of the residents they would evict, lowest first (hits count as
         used now: once computed, a later wave may evict them)."""
         share = self.stats_model.share(layer.pos)
@@ -596,7 +426,7 @@ class OffloadEngine:
         return keep, victims
 
     # ---- prefetch -------------------------------------------------------------------------------
-    def _prefetch(self, nxt: _Layer, layer: _Layer, groups: RouteGroups, record: bool) -> None:
+    def _prefetch(self, nxt: Layer, layer: Layer, groups: RouteGroups, record: bool) -> None:
         if self.config.prefetch == "auto" and not self.cost.prefetch_pays(1.0):
             return  # not even a certain hit would repay issuing a copy on this machine
         counts = torch.tensor(groups.counts, dtype=torch.float64)
@@ -620,61 +450,12 @@ class OffloadEngine:
                 self.counters.prefetches += 1
                 self.counters.bytes_h2d += moved
 
-    def _keep_value(self, layer: _Layer, expert: int) -> float:
+    def _keep_value(self, layer: Layer, expert: int) -> float:
         """Keep-value ``expert`` would have once resident (no recency yet)."""
         return eviction_scores(self.stats_model.share(layer.pos), [-1], layer.step, layer.predicted, [expert])[0]
 
-    def _prefetch_copy(self, layer: _Layer, slot: int, expert: int) -> int:
+    def _prefetch_copy(self, layer: Layer, slot: int, expert: int) -> int:
         return self._copy_async(layer, slot, expert)[1]
-
-    # ---- statistics ----------------------------------------------------------------------------
-    def _record(self, layer: _Layer, groups: RouteGroups, topk_ids, hits, misses, fetch, cpu, moved) -> None:
-        c = self.counters
-        c.steps += 1
-        c.hits += len(hits)
-        c.misses += len(misses)
-        c.fetches += len(fetch)
-        c.cpu_experts += len(cpu)
-        c.cpu_expert_tokens += sum(misses[e] for e in cpu)
-        c.bytes_h2d += moved
-        c.prefetch_hits += sum(1 for e in groups.routed if e in layer.prefetched)
-        ids = groups.id_rows()  # the host copy RouteGroups made: no second transfer
-        prev = self._prev_routed[1] if self._prev_routed and self._prev_routed[0] == layer.pos - 1 else None
-        self.stats_model.record(layer.pos, groups.counts, prev, ids)
-        self._prev_routed = (layer.pos, ids)
-        if self.config.stats_file and time.monotonic() - self._last_report >= self.config.stats_interval_s:
-            self.report()
-
-    def stats(self) -> dict:
-        """Counters of served steps plus the cache layout and the calibrated cost model."""
-        d = self.counters.as_dict()
-        d["started"] = self._started
-        return d
-
-    def report(self) -> None:
-        """Log the statistics and write them to ``stats_file`` (atomically) when configured."""
-        self._last_report = time.monotonic()
-        s = self.stats()
-        log.info("vllm-haq offload (%s): hit rate %s, hits %d, misses %d, fetches %d, prefetches %d "
-                 "(accuracy %s), CPU expert-tokens %d, %.1f MiB host->device", self.name, s["hit_rate"], s["hits"],
-                 s["misses"], s["fetches"], s["prefetches"], s["prefetch_accuracy"], s["cpu_expert_tokens"],
-                 s["bytes_h2d"] / 2**20)
-        path = self.config.stats_file
-        if path:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                dump = {"time": time.time(), "pid": os.getpid(), "model": self.name, **s}
-                if self.stats_model is not None:  # served routing counts, read by haq stats --live
-                    dump[LIVE_ROUTING_KEY] = self.stats_model.served([layer.index for layer in self.order])
-                json.dump(dump, f)
-            os.replace(tmp, path)
-
-    def routing_counts(self) -> torch.Tensor | None:
-        """Online (decayed) expert counts [L, E] of served steps, for ``haq stats --live``."""
-        if self.stats_model is None:
-            return None
-        self.stats_model.flush()
-        return self.stats_model.online.clone()
 
     def close(self) -> None:
         if self._started and self.config.stats_file:

@@ -1,0 +1,107 @@
+"""The offload engine's per-step pieces: layer state, where a step's results go, and how jobs are run.
+
+Kept apart from :mod:`vllm_haq.offload.engine` (the step itself) so that each reads on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+
+import torch
+
+from vllm_haq.kernels import RouteGroups, expert_inter, write_routes
+from vllm_haq.offload.store import ExpertTensors
+
+
+def in_inference_mode(fn, *args):
+    """Run ``fn`` on a worker thread under inference mode, like the model thread (vLLM's cache tensors
+    are inference tensors; writing them outside inference mode is refused)."""
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def on_host(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float32) if x.device.type != "cpu" else x
+
+
+class InlineExecutor:
+    """Runs each job at once in the calling thread, with a worker's interface (the CPU build: there the
+    "device" is the same cores, so CPU experts and copies gain nothing from another thread)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # surfaces at .result(), like a worker's
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def gate_up(x: torch.Tensor, w13, w2) -> torch.Tensor:
+    """An expert job under tensor parallelism: the down projection's input only (see ``_down_projections``)."""
+    return expert_inter(x, w13)
+
+
+class StepOutputs:
+    """Where one step's expert results go: each expert's weighted output straight into its route rows, or
+    under tensor parallelism its down-projection input and the cache slot it was computed from (None: from
+    host memory), kept until the all-shard max is known."""
+
+    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool,
+                 topk_ids: torch.Tensor | None = None):
+        self.routes, self.topk_weights, self.groups, self.topk_ids = routes, topk_weights, groups, topk_ids
+        self.summed: torch.Tensor | None = None  # float32 [M, H]: the Triton MoE's hits, already summed over k
+        self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
+
+    def put(self, expert: int, y: torch.Tensor, slot: int | None) -> None:
+        if self.inters is None:
+            write_routes(self.routes, self.topk_weights, self.groups, expert, y)
+        else:
+            self.inters[expert] = (y, slot)
+
+
+def default_cpu_threads(device: torch.device) -> int:
+    """CPU expert worker threads beside a GPU: a quarter of the host's cores (the CPU build runs them inline)."""
+    return max(1, min(8, (os.cpu_count() or 4) // 4))
+
+
+class Layer:
+    """One MoE layer's host store, cache slots and residency map."""
+
+    def __init__(self, index: int, host: ExpertTensors):
+        self.index = index
+        self.host = host
+        self.num_experts = host.count
+        self.expert_bytes = host.expert_bytes()
+        self.pos = -1
+        self.slots = 0
+        self.cache: ExpertTensors | None = None
+        self.expert_of_slot: list[int] = []
+        self.slot_of_expert = [-1] * self.num_experts
+        self.last_use: list[int] = []
+        self.step = 0
+        self.slot_gemms: dict[int, tuple] = {}
+        self.host_gemms: dict[int, tuple] = {}
+        self.copying: dict[int, object] = {}  # slot -> its copy in flight (future on CPU, event on CUDA)
+        self.prefetched: set[int] = set()
+        self.predicted: torch.Tensor | None = None
+
+    def place(self, slot: int, expert: int) -> int:
+        """Residency bookkeeping for ``expert`` now in ``slot``; returns the evicted expert or -1."""
+        old = self.expert_of_slot[slot]
+        self.evict(slot)
+        self.expert_of_slot[slot] = expert
+        self.slot_of_expert[expert] = slot
+        return old
+
+    def evict(self, slot: int) -> None:
+        """Mark ``slot`` empty."""
+        old = self.expert_of_slot[slot]
+        if old >= 0:
+            self.slot_of_expert[old] = -1
+        self.expert_of_slot[slot] = -1
+        self.slot_gemms.pop(slot, None)
