@@ -175,3 +175,18 @@ def test_route_groups_refuse_out_of_range_expert_ids_and_keep_a_host_copy():
     for bad in (4, -1):
         with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
             RouteGroups(torch.tensor([[0, bad]], dtype=torch.int32), 4)
+
+
+def test_route_groups_carry_activations_in_the_same_transfer():
+    """On CUDA the engine brings a decode step's activations and router weights to the host with the ids
+    (one blocking transfer per layer-step): they arrive as float32 host copies of the same values."""
+    from vllm_haq.kernels import RouteGroups
+
+    ids = torch.tensor([[3, 0], [0, 1], [3, 2]], dtype=torch.int32)
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    w = torch.rand(3, 2)
+    g = RouteGroups(ids, 4, carry=(x, w))
+    x_host, w_host = g.carried
+    assert x_host.dtype == torch.float32 and torch.equal(x_host, x.float()) and torch.equal(w_host, w)
+    assert torch.equal(g.ids_host, ids.long()) and g.counts == [2, 1, 1, 2]
+    assert RouteGroups(ids, 4).carried is None

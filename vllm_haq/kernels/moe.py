@@ -48,9 +48,15 @@ class RouteGroups:
 
     PY_ROUTES = 256  # up to this many routes per step, grouped in Python
 
-    def __init__(self, topk_ids: torch.Tensor, num_experts: int):
+    def __init__(self, topk_ids: torch.Tensor, num_experts: int, carry: Sequence[torch.Tensor] = ()):
+        """``carry``: tensors the host will need too (the offload engine's activations and router weights
+        for its CPU experts), brought along in the same transfer as float32 host copies (``carried``)."""
         self.top_k = k = topk_ids.shape[1]
-        host = topk_ids.to("cpu") if topk_ids.device.type != "cpu" else topk_ids  # the one transfer
+        if carry:
+            host, self.carried = _one_transfer(topk_ids, carry)
+        else:
+            host = topk_ids.to("cpu") if topk_ids.device.type != "cpu" else topk_ids  # the one transfer
+            self.carried = None
         self.ids_host = host.long()  # int64 [M, k], for statistics and planning
         flat = self.ids_host.reshape(-1)
         self._rows: list[list[int]] | None = None
@@ -95,6 +101,18 @@ class RouteGroups:
         """(token indices, top-k positions) of the routes to ``expert``."""
         a, n = self.starts[expert], self.counts[expert]
         return self.tok[a : a + n], self.slot[a : a + n]
+
+
+def _one_transfer(ids: torch.Tensor, carry: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``ids`` (as int64) and ``carry`` (as float32) packed as bytes, moved to the host in one copy, unpacked."""
+    parts = [ids.reshape(-1).long()] + [t.detach().reshape(-1).float() for t in carry]
+    host = torch.cat([p.contiguous().view(torch.uint8) for p in parts]).to("cpu")
+    out, at = [], 0
+    for p, like in zip(parts, [ids, *carry]):
+        n = p.numel() * p.element_size()
+        out.append(host[at : at + n].view(p.dtype).view(like.shape))
+        at += n
+    return out[0], out[1:]
 
 
 def _check_range(lo: int, hi: int, num_experts: int) -> None:

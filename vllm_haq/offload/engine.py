@@ -57,6 +57,7 @@ from vllm_haq.offload.store import ExpertTensors, copy_expert
 log = logging.getLogger("vllm_haq.offload")
 
 PREFETCH_MIN_P = 0.15  # prefetch an expert when P(used at the next layer) is at least this
+CARRY_MAX_TOKENS = 64  # up to this many tokens, x travels to the host with the routed ids every step
 
 
 class OffloadEngine(HostJobs, Reporting):
@@ -231,7 +232,10 @@ class OffloadEngine(HostJobs, Reporting):
         if not self._started:
             self._start()
         layer = self.layers[layer_index]
-        groups = RouteGroups(topk_ids, layer.num_experts)
+        # decode on CUDA: the activations and router weights come to the host with the ids (CPU experts need
+        # them; one blocking transfer per layer-step instead of three)
+        carry = (x, topk_weights) if x.device.type != "cpu" and x.shape[0] <= CARRY_MAX_TOKENS else ()
+        groups = RouteGroups(topk_ids, layer.num_experts, carry=carry)
         step = layer.step
         layer.step += 1
         routed = groups.routed

@@ -25,12 +25,12 @@ class HostJobs:
         """Hand ``experts`` to the CPU workers: one kernel call for all of them (fused), else a job each."""
         if not experts:
             return []
-        x_host = on_host(x)
+        x_host, w_host = groups.carried or (on_host(x), on_host(outputs.topk_weights))
         if self._fused:
             groups.host_routes()  # built here, not raced for by the worker
             target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
-            job = self._pool.submit(in_inference_mode, cpu_expert_routes, x_host, on_host(outputs.topk_weights),
-                                    groups, layer.host, experts, target)
+            job = self._pool.submit(in_inference_mode, cpu_expert_routes, x_host, w_host, groups, layer.host,
+                                    experts, target)
             return [(tuple(experts), job, target)]
         return [(e, self._pool.submit(in_inference_mode, self._job, *self._host_job(layer, x_host, groups, e)), None)
                 for e in experts]
@@ -52,7 +52,7 @@ class HostJobs:
                 # rows are all rewritten; the other rows are not theirs)
                 self._recover_fused(layer, x, groups, list(e), target, outputs, "its CPU job", exc)
             if target is not outputs.routes:  # their rows are zero on the device, the device's zero here
-                outputs.routes.add_(target.to(outputs.routes.device))
+                outputs.routes.add_(target.to(outputs.routes.device, non_blocking=True))
 
     def _recover_fused(self, layer: Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
                        target: torch.Tensor, outputs: StepOutputs, what: str, exc: BaseException) -> None:
@@ -103,4 +103,4 @@ class HostJobs:
         target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
         self._recover_fused(layer, x, groups, [expert], target, outputs, "its copy to the device", exc)
         if target is not outputs.routes:
-            outputs.routes.add_(target.to(outputs.routes.device))
+            outputs.routes.add_(target.to(outputs.routes.device, non_blocking=True))
