@@ -364,37 +364,44 @@ class OffloadEngine(HostJobs, Reporting):
 
     def _issue_wave(self, layer: Layer, pending: list[int], exclude: set[int], step: int):
         """Start copying experts from the front of ``pending`` into slots not in ``exclude``, as many as
-        there are such slots; returns ([(expert, copy handle)], bytes)."""
-        wave, moved, busy = [], 0, set(exclude)
+        there are such slots, as one batch; returns ([(expert, copy handle)], bytes)."""
+        picks, busy = [], set(exclude)
         while pending:
-            slot = self._victim(layer, exclude=busy, step=step)
+            slot = self._victim(layer, exclude=busy, step=step)  # the slots picked before are excluded
             if slot is None:
                 break
-            e = pending.pop(0)
             busy.add(slot)
-            handle, n = self._copy_async(layer, slot, e)
-            wave.append((e, handle))
-            moved += n
-        return wave, moved
+            picks.append((slot, pending.pop(0)))
+        handles, moved = self._copy_batch(layer, picks)
+        return [(e, h) for (_, e), h in zip(picks, handles)], moved
 
-    def _copy_async(self, layer: Layer, slot: int, expert: int):
-        """Copy ``expert`` into ``slot`` off the model thread (copy stream; inline on the CPU build): (handle, bytes)."""
-        layer.place(slot, expert)
+    def _copy_batch(self, layer: Layer, picks: list[tuple[int, int]]) -> tuple[list, int]:
+        """Copy each (slot, expert) of ``picks`` off the model thread: on CUDA one stream switch and one event
+        for the whole batch on the copy stream; on the CPU build inline (or on the copier thread). Returns
+        (a handle per pick, bytes)."""
+        if not picks:
+            return [], 0
+        for slot, expert in picks:
+            layer.place(slot, expert)
         if self._copy_stream is not None:
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the slots' last readers
             with torch.cuda.stream(self._copy_stream):
                 try:
-                    moved = copy_expert(layer.cache, slot, layer.host, expert, non_blocking=True)
+                    moved = sum(copy_expert(layer.cache, s, layer.host, e, non_blocking=True) for s, e in picks)
                 except BaseException:
-                    layer.evict(slot)  # never serve a half-issued copy as a hit
+                    for s, _ in picks:
+                        layer.evict(s)  # never serve a half-issued copy as a hit
                     raise
-                handle = torch.cuda.Event()
-                handle.record(self._copy_stream)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            handles = [event] * len(picks)
         else:
-            handle = self._copier.submit(in_inference_mode, copy_expert, layer.cache, slot, layer.host, expert)
-            moved = layer.expert_bytes
-        layer.copying[slot] = handle  # a later copy into this slot queues behind it (one copy queue, FIFO)
-        return handle, moved
+            handles = [self._copier.submit(in_inference_mode, copy_expert, layer.cache, s, layer.host, e)
+                       for s, e in picks]
+            moved = layer.expert_bytes * len(picks)
+        for (slot, _), handle in zip(picks, handles):
+            layer.copying[slot] = handle  # a later copy into this slot queues behind it (one copy queue, FIFO)
+        return handles, moved
 
     def _slot_ready(self, layer: Layer, slot: int) -> None:
         """Wait for the copy into ``slot`` if one is in flight (a worker's copy error surfaces here)."""
@@ -459,7 +466,7 @@ class OffloadEngine(HostJobs, Reporting):
         return eviction_scores(self.stats_model.share(layer.pos), [-1], layer.step, layer.predicted, [expert])[0]
 
     def _prefetch_copy(self, layer: Layer, slot: int, expert: int) -> int:
-        return self._copy_async(layer, slot, expert)[1]
+        return self._copy_batch(layer, [(slot, expert)])[1]
 
     def close(self) -> None:
         if self._started and self.config.stats_file:
