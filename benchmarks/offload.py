@@ -334,14 +334,15 @@ def render(rows, args, device, shape, steps, build_s, stack) -> str:
              + (", generated on the GPU, page-locked once for all engines" if device.type == "cuda" else "") + ")",
              f"- {steps} timed decode steps per run after {args.warmup} warm-up steps, fastest of {args.repeats} "
              "interleaved tries per policy; MoE layers only (no attention)",
-             *(["- `--device cpu`: the \"device\" tier is host memory computed by the main thread (1 BLAS thread), "
-                "the CPU expert workers are 1 more thread, and a \"fetch\" is a memcpy "
+             *(["- `--device cpu`: the \"device\" tier is host memory computed by the main thread, CPU-served "
+                "experts run in the same thread (the CPU build computes them inline), and a \"fetch\" is a memcpy on "
+                "a copier thread "
                 + (f"padded to an emulated {args.cpu_link_gbps:g} GB/s host->device link (a sleeping copier holds no "
                    "core, like a DMA engine)" if args.cpu_link_gbps > 0 else "at memory speed")
-                + ". Unlike a GPU, the device computes no faster than the CPU workers, so sending misses to the "
-                "CPU adds a second core of compute and can beat all-resident and the oracle \"bound\" (which "
-                "assumes the GPU's case: all-resident is the fastest). The table shows the policies' mechanics "
-                "(hit rates, bytes, CPU work, overlap), not H200 speed-ups"]
+                + ". Unlike a GPU, the device computes no faster than the CPU, so CPU-computed misses can beat "
+                "all-resident and the oracle \"bound\" (which assumes the GPU's case: all-resident is the "
+                "fastest). The table shows the policies' mechanics (hit rates, bytes, CPU work, overlap), not "
+                "H200 speed-ups"]
                if device.type == "cpu" else []),
              "- cells: MoE ms per decode step (one token per sequence) and, in parentheses, the ratio to the HAQ planner",
              ""]
