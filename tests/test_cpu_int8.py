@@ -251,3 +251,25 @@ def test_worker_threads_beside_the_model_thread_give_the_serial_bits():
         t.join()
     engine.close()
     assert not errors, errors[:5]
+
+
+def test_a_fresh_process_compiles_a_linear_through_the_kernel():
+    """vLLM's CPU build traces every linear with torch.compile (fullgraph) in a fresh worker process. Loading the
+    kernel there happened under a lock at the first call, inside the trace, and Dynamo refuses a lock: every
+    `haq serve` / `haq eval` through vLLM on an AVX2 host failed at start-up. The layer now decides at load."""
+    code = """
+import torch
+from vllm_haq.kernels import ScaledInt8Gemm
+from vllm_haq.kernels import cpu_int8
+from vllm_haq.quant import quantize_weight_per_channel
+assert "module" not in cpu_int8._state, "the kernel must not be loaded before the layer is built"
+w_q, w_s = quantize_weight_per_channel(torch.randn(48, 64))
+gemm = ScaledInt8Gemm(w_q, w_s, torch.float32, backend="torch")
+fn = torch.compile(lambda x: gemm(x), fullgraph=True, dynamic=True)
+x = torch.randn(5, 64)
+assert torch.equal(fn(x), gemm(x))
+assert cpu_int8._state.get("module") is not None, "served by the kernel"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -243,6 +243,9 @@ class ScaledInt8Gemm:
             # A view, not a copy: exact_int8_mm reads row blocks of it on CPU, and on CUDA a
             # transposed row-major weight is the column-major operand cuBLASLt's int8 GEMM wants.
             self.w_t = w_q.t()
+            # Decided here, at load time: vLLM's CPU build traces __call__ with torch.compile (fullgraph), and
+            # the first check builds or loads the kernel under a lock, which Dynamo cannot trace.
+            self.cpu_kernel = w_q.device.type == "cpu" and cpu_int8.available()
 
     def _transformed(self, x: torch.Tensor) -> torch.Tensor:
         """The activations this GEMM quantizes, float32 [M, K]: ``x`` divided by the smoothing, then rotated."""
@@ -279,17 +282,17 @@ class ScaledInt8Gemm:
         elif self.backend == "cutlass":
             out = torch.ops.vllm_haq.cutlass_w8a8_linear(x, self.w_t, self.w_scale, bias, amax, self.out_dtype)
         else:
-            out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype, amax)
+            out = torch_scaled_int8_mm(x, self.w_t, self.w_scale, bias, self.out_dtype, amax, self.cpu_kernel)
         return out.reshape(*shape[:-1], self.n)
 
 
 def torch_scaled_int8_mm(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
                          bias: torch.Tensor | None, out_dtype: torch.dtype,
-                         amax: torch.Tensor | None = None) -> torch.Tensor:
+                         amax: torch.Tensor | None = None, cpu_kernel: bool | None = None) -> torch.Tensor:
     """Per-token quantize ``x`` [M, K] (with ``amax`` instead of its own max, when given), exact int32
-    ``torch._int_mm`` with ``w_t`` [K, N], scale, bias."""
+    ``torch._int_mm`` with ``w_t`` [K, N], scale, bias. ``cpu_kernel``: see :func:`exact_int8_mm`."""
     x_q, x_s = quantize_per_token(x, amax=amax)
-    y = exact_int8_mm(x_q, w_t).float() * x_s * w_scale.reshape(1, -1)
+    y = exact_int8_mm(x_q, w_t, cpu_kernel).float() * x_s * w_scale.reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -298,11 +301,16 @@ def torch_scaled_int8_mm(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tens
 _EXACT_K_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: every fp32 partial sum is an exact integer
 
 
-def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA."""
+def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor, cpu_kernel: bool | None = None) -> torch.Tensor:
+    """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA.
+
+    ``cpu_kernel``: whether the CPU int8 kernel is available, as the caller found out eagerly (compiled
+    callers must: see ScaledInt8Gemm); None asks :func:`vllm_haq.kernels.cpu_int8.available` now."""
     if x_q.is_cuda:
         return torch.ops.vllm_haq.cuda_int8_mm(x_q, w_t)
-    if w_t.t().is_contiguous() and cpu_int8.available():  # w_t: a transposed view of the row-major weight
+    if cpu_kernel is None:
+        cpu_kernel = cpu_int8.available()
+    if w_t.t().is_contiguous() and cpu_kernel:  # w_t: a transposed view of the row-major weight
         return torch.ops.vllm_haq.cpu_int8_mm(x_q, w_t.t(), 0)
     return blas_int8_mm(x_q, w_t)
 
