@@ -70,7 +70,10 @@ def routing_prior(torch, trace, shape: Shape) -> dict:
 def new_engine(torch, layers: list, config, device: str, out_dtype, prior=None, cost=None, engine_cls=None):
     from vllm_haq.offload import OffloadEngine
 
-    engine = (engine_cls or OffloadEngine)(config, device, out_dtype, routing=prior, cost=cost, name="gpu-check")
+    # on the CPU (dry runs) the copies go to a copier thread, as they go to a copy stream on CUDA: the checks of
+    # asynchronous fills (delayed copies, the sabotaged wait) need copies that land later
+    engine = (engine_cls or OffloadEngine)(config, device, out_dtype, routing=prior, cost=cost, name="gpu-check",
+                                           copy_thread=device == "cpu")
     for i, experts in enumerate(layers):
         engine.add_layer(i, experts)
     return engine
