@@ -2,8 +2,9 @@
 
 Why: ``haq eval --backend hf`` scores text with the pure-PyTorch forward of :mod:`offline.models`, and vLLM is
 the only way to *generate* with the runtime's MoE path. This module runs that same reference forward, but
-serves its routed experts the way the vLLM plugin does: all resident through
-:func:`vllm_haq.kernels.int8_moe_forward`, or from host memory through
+serves its routed experts the way the vLLM plugin does: all resident (on the CPU one call of the CPU kernel,
+:func:`vllm_haq.kernels.cpu_moe_forward`; elsewhere :func:`vllm_haq.kernels.int8_moe_forward`), or from host
+memory through
 :class:`vllm_haq.offload.OffloadEngine` with the plugin's offloading keys. So a converted checkpoint can be
 generated from (and the offload engine exercised end to end) on a GPU host that has no vLLM, and the tests can
 compare every budget and policy with the all-resident run on the CPU.
@@ -29,7 +30,7 @@ from offline.models import LayerTensors, ModelSpec, global_tensor_names, layer_r
 from offline.source import SafetensorsCheckpoint
 from vllm_haq.format import COMPRESSED_TENSORS, CONFIG_FILE, CheckpointError, read_config, validate_checkpoint, \
     validate_routing_stats
-from vllm_haq.kernels import int8_moe_forward
+from vllm_haq.kernels import cpu_fused_ok, cpu_moe_forward, int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
 from vllm_haq.quant import rotate
 
@@ -137,6 +138,8 @@ class _MoELayer:
         resident = ExpertTensors(*(None if t is None else t.to(device) for t in
                                    (experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.smooth)),
                                  down_rotation=experts.down_rotation)
+        # on the CPU, the plugin's resident MoE path (one kernel call per step), as the engine's host experts
+        self.stack = resident if cpu_fused_ok(resident.w13) else None
         self.w13, self.w2 = zip(*(resident.gemms(e, torch.float32) for e in range(resident.count)))
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -144,6 +147,8 @@ class _MoELayer:
             x = rotate(x.float(), self.rotation)
         if self.engine is not None:
             return self.engine.forward(self.index, x, weights, ids)
+        if self.stack is not None:
+            return cpu_moe_forward(x, weights, ids, self.stack)
         return int8_moe_forward(x, weights, ids, self.w13, self.w2)
 
 
