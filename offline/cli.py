@@ -287,7 +287,7 @@ def _generate(args) -> int:
 
 
 def _serve(args, extra: list[str]) -> int:
-    from offline.evaluate import is_quantized_checkpoint
+    from vllm_haq.format import is_quantized_checkpoint
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
     if is_quantized_checkpoint(args.model) and "--quantization" not in extra:

@@ -113,6 +113,3 @@ def summarize(nll: torch.Tensor, **fields) -> dict:
     return {**fields, "windows": int(nll.shape[0]), "tokens": int(nll.numel()), "nll": mean, "ppl": math.exp(mean)}
 
 
-def is_quantized_checkpoint(model_dir: str) -> bool:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return "quantization_config" in json.load(f)

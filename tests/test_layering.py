@@ -15,6 +15,7 @@ FORBIDDEN = {
     "vllm_haq/format.py": {"vllm", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/kernels": {"vllm_haq.format", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/offload": {"vllm", "vllm_haq.vllm", "offline"},
+    "vllm_haq/vllm": {"offline"},  # the plugin runs without the converter package
     "offline": {"vllm", "vllm_haq.vllm"},
 }
 

@@ -588,6 +588,13 @@ def check_config_agreement(model_dir: str, config: dict, headers: dict) -> None:
                                       f"of the {layout[1]} in {cfg_path}")
 
 
+def is_quantized_checkpoint(model_dir: str) -> bool:
+    """Whether ``model_dir``'s config.json carries a ``quantization_config`` (HAQ or compressed-tensors): such a
+    checkpoint is served with ``quantization="haq"``, an unquantized one as it is."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return "quantization_config" in json.load(f)
+
+
 def read_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, CONFIG_FILE)
     try:

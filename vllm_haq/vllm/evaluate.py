@@ -11,7 +11,7 @@ def make_llm(model_dir: str, max_model_len: int, **kwargs):
     """An ``LLM`` for scoring: HAQ checkpoints get ``quantization="haq"``; CPU-friendly defaults."""
     from vllm import LLM
 
-    from offline.evaluate import is_quantized_checkpoint
+    from vllm_haq.format import is_quantized_checkpoint
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     opts = dict(max_model_len=max_model_len, gpu_memory_utilization=0.3, seed=0)
