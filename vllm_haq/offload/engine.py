@@ -39,8 +39,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, expert_mlp, new_route_buffer, select_backend,
-                              write_routes)
+from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_moe_forward, expert_mlp,
+                              new_route_buffer, select_backend, write_routes)
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.config import OffloadConfig
@@ -194,9 +194,8 @@ class OffloadEngine(HostJobs, Reporting):
         hidden = first.host.w13.shape[2]
 
         def fused(stack: ExpertTensors, tokens: int) -> None:  # one expert's tokens in one kernel call
-            ids = torch.zeros(tokens, 1, dtype=torch.int64)
-            cpu_expert_routes(torch.randn(tokens, hidden), torch.ones(tokens, 1), RouteGroups(ids, stack.count),
-                              stack, [0], torch.zeros(tokens, 1, hidden))
+            cpu_moe_forward(torch.randn(tokens, hidden), torch.ones(tokens, 1),
+                            torch.zeros(tokens, 1, dtype=torch.int64), stack)
 
         def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
             if self._fused:

@@ -25,10 +25,10 @@ class HostJobs:
         """Hand ``experts`` to the CPU workers: one kernel call for all of them (fused), else a job each."""
         if not experts:
             return []
-        x_host, w_host = groups.carried or (on_host(x), on_host(outputs.topk_weights))
+        x_host, w_host = _host_inputs(x, groups, outputs)
         if self._fused:
             groups.host_routes()  # built here, not raced for by the worker
-            target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
+            target = outputs.host_buffer()
             job = self._pool.submit(in_inference_mode, cpu_expert_routes, x_host, w_host, groups, layer.host,
                                     experts, target)
             return [(tuple(experts), job, target)]
@@ -51,8 +51,7 @@ class HostJobs:
             except Exception as exc:  # noqa: BLE001 - recompute the experts of the failed call once (their
                 # rows are all rewritten; the other rows are not theirs)
                 self._recover_fused(layer, x, groups, list(e), target, outputs, "its CPU job", exc)
-            if target is not outputs.routes:  # their rows are zero on the device, the device's zero here
-                outputs.routes.add_(target.to(outputs.routes.device, non_blocking=True))
+            outputs.merge_host(target)
 
     def _recover_fused(self, layer: Layer, x: torch.Tensor, groups: RouteGroups, experts: list[int],
                        target: torch.Tensor, outputs: StepOutputs, what: str, exc: BaseException) -> None:
@@ -61,8 +60,8 @@ class HostJobs:
         log.warning("vllm-haq offload (%s): layer %d experts %s: %s failed (%s: %s); recomputing from host memory",
                     self.name, layer.index, experts, what, type(exc).__name__, exc)
         try:
-            in_inference_mode(cpu_expert_routes, on_host(x), on_host(outputs.topk_weights), groups, layer.host,
-                               experts, target)
+            in_inference_mode(cpu_expert_routes, *_host_inputs(x, groups, outputs), groups, layer.host, experts,
+                              target)
         except Exception as again:
             raise RuntimeError(f"offload engine {self.name}: layer {layer.index} experts {experts}: {what} failed "
                                f"({exc}) and recomputing them from host memory failed too ({again})") from again
@@ -100,7 +99,12 @@ class HostJobs:
         if not self._fused:
             outputs.put(expert, self._recover(layer, x, groups, expert, "its copy to the device", exc), None)
             return
-        target = outputs.routes if outputs.routes.device.type == "cpu" else torch.zeros(outputs.routes.shape)
+        target = outputs.host_buffer()
         self._recover_fused(layer, x, groups, [expert], target, outputs, "its copy to the device", exc)
-        if target is not outputs.routes:
-            outputs.routes.add_(target.to(outputs.routes.device, non_blocking=True))
+        outputs.merge_host(target)
+
+
+def _host_inputs(x: torch.Tensor, groups: RouteGroups, outputs: StepOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's activations and router weights on the host: the copies that came with the routed ids at
+    decode on CUDA, else copied now."""
+    return groups.carried or (on_host(x), on_host(outputs.topk_weights))

@@ -57,6 +57,16 @@ class StepOutputs:
         self.summed: torch.Tensor | None = None  # float32 [M, H]: the Triton MoE's hits, already summed over k
         self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
 
+    def host_buffer(self) -> torch.Tensor:
+        """Where experts computed from host memory write their routes: the step's route buffer itself on the CPU
+        build, else a zeroed host buffer that :meth:`merge_host` adds in."""
+        return self.routes if self.routes.device.type == "cpu" else torch.zeros(self.routes.shape)
+
+    def merge_host(self, buffer: torch.Tensor) -> None:
+        """Add a :meth:`host_buffer` to the routes (its experts' rows are zero on the device, the others here)."""
+        if buffer is not self.routes:
+            self.routes.add_(buffer.to(self.routes.device, non_blocking=True))
+
     def put(self, expert: int, y: torch.Tensor, slot: int | None) -> None:
         if self.inters is None:
             write_routes(self.routes, self.topk_weights, self.groups, expert, y)
