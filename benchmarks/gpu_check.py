@@ -93,7 +93,7 @@ class StageRun:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         cmd = [sys.executable, "-m", f"gpucheck.{self.name}_stage", "--mode", self.mode, "--out", self.out]
         log_path = os.path.join(self.out, "logs", f"{self.name}.log")
-        t0 = time.time()
+        t0 = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, start_new_session=True)
@@ -104,9 +104,9 @@ class StageRun:
             deadline = t0 + self.timeout
             while True:
                 try:
-                    line = lines.get(timeout=max(0.05, deadline - time.time()))
+                    line = lines.get(timeout=max(0.05, deadline - time.monotonic()))
                 except queue.Empty:
-                    if time.time() >= deadline:
+                    if time.monotonic() >= deadline:
                         self.timed_out = True
                         self._kill(proc)
                         break
@@ -116,7 +116,7 @@ class StageRun:
                 log.write(line)
                 self._line(line.rstrip("\n"))
             self.rc = proc.wait()
-        self.wall = time.time() - t0
+        self.wall = time.monotonic() - t0
         self._close()
         return self
 
@@ -172,15 +172,15 @@ class StageRun:
             with open(path) as f:
                 extra = {r["check"]: r for r in json.load(f).get("results", [])}
         checks = [{**extra.get(c, {}), **r} for c, r in self.results.items()]
-        return {"name": self.name, "status": self.status, "wall_s": round(self.wall, 1), "timeout_s": self.timeout,
+        return {"name": self.name, "status": self.status, "wall_s": round(self.wall, 3), "timeout_s": self.timeout,
                 "rc": self.rc, "timed_out": self.timed_out, "checks": checks}
 
 
 def run_all(names: list[str], mode: str, out: str, jobs: int, budget: float) -> list[dict]:
-    deadline = time.time() + budget
+    deadline = time.monotonic() + budget
 
     def one(name: str) -> dict:
-        left = deadline - time.time()
+        left = deadline - time.monotonic()
         timeout = min(plan.STAGES[name][0 if mode == "gpu" else 1], left)
         if timeout < 5:
             r = StageRun(name, mode, out, 0)
@@ -232,13 +232,13 @@ def main(argv=None) -> int:
     for sub in ("logs", "stages"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     budget = args.budget_s or plan.TOTAL_BUDGET_S[mode]
-    t0 = time.time()
+    t0 = time.monotonic()
     stages = run_all(names, mode, out, args.jobs or (1 if mode == "gpu" else 2), budget)
     shutil.rmtree(os.path.join(out, "work"), ignore_errors=True)  # stages' scratch (the e2e checkpoints)
     statuses = [c["status"] for s in stages for c in s["checks"]]
     counts = {k: statuses.count(k) for k in ("ok", "FAIL", "skip")}
     summary = {"mode": mode, "device": device_name(mode), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "wall_s": round(time.time() - t0, 1), "budget_s": budget, "ok": counts["FAIL"] == 0, "counts": counts,
+               "wall_s": round(time.monotonic() - t0, 1), "budget_s": budget, "ok": counts["FAIL"] == 0, "counts": counts,
                "stages": stages}
     write_outputs(out, summary)
     say(json.dumps({"gpu_check": "ok" if summary["ok"] else "FAIL", "mode": mode, "wall_s": summary["wall_s"],

@@ -44,13 +44,13 @@ def bench(st: Stage, name: str, args: list[str], table: str):
     os.makedirs(os.path.dirname(log), exist_ok=True)
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", f"{name}.py"), *args]
     timeout = TIMEOUT_S[name][st.mode]
-    t0 = time.time()
+    t0 = time.monotonic()
     with open(log, "w") as f:
         try:
             rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = None
-    wall = time.time() - t0
+    wall = time.monotonic() - t0
     what = f"benchmarks/{name}.py {' '.join(args)}"
     if rc is None:
         return False, f"timed out after {timeout} s: {what} (log logs/bench-{name}.log)", {}

@@ -40,7 +40,7 @@ class Stage:
         self.dry = self.mode == "dry"
         self.results: list[dict] = []
         self.planned: list[str] = []
-        self.t0 = time.time()
+        self.t0 = time.monotonic()
         os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
         for path in (REPO, os.path.join(REPO, "tests")):
             if path not in sys.path:
@@ -63,13 +63,13 @@ class Stage:
 
     def run(self, check: str, fn, *args, **kwargs) -> None:
         """``fn(...)`` -> (ok: bool, detail, data dict); an exception is this check's FAIL, not the stage's end."""
-        t0 = time.time()
+        t0 = time.monotonic()
         try:
             ok, detail, data = fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported, and the next check runs
             traceback.print_exc()
             ok, detail, data = False, f"{type(exc).__name__}: {exc}", {}
-        self.result(check, "ok" if ok else "FAIL", detail, seconds=round(time.time() - t0, 2), **data)
+        self.result(check, "ok" if ok else "FAIL", detail, seconds=round(time.monotonic() - t0, 2), **data)
 
     def skip_all(self, names: list[str], why: str = DRY_SKIP) -> None:
         for n in names:
@@ -77,7 +77,7 @@ class Stage:
 
     def finish(self) -> int:
         with open(os.path.join(self.out, "stages", f"{self.name}.json"), "w") as f:
-            json.dump({"stage": self.name, "mode": self.mode, "seconds": round(time.time() - self.t0, 2),
+            json.dump({"stage": self.name, "mode": self.mode, "seconds": round(time.monotonic() - self.t0, 2),
                        "results": self.results}, f, indent=1, default=str)
         return 0
 
