@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import struct
 import sys
 import time
 from dataclasses import asdict
@@ -128,18 +127,11 @@ def converted(src: str, name: str, method: str, samples: int) -> str:
 def checkpoint_bytes(model_dir: str) -> dict[str, int]:
     """Weight bytes of a checkpoint's safetensors files (headers read only), by dtype; routing statistics
     (haq_routing.safetensors) are not weights and are left out."""
-    from vllm_haq.format import ROUTING_FILE
+    from vllm_haq.format import read_safetensors_header, shard_files
 
     by_dtype: dict[str, int] = {}
-    for fname in sorted(os.listdir(model_dir)):
-        if not fname.endswith(".safetensors") or fname == ROUTING_FILE:
-            continue
-        with open(os.path.join(model_dir, fname), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for tname, info in header.items():
-            if tname == "__metadata__":
-                continue
+    for fname in shard_files(model_dir):
+        for info in read_safetensors_header(os.path.join(model_dir, fname)).values():
             start, end = info["data_offsets"]
             by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + end - start
     return by_dtype

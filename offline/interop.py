@@ -27,17 +27,16 @@ llm-compressor checkpoints directly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 from vllm_haq import __version__
+from vllm_haq.errors import HAQError
 from vllm_haq.format import (
     COMPRESSED_TENSORS,
     EXPORT_KEY,
     INPUT_SMOOTH,
     QUANT_METHOD,
-    ROUTING_FILE,
     SAFETENSORS_INDEX,
     WEIGHT,
     WEIGHT_SCALE,
@@ -46,8 +45,10 @@ from vllm_haq.format import (
     from_compressed_tensors,
     read_config,
     read_tensor_headers,
+    shard_files,
     to_compressed_tensors,
     validate_checkpoint,
+    write_json_atomic,
 )
 
 FORMATS = (QUANT_METHOD, COMPRESSED_TENSORS)  # `haq convert --format`
@@ -57,7 +58,7 @@ _SKIP_ON_COPY = ("*.safetensors", SAFETENSORS_INDEX, "config.json", "recipe.yaml
 _MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
 
 
-class InteropError(ValueError):
+class InteropError(HAQError, ValueError):
     """The checkpoint cannot be expressed in (or read from) the other format; the message says why."""
 
 
@@ -69,17 +70,6 @@ def _ct_version() -> str | None:
         return metadata.version("compressed-tensors")
     except metadata.PackageNotFoundError:
         return None
-
-
-def _weight_shards(model_dir: str) -> list[str]:
-    with open(os.path.join(model_dir, SAFETENSORS_INDEX)) as f:
-        return sorted(set(json.load(f)["weight_map"].values()))
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _publish(tmp: str, out: str, overwrite: bool) -> str:
@@ -143,7 +133,7 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
     shutil.copytree(haq_dir, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
     # The tensors are exported as they are: copy the shards and their index byte for byte.
     routing = [qcfg.routing_statistics] if qcfg.routing_statistics else []
-    for fname in _weight_shards(haq_dir) + [SAFETENSORS_INDEX] + routing:
+    for fname in shard_files(haq_dir) + [SAFETENSORS_INDEX] + routing:
         shutil.copy2(os.path.join(haq_dir, fname), os.path.join(tmp, fname))
     # compressed-tensors matches plain ignore names exactly (HAQ: as suffixes), so list the modules by name,
     # as llm-compressor does; lm_head is a Linear in transformers even when tied to the embeddings.
@@ -153,7 +143,7 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
         "tool": "vllm-haq export", "version": __version__, "ignore": list(qcfg.ignore),
         "smoothing": qcfg.smoothing, "routing_statistics": qcfg.routing_statistics, "producer": qcfg.producer,
     }
-    _write_json(os.path.join(tmp, "config.json"), config)
+    write_json_atomic(os.path.join(tmp, "config.json"), config)
     try:
         validate_checkpoint(tmp)  # the compressed-tensors reading of the result agrees with its tensors
     except CheckpointError:
@@ -184,10 +174,7 @@ def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str
 
     out, tmp = _start(out, overwrite)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
-    if os.path.exists(os.path.join(src, SAFETENSORS_INDEX)):
-        shards = _weight_shards(src)
-    else:
-        shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors") and f != ROUTING_FILE)
+    shards = shard_files(src)
     weight_map, total = {}, 0
     try:
         for shard in shards:
@@ -206,7 +193,7 @@ def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str
             weight_map.update({name: shard for name in kept})
             save_file(kept, os.path.join(tmp, shard), metadata={"format": "pt"})
             total += os.path.getsize(os.path.join(tmp, shard))
-        _write_json(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         exported = config.pop(EXPORT_KEY, None) or {}
         config.pop("compression_config", None)
         qcfg.producer = {"tool": "vllm-haq import", "version": __version__, "source": COMPRESSED_TENSORS,
@@ -222,7 +209,7 @@ def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str
             qcfg.routing_statistics = None
         qcfg.source_format = QUANT_METHOD
         config["quantization_config"] = qcfg.to_dict()
-        _write_json(os.path.join(tmp, "config.json"), config)
+        write_json_atomic(os.path.join(tmp, "config.json"), config)
         validate_checkpoint(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from vllm_haq.errors import HAQError
 from vllm_haq.quant import w8a8_linear_reference
 
 RoutingSink = Callable[[int, torch.Tensor], None]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(HAQError, ValueError):
     """The checkpoint's architecture or one of its options is not supported."""
 
 

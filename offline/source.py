@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX
+from vllm_haq.errors import HAQError
+from vllm_haq.format import CheckpointError, index_weight_map, shard_files
 
 
-class SourceError(ValueError):
+class SourceError(HAQError, ValueError):
     """The input model directory is missing something or holds unusable tensors."""
 
 
@@ -23,25 +23,19 @@ class SafetensorsCheckpoint:
         self.dir = model_dir
         if not os.path.isdir(model_dir):
             raise SourceError(f"{model_dir}: not a directory")
-        index = os.path.join(model_dir, SAFETENSORS_INDEX)
-        if os.path.exists(index):
+        try:
+            weight_map = index_weight_map(model_dir)
+            files = shard_files(model_dir) if weight_map is None else []
+        except CheckpointError as exc:
+            raise SourceError(str(exc)) from exc
+        self.file_of = weight_map or {}
+        for fname in files:
             try:
-                with open(index) as f:
-                    self.file_of = dict(json.load(f)["weight_map"])
-            except (OSError, ValueError, KeyError) as exc:
-                raise SourceError(f"{index}: unreadable safetensors index ({exc})") from exc
-        else:
-            files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f != ROUTING_FILE)
-            if not files:
-                raise SourceError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
-            self.file_of = {}
-            for fname in files:
-                try:
-                    with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
-                        for name in f.keys():
-                            self.file_of[name] = fname
-                except Exception as exc:
-                    raise SourceError(f"{os.path.join(model_dir, fname)}: not a readable safetensors file ({exc})") from exc
+                with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
+                    for name in f.keys():
+                        self.file_of[name] = fname
+            except Exception as exc:
+                raise SourceError(f"{os.path.join(model_dir, fname)}: not a readable safetensors file ({exc})") from exc
         self._handles: dict = {}
 
     def names(self) -> list[str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_haq.errors import HAQError
 from vllm_haq.format import (
     CONFIG_FILE,
     QUANT_METHOD,
@@ -47,7 +48,7 @@ TRANSITIONS_PNG = "transitions.png"
 TRANSITIONS_DIR = "transitions"
 
 
-class StatsError(ValueError):
+class StatsError(HAQError, ValueError):
     """Routing statistics that cannot be read or rendered; the message names the file and the problem."""
 
 

@@ -42,6 +42,8 @@ import shutil
 import torch
 
 from offline.source import SafetensorsCheckpoint
+from vllm_haq.errors import HAQError
+from vllm_haq.format import CONFIG_FILE, SAFETENSORS_INDEX, write_json_atomic
 
 MLP_TO_EXPERT = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
 # config keys carried over from the dense Llama config unchanged
@@ -54,7 +56,7 @@ _CARRIED = (
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", "config.json")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(HAQError, ValueError):
     """The dense checkpoint cannot be upcycled (not a Llama, biases, missing tensors)."""
 
 
@@ -136,13 +138,11 @@ def upcycle_llama_to_mixtral(dense_dir: str, out_dir: str, num_experts: int = 8,
                 out[f"{prefix}block_sparse_moe.experts.{e}.{expert_name}.weight"] = w
         write(out, f"model-{i + 2:05d}-of-{shards:05d}.safetensors")
         del lt, out
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
     upcycling = {"source": os.path.abspath(dense_dir), "method": "sparse upcycling (Komatsuzaki et al. 2022)",
                  "num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_std": router_std,
                  "expert_noise": expert_noise, "seed": seed}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({**cfg, "haq_upcycling": upcycling}, f, indent=2)
+    write_json_atomic(os.path.join(tmp, CONFIG_FILE), {**cfg, "haq_upcycling": upcycling})
     for fname in os.listdir(dense_dir):
         path = os.path.join(dense_dir, fname)
         if os.path.isfile(path) and not fname.endswith(_NOT_COPIED):

@@ -12,10 +12,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # package -> top-level project packages (and vllm) it must not import
 FORBIDDEN = {
     "vllm_haq/quant": {"vllm", "vllm_haq.format", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
-    "vllm_haq/format.py": {"vllm", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
+    "vllm_haq/errors.py": {"vllm", "vllm_haq.quant", "vllm_haq.format", "vllm_haq.kernels", "vllm_haq.offload",
+                           "vllm_haq.vllm", "offline"},
+    "vllm_haq/format": {"vllm", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/kernels": {"vllm_haq.format", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/offload": {"vllm", "vllm_haq.vllm", "offline"},
     "vllm_haq/vllm": {"offline"},  # the plugin runs without the converter package
+    "vllm_haq": {"offline"},  # the plugin and its engine run without the converter package
     "offline": {"vllm", "vllm_haq.vllm"},
 }
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vllm_haq.errors import HAQError
 from vllm_haq.offload.policy import POLICY_NAMES as POLICIES  # one list of policies
 
 BUDGET_KEYS = ("slots_per_layer", "expert_fraction", "expert_gib")
@@ -31,7 +32,7 @@ ENV_VARS = {
 }
 
 
-class OffloadConfigError(ValueError):
+class OffloadConfigError(HAQError, ValueError):
     """An offloading setting that cannot be honoured; the message names the key."""
 
 

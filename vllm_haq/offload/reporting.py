@@ -5,13 +5,13 @@ A mixin of :class:`vllm_haq.offload.engine.OffloadEngine` (its counters, routing
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 import torch
 
+from vllm_haq.format import write_json_atomic
 from vllm_haq.kernels import RouteGroups
 from vllm_haq.offload.serving import Layer
 from vllm_haq.offload.stats import LIVE_ROUTING_KEY
@@ -53,13 +53,10 @@ class Reporting:
                  s["bytes_h2d"] / 2**20)
         path = self.config.stats_file
         if path:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                dump = {"time": time.time(), "pid": os.getpid(), "model": self.name, **s}
-                if self.stats_model is not None:  # served routing counts, read by haq stats --live
-                    dump[LIVE_ROUTING_KEY] = self.stats_model.served([layer.index for layer in self.order])
-                json.dump(dump, f)
-            os.replace(tmp, path)
+            dump = {"time": time.time(), "pid": os.getpid(), "model": self.name, **s}
+            if self.stats_model is not None:  # served routing counts, read by haq stats --live
+                dump[LIVE_ROUTING_KEY] = self.stats_model.served([layer.index for layer in self.order])
+            write_json_atomic(path, dump, indent=None, per_process=True)
 
     def routing_counts(self) -> torch.Tensor | None:
         """Online (decayed) expert counts [L, E] of served steps, for ``haq stats --live``."""
