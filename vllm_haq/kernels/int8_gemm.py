@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from vllm_haq.kernels import cpu_int8
-from vllm_haq.quant import int8_matmul_int16_saturating, quantize_per_token
+from vllm_haq.quant import exact_int8_products, int8_matmul_int16_saturating, quantize_per_token
 from vllm_haq.quant.rotation import check_block, rotate
 
 log = logging.getLogger("vllm_haq.kernels")
@@ -298,9 +298,6 @@ def torch_scaled_int8_mm(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tens
     return y.to(out_dtype)
 
 
-_EXACT_K_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: every fp32 partial sum is an exact integer
-
-
 def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor, cpu_kernel: bool | None = None) -> torch.Tensor:
     """int32 [M, N] = int8 [M, K] @ int8 [K, N], exactly, fast on both CPU and CUDA.
 
@@ -317,12 +314,7 @@ def exact_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor, cpu_kernel: bool | None 
 
 def blas_int8_mm(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """The same integers through float32 BLAS in K-chunks (CPUs without the int8 kernel; benchmarks' baseline)."""
-    k = x_q.shape[1]
-    acc = None
-    for k0 in range(0, k, _EXACT_K_CHUNK):
-        part = (x_q[:, k0 : k0 + _EXACT_K_CHUNK].float() @ w_t[k0 : k0 + _EXACT_K_CHUNK].float()).to(torch.int32)
-        acc = part if acc is None else acc + part
-    return acc
+    return exact_int8_products(x_q, w_t)
 
 
 @torch.library.custom_op("vllm_haq::cuda_int8_mm", mutates_args=())

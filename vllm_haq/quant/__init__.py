@@ -3,6 +3,7 @@
 from vllm_haq.quant.int8 import (
     INT8_MAX,
     dequantize,
+    exact_int8_products,
     int8_matmul_int16_saturating,
     int8_matmul_reference,
     quantize_per_token,
@@ -17,6 +18,7 @@ from vllm_haq.quant.rotation import hadamard, rotate, rotate_hessian, rotation_b
 __all__ = [
     "INT8_MAX",
     "dequantize",
+    "exact_int8_products",
     "hadamard",
     "int8_matmul_int16_saturating",
     "int8_matmul_reference",

@@ -81,6 +81,21 @@ def quantize_per_token(
     return quantize_with_scale(xf, scale), scale
 
 
+def exact_int8_products(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = int8 [M, K] @ int8 [K, N] exactly, through float32 BLAS in K-chunks.
+
+    float32 holds every partial sum of at most _EXACT_K int8 products (|sum| <= 1024 * 127² < 2**24), so
+    each chunk is an exact integer; int32 holds the total for any K below 2**31 / 127² (133 million). The
+    one exact int8 product for hosts without an int8 kernel, and the references' fast path on the CPU."""
+    acc = None
+    for k0 in range(0, x_q.shape[1], _EXACT_K):
+        part = (x_q[:, k0 : k0 + _EXACT_K].float() @ w_t[k0 : k0 + _EXACT_K].float()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    if acc is None:
+        acc = torch.zeros(x_q.shape[0], w_t.shape[1], dtype=torch.int32, device=x_q.device)
+    return acc
+
+
 def int8_matmul_reference(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -90,14 +105,7 @@ def int8_matmul_reference(
     Integer sums of int8 products with K < 2**37 are exact in float64.
     """
     if x_q.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
-        # Faster and still exact: float32 holds every partial sum of at most _EXACT_K int8 products
-        # (|sum| <= 1024 * 127² < 2**24), so each K-chunk is an exact integer; chunks add in float64.
-        acc = None
-        for k0 in range(0, x_q.shape[1], _EXACT_K):
-            part = (x_q[:, k0 : k0 + _EXACT_K].float() @ w_q[:, k0 : k0 + _EXACT_K].float().t()).double()
-            acc = part if acc is None else acc.add_(part)
-        if acc is None:
-            acc = torch.zeros(x_q.shape[0], w_q.shape[0], dtype=torch.float64)
+        acc = exact_int8_products(x_q, w_q.t()).double()  # faster than float64 BLAS, and the same integers
     else:
         acc = x_q.double() @ w_q.double().t()
     return acc * x_scale.double() * w_scale.double().t()

@@ -13,6 +13,18 @@ from vllm_haq.kernels import ScaledInt8Gemm
 from vllm_haq.vllm.tp import tp_shard_amax
 
 
+def check_loaded(tensor: torch.Tensor, what: str, dtypes: tuple[torch.dtype, ...], width: int | None = None) -> None:
+    """The checks every HAQ weight loader (linear and expert) makes before vLLM copies ``tensor`` into a
+    parameter: its dtype is one of ``dtypes``, its last dimension ``width`` (when known), and scales are
+    finite and > 0. ``what`` names the tensor in the error."""
+    if tensor.dtype not in dtypes:
+        raise CheckpointError(f"{what} has dtype {tensor.dtype}, expected " + " or ".join(str(d) for d in dtypes))
+    if width is not None and (tensor.dim() < 2 or tensor.shape[-1] != width):
+        raise CheckpointError(f"{what} has shape {list(tensor.shape)}, expected [*, {width}]")
+    if SCALE_DTYPE in dtypes:
+        check_scale_values(tensor, what)
+
+
 def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype | tuple[torch.dtype, ...],
                    width: int | None) -> Callable:
     """Wrap a vLLM weight loader with the checks vLLM's loaders skip.
@@ -24,19 +36,10 @@ def checked_loader(inner: Callable, where: str, name: str, dtype: torch.dtype | 
     size of the last (input) dimension, when known.
     """
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
-    expected = " or ".join(str(d) for d in dtypes)
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
         shard = f" (shard {args[0]!r})" if args and args[0] is not None else ""
-        what = f"{where}.{name}{shard}"
-        if loaded_weight.dtype not in dtypes:
-            raise CheckpointError(f"checkpoint tensor for {what} has dtype {loaded_weight.dtype}, expected {expected}")
-        if width is not None and (loaded_weight.dim() < 2 or loaded_weight.shape[-1] != width):
-            raise CheckpointError(
-                f"checkpoint tensor for {what} has shape {list(loaded_weight.shape)}, expected [*, {width}]"
-            )
-        if SCALE_DTYPE in dtypes:
-            check_scale_values(loaded_weight, f"checkpoint tensor for {what}")
+        check_loaded(loaded_weight, f"checkpoint tensor for {where}.{name}{shard}", dtypes, width)
         return inner(param, loaded_weight, *args, **kwargs)
 
     return load

@@ -24,6 +24,7 @@ from vllm_haq.kernels import (ScaledInt8Gemm, cpu_fused_ok, cpu_moe_forward, int
                               triton_int8_moe_forward)
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine, parse_offload_config
 from vllm_haq.quant.rotation import rotate
+from vllm_haq.vllm.linear import check_loaded
 from vllm_haq.vllm.tp import tp_shard_amax
 
 log = logging.getLogger("vllm_haq")
@@ -52,12 +53,8 @@ def _checked_moe_loader(inner, where: str, name: str, dtype: torch.dtype | tuple
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
 
     def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
-        what = f"{where}: checkpoint tensor {weight_name!r} (expert {expert_id}, {shard_id}) for {name}"
-        if loaded_weight.dtype not in dtypes:
-            raise CheckpointError(f"{what} has dtype {loaded_weight.dtype}, expected "
-                                  + " or ".join(str(d) for d in dtypes))
-        if SCALE_DTYPE in dtypes:
-            check_scale_values(loaded_weight, what)
+        check_loaded(loaded_weight, f"{where}: checkpoint tensor {weight_name!r} (expert {expert_id}, {shard_id}) for "
+                     f"{name}", dtypes)
         return inner(param, loaded_weight, weight_name, shard_id, expert_id, return_success)
 
     return load
