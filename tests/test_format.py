@@ -66,6 +66,11 @@ def _truncate_shard(d):
         f.truncate(size - 100)
 
 
+def _pad_shard(d):
+    with open(_shard_of(d, Q + ".weight"), "ab") as f:
+        f.write(b"\0" * 64)
+
+
 def _drop_shard(d):
     os.remove(_shard_of(d, Q + ".weight"))
 
@@ -226,7 +231,8 @@ CASES = {
                                             rf"{Q}\.weight': its 128 input features are not a multiple of the rotation block 256"),
     "unsupported weight scheme": (lambda d: _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__("num_bits", 4)),
                                   r"config_groups\.weights\.num_bits is 4"),
-    "truncated shard": (_truncate_shard, r"model-0000\d-of-0000\d\.safetensors: .*(truncated|not a readable)"),
+    "truncated shard": (_truncate_shard, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
+    "padded shard": (_pad_shard, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
     "index names a missing shard": (_drop_shard, r"model\.safetensors\.index\.json: shard 'model-0000\d-of-0000\d\.safetensors'.* does not exist"),
     "routing stats of wrong shape": (_routing(lambda t: t.__setitem__("expert_counts", t["expert_counts"][:, :4].contiguous())),
                                      r"haq_routing\.safetensors: tensor 'expert_counts' has shape \[2, 4\], but the model has 2 MoE layers of 8 experts"),

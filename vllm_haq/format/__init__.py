@@ -11,7 +11,7 @@ Import from ``vllm_haq.format``; the submodules are its implementation.
 from vllm_haq.format.compressed_tensors import (CT_FORMAT, CT_READ_FORMATS, EXPORT_KEY, WEIGHT_ZERO_POINT,
                                                 checkpoint_quant_config, from_compressed_tensors,
                                                 to_compressed_tensors)
-from vllm_haq.format.files import (ST_DTYPES, check_file_size, index_weight_map, is_quantized_checkpoint,
+from vllm_haq.format.files import (ST_DTYPES, index_weight_map, is_quantized_checkpoint,
                                    load_tensor, read_config, read_safetensors_header, read_tensor_headers,
                                    shard_files, write_json_atomic)
 from vllm_haq.format.schema import (ACTIVATION_SCHEME, COMPRESSED_TENSORS, CONFIG_FILE, CT_SCALE_DTYPES,
@@ -28,7 +28,7 @@ __all__ = [
     "DEFAULT_IGNORE", "EXPORT_KEY", "FORMAT_VERSION", "INPUT_SMOOTH", "QUANT_METHOD", "ROTATION_FORMAT_VERSION",
     "ROUTING_FILE", "ROUTING_METADATA_KEY", "SAFETENSORS_INDEX", "SCALE_DTYPE", "ST_DTYPES",
     "SUPPORTED_FORMAT_VERSIONS", "WEIGHT", "WEIGHT_DTYPE", "WEIGHT_SCALE", "WEIGHT_SCHEME", "WEIGHT_ZERO_POINT",
-    "CheckpointError", "HAQQuantConfig", "check_config_agreement", "check_file_size", "check_index_matches",
+    "CheckpointError", "HAQQuantConfig", "check_config_agreement", "check_index_matches",
     "check_scale_values", "checkpoint_quant_config", "from_compressed_tensors", "index_weight_map",
     "is_ignored", "is_quantized_checkpoint", "load_tensor", "moe_layout", "parse_quantization_config",
     "read_config", "read_safetensors_header", "read_tensor_headers", "shard_files", "to_compressed_tensors",

@@ -56,33 +56,23 @@ def shard_files(model_dir: str) -> list[str]:
     return files
 
 
-def _raw_header(path: str) -> tuple[int, dict]:
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """The header of one safetensors file (tensor name → dtype, shape, data_offsets); reads no tensor data."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            return n, json.loads(f.read(n))
+            header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-
-def read_safetensors_header(path: str) -> dict[str, dict]:
-    """The header of one safetensors file (tensor name → dtype, shape, data_offsets); reads no tensor data."""
-    header = _raw_header(path)[1]
     header.pop("__metadata__", None)
     return header
 
 
-def check_file_size(path: str) -> None:
-    """Catch truncated shards, which safe_open maps lazily and would fail only on read."""
-    n, header = _raw_header(path)
-    size = os.path.getsize(path)
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path}: file is {size} bytes but its header describes {8 + n + end} (truncated or padded)")
-
-
 def read_tensor_headers(model_dir: str) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
-    """name → (file, dtype, shape) for every tensor of the checkpoint, reading headers only."""
+    """name → (file, dtype, shape) for every tensor of the checkpoint, reading headers only.
+
+    A truncated or padded shard is refused here too: safetensors checks when opening a file that its header
+    covers exactly the bytes that follow (tests/test_format.py keeps both cases)."""
     from safetensors import safe_open
 
     out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
@@ -102,7 +92,6 @@ def read_tensor_headers(model_dir: str) -> dict[str, tuple[str, torch.dtype, tup
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-        check_file_size(path)
     return out
 
 
