@@ -16,7 +16,7 @@ are timed as eager launches, which is their real cost; the "timing" column says
 which. Rows: Triton quant+GEMM, Triton GEMM on int8 input, torch._int_mm + torch
 epilogue, torch quant + _int_mm + epilogue, bf16 torch.matmul; MoE: the fused
 Triton MoE vs the per-expert torch._int_mm loop and a per-expert bf16 loop.
-Percentages are of the ceilings measured on an H200 (DESIGN.md), upper ends:
+Percentages are of the ceilings measured on an H200 (docs/architecture.md), upper ends:
 int8 900 TOPS, bf16 740 TFLOPS, HBM 4 TB/s (read + write); GB/s counts the ideal
 traffic (each operand read once, each result written once). "speedup vs torch
 int8" compares each Triton kernel with its torch counterpart (torch quant,

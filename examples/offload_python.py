@@ -4,7 +4,7 @@
 
 Every MoE layer keeps ``slots_per_layer`` experts in the device cache; the others stay
 in host memory and are computed by CPU workers or swapped in, as the planner decides
-from the checkpoint's routing statistics (see README, "Expert offloading"). The same
+from the checkpoint's routing statistics (see docs/offloading.md). The same
 settings work as ``additional_config`` of ``vllm serve`` or as HAQ_* environment variables.
 On the CPU build the "device" is the CPU too: this shows the API and the statistics,
 not a speed-up.

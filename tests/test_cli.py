@@ -1,6 +1,7 @@
-"""The ``haq`` command line and README's "Configuration reference": the tables are parsed and checked against the
-code in both directions (flags, defaults, offloading keys, environment variables); ``haq convert --dry-run``
-estimates, progress bars, the final summary and ``--resume`` through the CLI. No vLLM engine is started."""
+"""The ``haq`` command line and docs/configuration.md (the configuration reference): its tables are parsed and
+checked against the code in both directions (flags, defaults, offloading keys, environment variables);
+``haq convert --dry-run`` estimates, progress bars, the final summary and ``--resume`` through the CLI.
+No vLLM engine is started."""
 
 from __future__ import annotations
 
@@ -13,23 +14,22 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(REPO, "README.md")
+REFERENCE = os.path.join(REPO, "docs", "configuration.md")
 
 
-# ---------------------------------------------------------------- the README's reference tables
+# ---------------------------------------------------------------- the reference tables (docs/configuration.md)
 
 def _cells(row: str) -> list[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
 
 
 def reference_tables() -> dict[str, list[list[str]]]:
-    """heading -> rows (cells) of the table under it, inside README's "## Configuration reference"."""
-    text = open(README, encoding="utf-8").read()
-    start = text.index("\n## Configuration reference\n")
-    end = text.find("\n## ", start + 1)
+    """heading -> rows (cells) of the table under it, in docs/configuration.md (all of it is the reference)."""
+    text = open(REFERENCE, encoding="utf-8").read()
+    assert text.startswith("# Configuration reference\n"), REFERENCE
     tables: dict[str, list[list[str]]] = {}
     heading = None
-    for line in text[start:end if end != -1 else None].splitlines():
+    for line in text.splitlines():
         if line.startswith("#"):
             heading = line.lstrip("#").strip()
             tables[heading] = []
@@ -105,7 +105,7 @@ def _same_default(documented, actual) -> bool:
 
 def test_reference_documents_every_subcommand_and_flag_and_they_parse():
     parsers, tables = _parsers(), command_tables()
-    assert set(tables) == set(parsers), "README tables vs haq subcommands"
+    assert set(tables) == set(parsers), "docs/configuration.md tables vs haq subcommands"
     for cmd, parser in parsers.items():
         rows = tables[cmd]
         flags = _flags(parser)
@@ -117,7 +117,7 @@ def test_reference_documents_every_subcommand_and_flag_and_they_parse():
             assert len(row) == 3 and row[2], f"haq {cmd} {flag}: needs a default and a meaning"
             want = _literal(row[1])
             if action.default is not None and want is not None and action.default is not argparse.SUPPRESS:
-                assert _same_default(want, action.default), f"haq {cmd} {flag}: README {row[1]} vs {action.default!r}"
+                assert _same_default(want, action.default), f"haq {cmd} {flag}: docs {row[1]} vs {action.default!r}"
             elif action.default is None and action.required:
                 assert row[1] == "required", f"haq {cmd} {flag} is required"
         # every documented flag is accepted by the parser of its subcommand
@@ -160,13 +160,13 @@ def test_reference_documents_every_additional_config_key_and_its_environment_var
 
     rows = _table("additional_config")
     documented = {_code(r[0]): r for r in rows}
-    assert set(documented) == set(ENV_VARS), f"README {sorted(documented)} vs ENV_VARS {sorted(ENV_VARS)}"
+    assert set(documented) == set(ENV_VARS), f"docs {sorted(documented)} vs ENV_VARS {sorted(ENV_VARS)}"
     defaults = OffloadConfig()
     for key, (_, env, default, meaning) in documented.items():
         assert _code(env) == ENV_VARS[key] and meaning, key
         want, actual = _literal(default), getattr(defaults, key)
         if actual is not None:
-            assert want is not None and _same_default(want, actual), f"{key}: README {default} vs {actual!r}"
+            assert want is not None and _same_default(want, actual), f"{key}: docs {default} vs {actual!r}"
         cfg = parse_offload_config({"haq": {key: VALID[key]}}, environ={})
         from_env = parse_offload_config(None, environ={ENV_VARS[key]: str(VALID[key])})
         assert getattr(cfg, key) == getattr(from_env, key) != actual, key

@@ -268,7 +268,7 @@ def test_transformers_runs_the_dense_export(haq_dir, tiny_dir, tmp_path):
 
 def test_transformers_cannot_load_int8_compressed_tensors_moe(haq_dir, tmp_path):
     """Documented limitation (transformers 5.x): int8 MoE experts are not merged (FP8 and packed formats only).
-    Fails loudly for HAQ's export; if this starts passing, transformers gained support: update the README."""
+    Fails loudly for HAQ's export; if this starts passing, transformers gained support: update docs/interop.md."""
     from transformers import AutoModelForCausalLM
 
     out = export_compressed_tensors(haq_dir("mixtral"), str(tmp_path / "ct"))

@@ -1,4 +1,4 @@
-"""DESIGN.md's layering: imports point downward only; only vllm_haq/vllm imports vllm."""
+"""The layering of docs/architecture.md: imports point downward only; only vllm_haq/vllm imports vllm."""
 
 import ast
 import os
@@ -46,7 +46,7 @@ def test_no_upward_imports(rel):
         for mod in _imports(path):
             for forbidden in FORBIDDEN[rel]:
                 if mod == forbidden or mod.startswith(forbidden + "."):
-                    # kernels may use vLLM's compiled ops, optionally (DESIGN.md)
+                    # kernels may use vLLM's compiled ops, optionally (docs/architecture.md)
                     if not (rel == "vllm_haq/kernels" and mod == "vllm._custom_ops"):
                         bad.append(f"{os.path.relpath(path, REPO)} imports {mod}")
     # The one sanctioned crossing: `haq eval --backend vllm` calls the adapter lazily.

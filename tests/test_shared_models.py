@@ -1,6 +1,6 @@
 """Real trained models from ../shared: convert, serve through vLLM with quantization="haq", perplexity.
 
-The full-corpus numbers (README) come from `haq eval`; here the first 16 windows
+The full-corpus numbers (docs/results.md) come from `haq eval`; here the first 16 windows
 of 512 tokens of wiki.test keep the suite short. Done-when of the foundation
 issue: int8 perplexity through vLLM within 3% of bf16 through vLLM, and the
 pure-PyTorch simulation of a checkpoint within 0.3% of the served model. tiny-mixtral

@@ -1,4 +1,4 @@
-"""Expert offloading engine (host store, device cache, planner, CPU workers, prefetcher); see DESIGN.md.
+"""Expert offloading engine (host store, device cache, planner, CPU workers, prefetcher); see docs/architecture.md.
 
 No vLLM imports: :mod:`vllm_haq.vllm.moe` drives :class:`OffloadEngine` when an expert
 budget below "all" is configured, and ``benchmarks/offload.py`` drives it on a bare

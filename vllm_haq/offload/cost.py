@@ -3,7 +3,7 @@
 Calibrated once at engine start on this machine: host-to-device bandwidth from
 timed copies of real experts into a cache slot, and CPU expert throughput from
 timed runs of a real expert's int8 MLP at two token counts (a line: fixed
-overhead plus time per token). DESIGN.md's H200 host: one Mixtral expert
+overhead plus time per token). The H200 host of docs/architecture.md: one Mixtral expert
 (176 MB int8) is 3.3 ms over PCIe, and the CPU needs about as long for a few
 tokens — so which is faster depends on the tokens routed, and both run at once.
 
