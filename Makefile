@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo demo-moe gpu-check clean
+.PHONY: install lint test demo demo-moe gpu-check clean
 
 install: $(STAMP)
 
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -c "import vllm, vllm_haq, offline; print('vllm', vllm.__version__)"
 	touch $@
 
-test: install
+# ruff (configured in pyproject.toml; installed by the test extra)
+lint: install
+	$(VPY) -m ruff check .
+
+test: install lint
 	$(VPY) -m pytest tests --durations=15
 
 DEMO_STAMP := $(VENV)/.installed-demo

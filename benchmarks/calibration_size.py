@@ -65,7 +65,8 @@ def main() -> int:
                     raise SystemExit(f"{method} samples={n} seed={seed}: conversion failed: {cost.get('error')}")
                 entry["seconds"][method] = cost["seconds"]
                 entry["ppl"][method], entry["window_nll"][method] = score(out, windows, "hf")
-                entry["kl"][method] = {c: statistics.fmean(v) for c, v in kl_to_reference(out, kl_windows, reference).items()}
+                kl = kl_to_reference(out, kl_windows, reference)
+                entry["kl"][method] = {c: statistics.fmean(v) for c, v in kl.items()}
                 shutil.rmtree(out, ignore_errors=True)
             run["results"].append(entry)
             print(json.dumps({k: entry[k] for k in ("samples", "seed", "ppl", "kl")}), flush=True)
@@ -103,11 +104,13 @@ def render(run: dict) -> str:
     for e in run["results"]:
         cells = []
         for c in corp:
-            d, lo, hi = (100.0 * v for v in paired_difference(e["window_nll"]["HAQ"][c], e["window_nll"]["SmoothQuant"][c]))
+            nll = e["window_nll"]
+            d, lo, hi = (100.0 * v for v in paired_difference(nll["HAQ"][c], nll["SmoothQuant"][c]))
             cells += [f"{pct(c, e['ppl']['SmoothQuant'][c]):+.3f}%", f"{pct(c, e['ppl']['HAQ'][c]):+.3f}%",
                       f"{d:+.3f}% [{lo:+.3f}, {hi:+.3f}]"]
         kl = {m: 1e3 * statistics.fmean(e["kl"][m].values()) for m in METHODS}
-        lines.append(f"| {e['samples']} | {e['seed']} | " + " | ".join(cells) + f" | {kl['SmoothQuant']:.3f} | {kl['HAQ']:.3f} |")
+        lines.append(f"| {e['samples']} | {e['seed']} | " + " | ".join(cells)
+                     + f" | {kl['SmoothQuant']:.3f} | {kl['HAQ']:.3f} |")
     lines += ["", "Mean ± standard deviation over the seeds (perplexity change vs bf16):", "",
               "| samples | seeds | " + " | ".join(f"{c} SQ | {c} HAQ" for c in corp) + " | HAQ ≤ SQ |",
               "|" + "---|" * (3 + 2 * len(corp))]

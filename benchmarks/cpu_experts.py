@@ -28,8 +28,6 @@ PER_STEP = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8}  # experts one layer-step rou
 
 
 def _experts(hidden, inter, copies, gen):
-    from vllm_haq.quant import quantize_weight_per_channel
-
     out = []
     for _ in range(copies):
         w13 = torch.randint(-127, 128, (2 * inter, hidden), generator=gen, dtype=torch.int8)
@@ -165,8 +163,8 @@ def run(args):
 
 def render(bw, rows, args):
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
-    flags = next((l for l in cpu.splitlines() if l.startswith("Flags")), "")
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln for ln in cpu.splitlines() if ln.startswith("Flags")), "")
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags)
     out = [f"# CPU experts ({datetime.date.today()})", "",
            f"Machine: {model}, {len(os.sched_getaffinity(0))} cores, ISA {isa}; torch {torch.__version__}, "

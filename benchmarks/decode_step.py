@@ -48,8 +48,10 @@ BUDGETS = {"all": {}, "25%": {"expert_fraction": 0.25}}
 def _layers(t, gen):
     out = []
     for _ in range(t["layers"]):
-        w13 = [quantize_weight_per_channel(torch.randn(2 * t["inter"], t["hidden"], generator=gen)) for _ in range(t["experts"])]
-        w2 = [quantize_weight_per_channel(torch.randn(t["hidden"], t["inter"], generator=gen)) for _ in range(t["experts"])]
+        w13 = [quantize_weight_per_channel(torch.randn(2 * t["inter"], t["hidden"], generator=gen))
+               for _ in range(t["experts"])]
+        w2 = [quantize_weight_per_channel(torch.randn(t["hidden"], t["inter"], generator=gen))
+              for _ in range(t["experts"])]
         out.append(ExpertTensors(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]),
                                  torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])))
     return out
@@ -63,7 +65,8 @@ def _trace(t, steps, batch, gen):
     for _ in range(steps):
         step = []
         for layer in range(t["layers"]):
-            rows = [prev[layer] if torch.rand(1, generator=gen) < 0.5 else torch.multinomial(pop, t["top_k"], generator=gen)
+            rows = [prev[layer] if torch.rand(1, generator=gen) < 0.5
+                    else torch.multinomial(pop, t["top_k"], generator=gen)
                     for _ in range(batch)]
             prev[layer] = rows[-1]
             step.append((torch.randn(batch, t["hidden"], generator=gen), torch.rand(batch, t["top_k"], generator=gen),
@@ -123,7 +126,8 @@ def _floor(stacks):
 
 def _loop(stacks):
     gemms = [[s.gemms(e, torch.float32, backend="torch") for e in range(s.count)] for s in stacks]
-    return lambda layer, x, w, ids: int8_moe_forward(x, w, ids, [g[0] for g in gemms[layer]], [g[1] for g in gemms[layer]])
+    return lambda layer, x, w, ids: int8_moe_forward(x, w, ids, [g[0] for g in gemms[layer]],
+                                                     [g[1] for g in gemms[layer]])
 
 
 def _fused(stacks):

@@ -4,7 +4,8 @@ Each variant runs in its own subprocess on the same synthetic symmetric positive
 (float32 above FLOAT64_MAX_INPUTS inputs, as the converter keeps it); peak RSS is read from
 getrusage after the Hessian exists, so the table shows what factorizing adds on top of the Hessian.
 
-    .venv/bin/python benchmarks/gptq_factorization_memory.py --n 8193 14336 --out benchmarks/results/gptq_factorization.md
+    .venv/bin/python benchmarks/gptq_factorization_memory.py --n 8193 14336 \
+        --out benchmarks/results/gptq_factorization.md
 """
 
 from __future__ import annotations

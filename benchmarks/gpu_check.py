@@ -50,7 +50,8 @@ def say(line: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default=os.path.join(REPO, "out", "gpu_check"), help="results directory (created)")
     mode = p.add_mutually_exclusive_group()
@@ -185,7 +186,8 @@ def run_all(names: list[str], mode: str, out: str, jobs: int, budget: float) -> 
         if timeout < 5:
             r = StageRun(name, mode, out, 0)
             for check in plan.checks(name):
-                r.results[check] = {"check": check, "status": "FAIL", "detail": f"not run: budget of {budget:.0f} s spent"}
+                r.results[check] = {"check": check, "status": "FAIL",
+                                    "detail": f"not run: budget of {budget:.0f} s spent"}
                 say(f"RESULT {check} FAIL not run: budget of {budget:.0f} s spent")
             return {**r.summary(), "status": "FAIL"}
         say(f"== stage {name}: {plan.STAGES[name][2]} (timeout {timeout:.0f} s)")
@@ -204,9 +206,11 @@ def write_outputs(out: str, summary: dict) -> None:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     lines = [f"# gpu-check ({summary['mode']}): {summary['counts']}", "",
-             f"{summary['device']}; {summary['date']}; total {summary['wall_s']:.0f} s of a {summary['budget_s']:.0f} s "
-             "budget", "", "| stage | status | wall s | timeout s |", "|---|---|---|---|",
-             *(f"| {s['name']} | {s['status']} | {s['wall_s']:.1f} | {s['timeout_s']:.0f} |" for s in summary["stages"]),
+             f"{summary['device']}; {summary['date']}; total {summary['wall_s']:.0f} s "
+             f"of a {summary['budget_s']:.0f} s budget", "",
+             "| stage | status | wall s | timeout s |", "|---|---|---|---|",
+             *(f"| {s['name']} | {s['status']} | {s['wall_s']:.1f} | {s['timeout_s']:.0f} |"
+               for s in summary["stages"]),
              "", "| check | status | detail |", "|---|---|---|",
              *(f"| {c['check']} | {c['status']} | {c['detail'].replace('|', '/')} |" for c in checks)]
     with open(os.path.join(out, "checks.md"), "w") as f:
@@ -238,8 +242,8 @@ def main(argv=None) -> int:
     statuses = [c["status"] for s in stages for c in s["checks"]]
     counts = {k: statuses.count(k) for k in ("ok", "FAIL", "skip")}
     summary = {"mode": mode, "device": device_name(mode), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "wall_s": round(time.monotonic() - t0, 1), "budget_s": budget, "ok": counts["FAIL"] == 0, "counts": counts,
-               "stages": stages}
+               "wall_s": round(time.monotonic() - t0, 1), "budget_s": budget, "ok": counts["FAIL"] == 0,
+               "counts": counts, "stages": stages}
     write_outputs(out, summary)
     say(json.dumps({"gpu_check": "ok" if summary["ok"] else "FAIL", "mode": mode, "wall_s": summary["wall_s"],
                     "counts": counts, "stages": {s["name"]: [s["status"], s["wall_s"]] for s in stages},

@@ -190,15 +190,17 @@ def render(results: dict, stats: dict | None, args, haq: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for i, r in enumerate(res["rounds"]):
-            lines.append(f"| {name} | {'warm-up' if r['warmup'] else i} | {len(r['failures'])} | {r['differ_from_alone']} | {r['p50_s']:.2f} | "
-                         f"{r['p90_s']:.2f} | {r['p99_s']:.2f} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} |")
+            lines.append(f"| {name} | {'warm-up' if r['warmup'] else i} | {len(r['failures'])} | "
+                         f"{r['differ_from_alone']} | {r['p50_s']:.2f} | {r['p90_s']:.2f} | {r['p99_s']:.2f} | "
+                         f"{r['wall_s']:.1f} | {r['tokens_per_s']:.1f} |")
     if len(results) == 2:
         (a, ra), (b, rb) = results.items()
         ta = statistics.median(r["tokens_per_s"] for r in ra["rounds"] if not r["warmup"])
         tb = statistics.median(r["tokens_per_s"] for r in rb["rounds"] if not r["warmup"])
         pa = statistics.median(r["p50_s"] for r in ra["rounds"] if not r["warmup"])
         pb = statistics.median(r["p50_s"] for r in rb["rounds"] if not r["warmup"])
-        lines += ["", f"- {b} / {a}: throughput {tb / ta:.2f}x, p50 latency {pb / pa:.2f}x (medians of the timed rounds)"]
+        lines += ["", f"- {b} / {a}: throughput {tb / ta:.2f}x, p50 latency {pb / pa:.2f}x "
+                  "(medians of the timed rounds)"]
     if stats:
         keep = ("hit_rate", "hits", "misses", "fetches", "cpu_expert_tokens", "bytes_h2d", "prefetches",
                 "slots_per_layer", "device_cache_bytes", "all_experts_bytes")

@@ -121,9 +121,11 @@ def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, w
     if cuda:
         _SHARED_COST.setdefault("cost", engine.cost)
     engine.close()
-    return {"ms_per_step": elapsed / steps * 1e3, "hit_rate": s["hit_rate"], "mb_h2d_per_step": s["bytes_h2d"] / steps / 2**20,
+    return {"ms_per_step": elapsed / steps * 1e3, "hit_rate": s["hit_rate"],
+            "mb_h2d_per_step": s["bytes_h2d"] / steps / 2**20,
             "cpu_tokens_per_step": s["cpu_expert_tokens"] / steps, "slots_per_layer": s["slots_per_layer"],
-            "cost": s["cost_model"], "device_cache_bytes": s["device_cache_bytes"], "prefetch_accuracy": s["prefetch_accuracy"]}
+            "cost": s["cost_model"], "device_cache_bytes": s["device_cache_bytes"],
+            "prefetch_accuracy": s["prefetch_accuracy"]}
 
 
 def run_streaming(stack, routes: torch.Tensor, steps: int, warmup: int, device) -> dict:
@@ -316,8 +318,10 @@ def measure(args, device, shape, steps, batches, traces, priors, stack) -> list[
                     res["LRU on-demand"] = res["Fiddler (CPU misses)"] = res["HAQ planner"] = resident
                 slots = res["HAQ planner"]["slots_per_layer"]
                 misses = belady_misses(routes, slots, args.warmup, n)
-                res["oracle bound"] = oracle_bound(resident["ms_per_step"], misses, res["HAQ planner"]["cost"], shape["layers"], n)
-                rows.append({"trace": name, "locality": loc, "batch": batch, "budget": budget, "steps": n, "results": res})
+                res["oracle bound"] = oracle_bound(resident["ms_per_step"], misses, res["HAQ planner"]["cost"],
+                                                   shape["layers"], n)
+                rows.append({"trace": name, "locality": loc, "batch": batch, "budget": budget, "steps": n,
+                             "results": res})
                 print(json.dumps({"trace": name, "batch": batch, "budget": budget,
                                   **{k: round(v["ms_per_step"], 3) for k, v in res.items()}}), flush=True)
     return rows
@@ -344,15 +348,17 @@ def render(rows, args, device, shape, steps, build_s, stack) -> str:
                 "fastest). The table shows the policies' mechanics (hit rates, bytes, CPU work, overlap), not "
                 "H200 speed-ups"]
                if device.type == "cpu" else []),
-             "- cells: MoE ms per decode step (one token per sequence) and, in parentheses, the ratio to the HAQ planner",
+             "- cells: MoE ms per decode step (one token per sequence) and, in parentheses, the ratio to the "
+             "HAQ planner",
              ""]
     for (trace, batch) in dict.fromkeys((r["trace"], r["batch"]) for r in rows):
         sub = [r for r in rows if r["trace"] == trace and r["batch"] == batch]
         loc = sub[0]["locality"]
         lines += [f"### trace {trace}, batch {batch} (same top-1 as previous token {loc['same_top1']:.0%}, "
                   f"mean top-expert share {loc['top_share']:.0%})", "",
-                  "| budget | " + " | ".join(POLICIES) + " | HAQ hit rate | HAQ MiB H2D/step | HAQ CPU expert-tokens/step | "
-                  "LRU hit rate | LRU MiB H2D/step | Fiddler CPU expert-tokens/step | HAQ prefetch accuracy |",
+                  "| budget | " + " | ".join(POLICIES) + " | HAQ hit rate | HAQ MiB H2D/step | "
+                  "HAQ CPU expert-tokens/step | LRU hit rate | LRU MiB H2D/step | Fiddler CPU expert-tokens/step | "
+                  "HAQ prefetch accuracy |",
                   "|---|" + "---|" * (len(POLICIES) + 7)]
         for r in sub:
             res = r["results"]

@@ -78,7 +78,8 @@ def belady_misses(routes: torch.Tensor, slots: list[int], start: int, steps: int
     result = [[{} for _ in range(layers)] for _ in range(steps)]
     for layer in range(layers):
         used = [set(routes[:, s, layer].reshape(-1).tolist()) for s in range(start + steps)]
-        tokens = [torch.bincount(routes[:, s, layer].reshape(-1), minlength=EXPERTS).tolist() for s in range(start + steps)]
+        tokens = [torch.bincount(routes[:, s, layer].reshape(-1), minlength=EXPERTS).tolist()
+                  for s in range(start + steps)]
         cache: set[int] = set()
         for s in range(start + steps):
             for e in sorted(used[s]):

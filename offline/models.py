@@ -141,7 +141,8 @@ class ModelSpec:
         if self.family == "mixtral":
             names += [f"block_sparse_moe.experts.{e}.{w}" for e in range(self.num_experts) for w in ("w1", "w2", "w3")]
         elif self.family == "qwen2_moe" and self.is_moe_layer(i):
-            names += [f"mlp.experts.{e}.{p}" for e in range(self.num_experts) for p in ("gate_proj", "up_proj", "down_proj")]
+            names += [f"mlp.experts.{e}.{p}" for e in range(self.num_experts)
+                      for p in ("gate_proj", "up_proj", "down_proj")]
             if self.config.get("shared_expert_intermediate_size", 0):
                 names += [f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
         else:
@@ -337,11 +338,14 @@ def spec_for(config: dict, source: str = "config.json") -> ModelSpec:
         )
     if family == "opt":
         if not config.get("do_layer_norm_before", True):
-            raise UnsupportedModelError(f"{source}: OPT with post-LayerNorm (do_layer_norm_before=false) is not supported")
+            raise UnsupportedModelError(
+                f"{source}: OPT with post-LayerNorm (do_layer_norm_before=false) is not supported")
         if config.get("word_embed_proj_dim", config["hidden_size"]) != config["hidden_size"]:
-            raise UnsupportedModelError(f"{source}: OPT with project_in/out (word_embed_proj_dim != hidden_size) is not supported")
+            raise UnsupportedModelError(
+                f"{source}: OPT with project_in/out (word_embed_proj_dim != hidden_size) is not supported")
         if config.get("activation_function", "relu") != "relu":
-            raise UnsupportedModelError(f"{source}: OPT activation {config.get('activation_function')!r} is not supported")
+            raise UnsupportedModelError(
+                f"{source}: OPT activation {config.get('activation_function')!r} is not supported")
     elif config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{source}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
     spec = ModelSpec(family, config)

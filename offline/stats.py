@@ -171,7 +171,8 @@ def load_live_routing(path: str) -> RoutingData:
         try:
             t = torch.tensor(r[key], dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise StatsError(f"{path}: {LIVE_ROUTING_KEY}.{key} is not a rectangular array of integers ({exc})") from exc
+            raise StatsError(
+                f"{path}: {LIVE_ROUTING_KEY}.{key} is not a rectangular array of integers ({exc})") from exc
         if t.dim() != dims and not (t.numel() == 0 and dims > 1):
             raise StatsError(f"{path}: {LIVE_ROUTING_KEY}.{key} has {t.dim()} dimensions, expected {dims}")
         if bool((t < 0).any()):
@@ -353,7 +354,8 @@ def transition_figure(data: RoutingData, pos: int):
     _set_ticks(ax.set_yticks, ax.set_yticklabels, list(range(e)))
     if e <= 16:
         _annotate(ax, p, vmax)
-    fig.colorbar(im, ax=ax, label="P(next-layer route is b | token routed to a)\n(rows sum to 1; grey: a got no tokens)")
+    fig.colorbar(im, ax=ax,
+                 label="P(next-layer route is b | token routed to a)\n(rows sum to 1; grey: a got no tokens)")
     return fig
 
 

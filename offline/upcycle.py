@@ -70,7 +70,8 @@ def mixtral_config(dense: dict, num_experts: int, top_k: int) -> dict:
         raise UpcycleError(f"need 1 <= num_experts_per_tok ({top_k}) <= num_local_experts ({num_experts})")
     cfg = {k: dense[k] for k in _CARRIED if k in dense}
     cfg.update(
-        model_type="mixtral", architectures=["MixtralForCausalLM"], dtype=dense.get("dtype") or dense.get("torch_dtype"),
+        model_type="mixtral", architectures=["MixtralForCausalLM"],
+        dtype=dense.get("dtype") or dense.get("torch_dtype"),
         num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None,
         output_router_logits=False, router_aux_loss_coef=0.0, router_jitter_noise=0.0,
     )

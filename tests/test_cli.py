@@ -122,7 +122,8 @@ def test_reference_documents_every_subcommand_and_flag_and_they_parse():
                 assert row[1] == "required", f"haq {cmd} {flag} is required"
         # every documented flag is accepted by the parser of its subcommand
         if cmd in ("convert", "eval", "export", "import", "stats"):
-            pos = {"convert": ["M", "O"], "eval": ["M"], "export": ["H", "O"], "import": ["C", "O"], "stats": ["C"]}[cmd]
+            pos = {"convert": ["M", "O"], "eval": ["M"], "export": ["H", "O"], "import": ["C", "O"],
+                   "stats": ["C"]}[cmd]
             required = {"eval": ["--dataset", "d.txt"], "stats": ["--out", "o"]}.get(cmd, [])
             for flag, action in flags.items():
                 if flag in [r for r in required if r.startswith("--")]:
@@ -186,12 +187,14 @@ def _env_literals(paths) -> set[str]:
 def test_reference_documents_every_environment_variable_the_package_reads():
     from vllm_haq.offload.config import ENV_VARS
 
-    package = [p for d in ("vllm_haq", "offline") for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)]
+    package = [p for d in ("vllm_haq", "offline")
+               for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)]
     read = _env_literals(package)
     env_rows = _table("Environment variables")
     documented = {_code(r[0]) for r in env_rows} | set(ENV_VARS.values())
     assert read <= documented, f"undocumented: {sorted(read - documented)}"
-    elsewhere = _env_literals([os.path.join(REPO, "tests", "conftest.py"), *glob.glob(os.path.join(REPO, "benchmarks", "*.py"))])
+    elsewhere = _env_literals([os.path.join(REPO, "tests", "conftest.py"),
+                               *glob.glob(os.path.join(REPO, "benchmarks", "*.py"))])
     makefile = open(os.path.join(REPO, "Makefile")).read()
     for var in documented:
         assert var in read or var in elsewhere or var in makefile, f"{var} is documented but nothing reads it"
@@ -249,7 +252,8 @@ def test_dry_run_refuses_what_the_conversion_refuses(tiny_dir, calib_file, tmp_p
     assert main(["convert", tiny_dir("llama"), str(tmp_path / "o"), "--dry-run", "--method", "gptq", "--calib",
                  str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt: no such file" in capsys.readouterr().err
-    assert main(["convert", tiny_dir("llama"), str(tmp_path), "--method", "rtn", "--dry-run"]) == 1  # exists, no --overwrite
+    # exists, no --overwrite
+    assert main(["convert", tiny_dir("llama"), str(tmp_path), "--method", "rtn", "--dry-run"]) == 1
     assert "already exists" in capsys.readouterr().err
     # compressed-tensors: the same tensors; converting needs OUT_DIR.haq beside OUT_DIR for a while
     assert main(["convert", tiny_dir("llama"), str(tmp_path / "ct"), "--method", "rtn", "--dry-run", "--json",
@@ -271,11 +275,13 @@ def test_progress_bars_on_a_terminal_and_none_with_no_progress(tiny_dir, calib_f
     args = [tiny_dir("llama"), "--method", "smoothquant", "--calib", calib_file, "--samples", "2", "--seq-len", "32"]
     err = _convert_with_tty(monkeypatch, capsys, ["convert", args[0], str(tmp_path / "a"), *args[1:]])
     assert "[haq] calibration" in err and "[haq] layers" in err and "2/2" in err and "\r" in err  # tqdm bars
-    quiet = _convert_with_tty(monkeypatch, capsys, ["convert", args[0], str(tmp_path / "b"), *args[1:], "--no-progress"])
+    quiet = _convert_with_tty(monkeypatch, capsys,
+                              ["convert", args[0], str(tmp_path / "b"), *args[1:], "--no-progress"])
     for text in (err, quiet):  # the per-layer lines and the summary either way
         assert "[haq] layer 1/2: 7 linears quantized, max relative weight error" in text
         assert "[haq] layer 2/2:" in text and "[haq] summary: smoothquant, 2 layers converted" in text
-    assert "\r" not in quiet and "[haq] layers" not in quiet and "[haq] calibration" not in quiet and "it/s" not in quiet
+    assert "\r" not in quiet and "[haq] layers" not in quiet
+    assert "[haq] calibration" not in quiet and "it/s" not in quiet
 
     ckpt = str(tmp_path / "a")
     ev = ["eval", ckpt, "--dataset", calib_file, "--backend", "hf", "--seq-len", "32", "--max-windows", "3"]
@@ -305,4 +311,5 @@ def test_resume_through_the_cli_reports_the_layers_of_this_run(tiny_dir, tmp_pat
     captured = capsys.readouterr()
     assert [r["index"] for r in json.loads(captured.out)["layers"]] == [1]
     assert "[haq] layer 2/2:" in captured.err and "[haq] layer 1/2" not in captured.err
-    assert "1 layer converted in this run" in captured.err and os.path.isdir(out) and not os.path.exists(out + ".partial")
+    assert "1 layer converted in this run" in captured.err
+    assert os.path.isdir(out) and not os.path.exists(out + ".partial")

@@ -43,7 +43,8 @@ def test_converted_checkpoint_layout(family, tiny_dir, haq_dir):
             assert t[name + ".weight"].dtype == torch.int8
             assert t[name + ".weight_scale"].shape == (t[name + ".weight"].shape[0], 1)
             deq = t[name + ".weight"].float() * t[name + ".weight_scale"]
-            assert float((deq - orig[name + ".weight"].float()).abs().max()) <= float(t[name + ".weight_scale"].max()) / 2 + 1e-6
+            err = float((deq - orig[name + ".weight"].float()).abs().max())
+            assert err <= float(t[name + ".weight_scale"].max()) / 2 + 1e-6
     for name, v in orig.items():  # everything else is copied unchanged (embeddings, norms, router, biases)
         if not name.endswith(".weight") or name[: -len(".weight")] not in {
             spec.layer_prefix(i) + m for i in range(spec.num_layers) for m in spec.linear_modules(i)
@@ -92,15 +93,18 @@ def test_interrupted_conversion_resumes_to_identical_output(tiny_dir, calib_file
     with pytest.raises(ConvertError, match="--resume"):
         convert(tiny_dir("mixtral"), out, opts)
     with pytest.raises(ConvertError, match="different model or options"):
-        convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=5, seq_len=64, resume=True))
+        convert(tiny_dir("mixtral"), out,
+                ConvertOptions(method="rtn", calib=[calib_file], samples=5, seq_len=64, resume=True))
     layers = []
-    convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True),
+    convert(tiny_dir("mixtral"), out,
+            ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True),
             progress=lambda rep, total: layers.append(rep.index))
     assert layers == [1]  # only the unfinished layer ran again
     assert not os.path.exists(out + ".partial")
     a, b = _all_tensors(out), _all_tensors(haq_dir("mixtral"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert open(os.path.join(out, ROUTING_FILE), "rb").read() == open(os.path.join(haq_dir("mixtral"), ROUTING_FILE), "rb").read()
+    routing = open(os.path.join(out, ROUTING_FILE), "rb").read()
+    assert routing == open(os.path.join(haq_dir("mixtral"), ROUTING_FILE), "rb").read()
 
 
 def test_refusals_name_the_cause(tiny_dir, calib_file, haq_dir, tmp_path):
@@ -115,7 +119,8 @@ def test_refusals_name_the_cause(tiny_dir, calib_file, haq_dir, tmp_path):
     with pytest.raises(CalibrationError, match="need at least"):
         convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(method="rtn", calib=[str(short)], seq_len=64))
     with pytest.raises(CalibrationError, match="no such file"):
-        convert(tiny_dir("mixtral"), str(tmp_path / "z"), ConvertOptions(method="rtn", calib=[str(tmp_path / "nope.txt")]))
+        convert(tiny_dir("mixtral"), str(tmp_path / "z"),
+                ConvertOptions(method="rtn", calib=[str(tmp_path / "nope.txt")]))
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir("llama"), broken)
     t = load_file(str(broken / "model.safetensors"))
@@ -158,7 +163,8 @@ def test_cli_convert_and_hf_eval(tiny_dir, calib_file, tmp_path, capsys):
     from offline.cli import main
 
     out = str(tmp_path / "cli")
-    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--calib", calib_file, "--samples", "2", "--seq-len", "32"]) == 0
+    assert main(["convert", tiny_dir("llama"), out, "--method", "rtn", "--calib", calib_file,
+                 "--samples", "2", "--seq-len", "32"]) == 0
     assert main(["eval", out, "--dataset", calib_file, "--backend", "hf", "--seq-len", "32", "--max-windows", "3"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["windows"] == 3 and line["tokens"] == 3 * 31 and 1 < line["ppl"] < 1e5
@@ -203,7 +209,8 @@ def test_full_disk_fails_with_one_line_cause_and_keeps_finished_layers(tiny_dir,
     assert "\n" not in msg and "No space left on device" in msg and "rerun with --resume" in msg, msg
     assert not os.path.exists(out) and os.path.isdir(out + ".partial")
     monkeypatch.setattr(convert_module, "_save_atomic", real_save)
-    convert(tiny_dir("mixtral"), out, ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True))
+    convert(tiny_dir("mixtral"), out,
+            ConvertOptions(method="rtn", calib=[calib_file], samples=4, seq_len=64, resume=True))
     a, b = _all_tensors(out), _all_tensors(haq_dir("mixtral"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

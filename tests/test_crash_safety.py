@@ -11,8 +11,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _convert(src, out, calib, *extra, kill_at=0, when="before"):
     env = dict(os.environ, KILL_AT=str(kill_at), KILL_WHEN=when)
-    cmd = [sys.executable, os.path.join(HERE, "crash_convert.py"), "convert", src, out, "--method", "rtn", "--calib", calib,
-           "--samples", "4", "--seq-len", "64", *extra]
+    cmd = [sys.executable, os.path.join(HERE, "crash_convert.py"), "convert", src, out, "--method", "rtn",
+           "--calib", calib, "--samples", "4", "--seq-len", "64", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -134,7 +134,8 @@ def _duplicate_in_other_shard(d):
 
 
 def _int8_layer(layer, expert=None):
-    base = f"model.layers.{layer}." + ("self_attn.q_proj" if expert is None else f"block_sparse_moe.experts.{expert}.w1")
+    module = "self_attn.q_proj" if expert is None else f"block_sparse_moe.experts.{expert}.w1"
+    base = f"model.layers.{layer}." + module
     rows = 128 if expert is None else 192
     return {base + ".weight": torch.ones(rows, 128, dtype=torch.int8), base + ".weight_scale": torch.ones(rows, 1)}
 
@@ -154,36 +155,47 @@ def _write(name, text):
 
 
 CASES = {
-    "flipped header bytes": (_flip_header_bytes, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
-    "header length overflow": (_header_length_overflow, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
+    "flipped header bytes": (_flip_header_bytes,
+                             r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
+    "header length overflow": (_header_length_overflow,
+                               r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
     "tensor stored in two shards": (_duplicate_in_other_shard, rf"tensor '{Q}\.weight' also stored in"),
     "index maps a tensor to the wrong shard": (
         _edit_index(lambda m: m.__setitem__(Q + ".weight", next(f for n, f in m.items() if f != m[Q + ".weight"]))),
         rf"index\.json: tensor '{Q}\.weight' is mapped to 'model-0000\d-of-0000\d\.safetensors' but stored in"),
-    "tensor missing from the index": (_edit_index(lambda m: m.pop(Q + ".weight_scale")),
-                                      rf"index\.json: tensors \['{Q}\.weight_scale'\] stored in .* are not in the index"),
-    "index names a tensor no shard holds": (_edit_index(lambda m: m.__setitem__("lm_head.bias", m[Q + ".weight"])),
-                                            r"index\.json: tensor 'lm_head\.bias' is mapped to .* which does not hold it"),
-    "unreadable index": (_write("model.safetensors.index.json", "{not json"), r"index\.json: unreadable safetensors index"),
+    "tensor missing from the index": (
+        _edit_index(lambda m: m.pop(Q + ".weight_scale")),
+        rf"index\.json: tensors \['{Q}\.weight_scale'\] stored in .* are not in the index"),
+    "index names a tensor no shard holds": (
+        _edit_index(lambda m: m.__setitem__("lm_head.bias", m[Q + ".weight"])),
+        r"index\.json: tensor 'lm_head\.bias' is mapped to .* which does not hold it"),
+    "unreadable index": (_write("model.safetensors.index.json", "{not json"),
+                         r"index\.json: unreadable safetensors index"),
     "config.json not JSON": (_write("config.json", "{\"quantization_config\": "), r"config\.json: invalid JSON"),
     "config.json missing": (lambda d: os.remove(os.path.join(d, "config.json")), r"config\.json: missing"),
     "no quantization_config": (lambda d: _edit_config(d, lambda c: c.pop("quantization_config")),
                                r"config\.json: no quantization_config \(not a HAQ checkpoint\)"),
-    "extra decoder layer": (_add_tensors(_int8_layer(5)),
-                            r"tensor 'model\.layers\.5\.self_attn\.q_proj\.weight' belongs to decoder layer 5, but .*num_hidden_layers=2"),
-    "extra expert": (_add_tensors(_int8_layer(0, expert=8)), r"belongs to expert 8, but .*config\.json gives 8 experts per MoE layer"),
-    "config has more layers than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_hidden_layers", 3)),
-                                                r"no tensors for decoder layers \[2\] of the num_hidden_layers=3"),
-    "config has fewer experts than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 4)),
-                                                  r"belongs to expert [4-7], but .*gives 4 experts per MoE layer"),
-    "config has more experts than the tensors": (lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 10)),
-                                                 r"MoE layer 0 has no tensors for experts \[8, 9\] of the 10"),
+    "extra decoder layer": (
+        _add_tensors(_int8_layer(5)),
+        r"tensor 'model\.layers\.5\.self_attn\.q_proj\.weight' belongs to decoder layer 5, but .*num_hidden_layers=2"),
+    "extra expert": (_add_tensors(_int8_layer(0, expert=8)),
+                     r"belongs to expert 8, but .*config\.json gives 8 experts per MoE layer"),
+    "config has more layers than the tensors": (
+        lambda d: _edit_config(d, lambda c: c.__setitem__("num_hidden_layers", 3)),
+        r"no tensors for decoder layers \[2\] of the num_hidden_layers=3"),
+    "config has fewer experts than the tensors": (
+        lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 4)),
+        r"belongs to expert [4-7], but .*gives 4 experts per MoE layer"),
+    "config has more experts than the tensors": (
+        lambda d: _edit_config(d, lambda c: c.__setitem__("num_local_experts", 10)),
+        r"MoE layer 0 has no tensors for experts \[8, 9\] of the 10"),
     "config hidden_size disagrees": (lambda d: _edit_config(d, lambda c: c.__setitem__("hidden_size", 64)),
                                      r"has 128 input features, but .*hidden_size=64"),
     "orphan weight_scale": (_add_tensors({"model.layers.0.self_attn.x_proj.weight_scale": torch.ones(128, 1)}),
                             r"x_proj\.weight_scale' has no matching 'model\.layers\.0\.self_attn\.x_proj\.weight'"),
-    "int8 weight without its scale": (_add_tensors({"model.layers.0.self_attn.x_proj.weight": torch.ones(128, 128, dtype=torch.int8)}),
-                                      r"x_proj\.weight' is int8 but model\.layers\.0\.self_attn\.x_proj\.weight_scale is missing"),
+    "int8 weight without its scale": (
+        _add_tensors({"model.layers.0.self_attn.x_proj.weight": torch.ones(128, 128, dtype=torch.int8)}),
+        r"x_proj\.weight' is int8 but model\.layers\.0\.self_attn\.x_proj\.weight_scale is missing"),
     "NaN input_smooth": (_add_tensors(_smooth(float("nan"))), rf"{Q}\.input_smooth': 1 of 128 scales are non-finite"),
     "input_smooth of wrong length": (_add_tensors(_smooth(1.0, size=64)),
                                      rf"{Q}\.input_smooth' is torch\.float32 \[64\], expected torch\.float32 \[128\]"),
@@ -200,44 +212,67 @@ CASES = {
 
     "missing weight_scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.pop(Q + ".weight_scale")),
                              rf"{Q}\.weight'.*weight_scale is missing"),
-    "bf16 weight with a scale": (lambda d: _edit_tensor(d, Q + ".weight", lambda t: t.__setitem__(
-        Q + ".weight", t[Q + ".weight"].to(torch.bfloat16))), rf"{Q}\.weight' has dtype torch.bfloat16, expected torch.int8"),
+    "bf16 weight with a scale": (
+        lambda d: _edit_tensor(d, Q + ".weight", lambda t: t.__setitem__(
+            Q + ".weight", t[Q + ".weight"].to(torch.bfloat16))),
+        rf"{Q}\.weight' has dtype torch.bfloat16, expected torch.int8"),
     "bf16 weight without scale, not ignored": (
-        lambda d: _edit_tensor(d, EXPERT + ".weight", lambda t: (t.__setitem__(EXPERT + ".weight", t[EXPERT + ".weight"].to(torch.bfloat16)), t.pop(EXPERT + ".weight_scale"))),
-        rf"{EXPERT}\.weight' has dtype torch.bfloat16, expected torch.int8: the module is not in quantization_config.ignore"),
-    "float16 scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.__setitem__(
-        Q + ".weight_scale", t[Q + ".weight_scale"].half())), rf"{Q}\.weight_scale' has dtype torch.float16, expected torch.float32"),
-    "scale of wrong shape": (lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.__setitem__(
-        Q + ".weight_scale", t[Q + ".weight_scale"][:-1])), rf"{Q}\.weight_scale' has shape \[127, 1\], expected \[128, 1\]"),
-    "1-D int8 weight": (lambda d: _edit_tensor(d, Q + ".weight", lambda t: t.__setitem__(
-        Q + ".weight", t[Q + ".weight"].flatten()[:128].contiguous())), rf"{Q}\.(weight' has shape \[128\], expected 2-D|weight_scale)"),
+        lambda d: _edit_tensor(d, EXPERT + ".weight", lambda t: (
+            t.__setitem__(EXPERT + ".weight", t[EXPERT + ".weight"].to(torch.bfloat16)),
+            t.pop(EXPERT + ".weight_scale"))),
+        rf"{EXPERT}\.weight' has dtype torch.bfloat16, expected torch.int8: "
+        r"the module is not in quantization_config.ignore"),
+    "float16 scale": (
+        lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.__setitem__(
+            Q + ".weight_scale", t[Q + ".weight_scale"].half())),
+        rf"{Q}\.weight_scale' has dtype torch.float16, expected torch.float32"),
+    "scale of wrong shape": (
+        lambda d: _edit_tensor(d, Q + ".weight_scale", lambda t: t.__setitem__(
+            Q + ".weight_scale", t[Q + ".weight_scale"][:-1])),
+        rf"{Q}\.weight_scale' has shape \[127, 1\], expected \[128, 1\]"),
+    "1-D int8 weight": (
+        lambda d: _edit_tensor(d, Q + ".weight", lambda t: t.__setitem__(
+            Q + ".weight", t[Q + ".weight"].flatten()[:128].contiguous())),
+        rf"{Q}\.(weight' has shape \[128\], expected 2-D|weight_scale)"),
     "NaN scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", _scale_with(Q + ".weight_scale", float("nan"))),
                   rf"{Q}\.weight_scale': 1 of 128 scales are non-finite or <= 0"),
-    "inf scale": (lambda d: _edit_tensor(d, EXPERT + ".weight_scale", _scale_with(EXPERT + ".weight_scale", float("inf"))),
-                  rf"{EXPERT}\.weight_scale': 1 of .* non-finite or <= 0"),
+    "inf scale": (
+        lambda d: _edit_tensor(d, EXPERT + ".weight_scale", _scale_with(EXPERT + ".weight_scale", float("inf"))),
+        rf"{EXPERT}\.weight_scale': 1 of .* non-finite or <= 0"),
     "zero scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", _scale_with(Q + ".weight_scale", 0.0)),
                    rf"{Q}\.weight_scale'.*non-finite or <= 0"),
     "negative scale": (lambda d: _edit_tensor(d, Q + ".weight_scale", _scale_with(Q + ".weight_scale", -0.5)),
                        rf"{Q}\.weight_scale'.*-0\.5"),
-    "unknown format_version": (lambda d: _edit_config(d, lambda c: c["quantization_config"].__setitem__("format_version", 7)),
-                               r"config\.json: quantization_config: unknown format_version 7"),
-    "rotation in a version-1 config": (lambda d: _edit_config(d, _rotate({Q: 64}, version=1)),
-                                       r"quantization_config: input_rotation needs format_version 2, the config says 1"),
+    "unknown format_version": (
+        lambda d: _edit_config(d, lambda c: c["quantization_config"].__setitem__("format_version", 7)),
+        r"config\.json: quantization_config: unknown format_version 7"),
+    "rotation in a version-1 config": (
+        lambda d: _edit_config(d, _rotate({Q: 64}, version=1)),
+        r"quantization_config: input_rotation needs format_version 2, the config says 1"),
     "rotation block not a power of two": (lambda d: _edit_config(d, _rotate({Q: 48})),
                                           rf"input_rotation\['{Q}'\] is 48, expected a power of two"),
     "rotation of a float module": (lambda d: _edit_config(d, _rotate({"lm_head": 64})),
                                    r"input_rotation names 'lm_head', which has no int8 weight 'lm_head\.weight'"),
-    "rotation block wider than the layer": (lambda d: _edit_config(d, _rotate({Q: 256})),
-                                            rf"{Q}\.weight': its 128 input features are not a multiple of the rotation block 256"),
-    "unsupported weight scheme": (lambda d: _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__("num_bits", 4)),
-                                  r"config_groups\.weights\.num_bits is 4"),
+    "rotation block wider than the layer": (
+        lambda d: _edit_config(d, _rotate({Q: 256})),
+        rf"{Q}\.weight': its 128 input features are not a multiple of the rotation block 256"),
+    "unsupported weight scheme": (
+        lambda d: _edit_config(
+            d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__("num_bits", 4)),
+        r"config_groups\.weights\.num_bits is 4"),
     "truncated shard": (_truncate_shard, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
     "padded shard": (_pad_shard, r"model-0000\d-of-0000\d\.safetensors: not a readable safetensors file"),
-    "index names a missing shard": (_drop_shard, r"model\.safetensors\.index\.json: shard 'model-0000\d-of-0000\d\.safetensors'.* does not exist"),
-    "routing stats of wrong shape": (_routing(lambda t: t.__setitem__("expert_counts", t["expert_counts"][:, :4].contiguous())),
-                                     r"haq_routing\.safetensors: tensor 'expert_counts' has shape \[2, 4\], but the model has 2 MoE layers of 8 experts"),
-    "routing transitions missing": (_routing(lambda t: t.pop("transition_counts")), r"haq_routing\.safetensors: tensor 'transition_counts' is missing"),
-    "routing stats file missing": (lambda d: os.remove(os.path.join(d, ROUTING_FILE)), r"haq_routing\.safetensors: routing statistics named in config\.json are missing"),
+    "index names a missing shard": (
+        _drop_shard,
+        r"model\.safetensors\.index\.json: shard 'model-0000\d-of-0000\d\.safetensors'.* does not exist"),
+    "routing stats of wrong shape": (
+        _routing(lambda t: t.__setitem__("expert_counts", t["expert_counts"][:, :4].contiguous())),
+        r"haq_routing\.safetensors: tensor 'expert_counts' has shape \[2, 4\], "
+        r"but the model has 2 MoE layers of 8 experts"),
+    "routing transitions missing": (_routing(lambda t: t.pop("transition_counts")),
+                                    r"haq_routing\.safetensors: tensor 'transition_counts' is missing"),
+    "routing stats file missing": (lambda d: os.remove(os.path.join(d, ROUTING_FILE)),
+                                   r"haq_routing\.safetensors: routing statistics named in config\.json are missing"),
 }
 
 

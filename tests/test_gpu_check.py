@@ -27,8 +27,8 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--dry", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--dry",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     return proc, out, time.time() - t0
 
 

@@ -53,7 +53,8 @@ def _as_compressed_tensors(haq: str, out: str, zero_point: int = 0) -> str:
             t = load_file(os.path.join(out, f))
             for name in [n for n in t if n.endswith(".weight_scale")]:
                 t[name] = t[name].to(torch.bfloat16)
-                t[name.replace("weight_scale", "weight_zero_point")] = torch.full_like(t[name], zero_point, dtype=torch.int8)
+                t[name.replace("weight_scale", "weight_zero_point")] = torch.full_like(t[name], zero_point,
+                                                                                       dtype=torch.int8)
             save_file(t, os.path.join(out, f))
     cfg = json.load(open(os.path.join(out, "config.json")))
     cfg["quantization_config"] = CT_CONFIG
@@ -164,7 +165,8 @@ def test_export_mirrors_llm_compressor_and_keeps_haq_tensors(haq_dir, llm_compre
     real, origin = llm_compressor_mixtral
     _check_like_llm_compressor(_qc(out), _qc(real) if origin == "llm-compressor" else None)
     qc = _qc(out)
-    assert set(qc["ignore"]) == {"lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"}
+    assert set(qc["ignore"]) == {"lm_head", "model.layers.0.block_sparse_moe.gate",
+                                 "model.layers.1.block_sparse_moe.gate"}
     # Tensors unchanged: int8 weights, float32 [out, 1] scales (vLLM holds scales in float32: HAQ's exact numbers).
     got, want = _weights(out), _weights(src)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -12,7 +12,7 @@ from vllm_haq.offload.policy import POLICIES, make_policy
 from vllm_haq.offload.cost import CostModel
 from vllm_haq.quant import quantize_weight_per_channel
 
-E, H, I, K, LAYERS = 8, 64, 96, 2, 4
+E, H, I, K, LAYERS = 8, 64, 96, 2, 4  # noqa: E741 (I: the experts' intermediate size)
 
 
 def _layer_experts(seed: int, smooth: bool = False) -> ExpertTensors:

@@ -92,7 +92,8 @@ def test_scaled_int8_gemm_backends_match_reference(backend, out_dtype):
         ref = w8a8_linear_reference(xf, q, s, bias.to(out_dtype).float())
     else:
         x_q, x_s = quantize_per_token(xf)
-        ref = int8_matmul_int16_saturating(x_q, q).double() * x_s.double() * s.double().t() + bias.to(out_dtype).double()
+        ref = (int8_matmul_int16_saturating(x_q, q).double() * x_s.double() * s.double().t()
+               + bias.to(out_dtype).double())
         assert _rel(ref, w8a8_linear_reference(xf, q, s, bias.to(out_dtype).float())) > 1e-3  # it does saturate
     tol = 1e-5 if out_dtype == torch.float32 else 1e-2
     assert _rel(out, ref) <= tol

@@ -25,7 +25,7 @@ from offline.stats import (
 )
 from vllm_haq.format import ROUTING_FILE, ROUTING_METADATA_KEY, HAQQuantConfig
 
-matplotlib = pytest.importorskip("matplotlib", reason="haq stats needs matplotlib (in the test extra)")
+pytest.importorskip("matplotlib", reason="haq stats needs matplotlib (in the test extra)")
 import matplotlib.image  # noqa: E402
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+((?:e\d+: +[\d.]+%\s*)+)\s+([\d.]+)\s+(\d+) of (\d+)\s*$")

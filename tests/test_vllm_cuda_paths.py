@@ -84,11 +84,13 @@ def test_only_the_fused_resident_moe_may_be_captured_in_cuda_graphs(monkeypatch)
     the host; on CUDA they are split out of vLLM's graphs, only the fused Triton MoE stays inside."""
     import vllm_haq.vllm.moe as moe
 
-    monkeypatch.setattr(moe, "select_backend", lambda device: "triton" if torch.device(device).type == "cuda" else "torch")
+    monkeypatch.setattr(moe, "select_backend",
+                        lambda device: "triton" if torch.device(device).type == "cuda" else "torch")
 
     def method(offloading=False, explicit_smoothing=False, shard_amax=None):
         m = HAQMoEMethod.__new__(HAQMoEMethod)
-        m.offload, m.explicit_smoothing, m.shard_amax = SimpleNamespace(offloading=offloading), explicit_smoothing, shard_amax
+        m.offload = SimpleNamespace(offloading=offloading)
+        m.explicit_smoothing, m.shard_amax = explicit_smoothing, shard_amax
         return m
 
     cuda = torch.device("cuda")

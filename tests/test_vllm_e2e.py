@@ -40,7 +40,8 @@ def reference_next_logits(model_dir: str, ids: list[int]) -> torch.Tensor:
         h = spec.embed(g, torch.tensor([ids]))
         for i in range(spec.num_layers):
             prefix = spec.layer_prefix(i)
-            h = spec.layer_forward(i, LayerTensors(src.load_prefix(prefix), rotations=layer_rotations(config, prefix)), h)
+            tensors = LayerTensors(src.load_prefix(prefix), rotations=layer_rotations(config, prefix))
+            h = spec.layer_forward(i, tensors, h)
         return spec.head(g, h)[0, -1]
 
 

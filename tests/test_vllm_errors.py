@@ -24,7 +24,8 @@ def test_bf16_weight_in_haq_checkpoint_is_refused_by_vllm(haq_dir, tmp_path):
     t = load_file(path)
     t[name] = t[name].to(torch.bfloat16)  # vLLM's loader would truncate this into int8 silently
     save_file(t, path, metadata={"format": "pt"})
-    with pytest.raises(Exception, match=r"model\.layers\.1\.mlp\.down_proj\.weight' has dtype torch.bfloat16, expected torch.int8"):
+    with pytest.raises(Exception, match=r"model\.layers\.1\.mlp\.down_proj\.weight' has dtype torch.bfloat16, "
+                                        r"expected torch.int8"):
         _llm(d, quantization="haq")
 
 
@@ -50,6 +51,7 @@ def test_loader_checks_catch_what_vllm_loaders_skip():
     scale = checked_loader(lambda *a: None, "model.layers.0.mlp.down_proj", "weight_scale", torch.float32, 1)
     with pytest.raises(CheckpointError, match="non-finite or <= 0"):
         scale(None, torch.tensor([[1.0], [0.0]]))
-    moe = _checked_moe_loader(lambda *a: True, "model.layers.0.block_sparse_moe.experts", "w2_weight_scale", torch.float32)
+    moe = _checked_moe_loader(lambda *a: True, "model.layers.0.block_sparse_moe.experts", "w2_weight_scale",
+                              torch.float32)
     with pytest.raises(CheckpointError, match=r"experts.5.w2.weight_scale' \(expert 5, w2\).*non-finite"):
         moe(None, torch.tensor([[float("nan")]]), "experts.5.w2.weight_scale", "w2", 5)

@@ -24,7 +24,8 @@ from gpucheck.common import REPO, Stage  # noqa: E402
 KERNELS = {
     "gpu": ["--device", "cuda", "--reps", "10", "--linear-m", "1,16,256,4096", "--moe-m", "1,16", "--shapes",
             "Mixtral attn q/o 4096x4096,OPT-66B fc1 36864x9216,Mixtral-8x7B MoE,Qwen3-30B-A3B MoE"],
-    "dry": ["--device", "cpu", "--reps", "1", "--linear-m", "1", "--moe-m", "1", "--shapes", "tiny attn 64x64,tiny MoE"],
+    "dry": ["--device", "cpu", "--reps", "1", "--linear-m", "1", "--moe-m", "1", "--shapes",
+            "tiny attn 64x64,tiny MoE"],
 }
 OFFLOAD = {
     "gpu": ["--device", "cuda", "--layers", "4", "--steps", "8", "--warmup", "2", "--batches", "1,16",

@@ -121,7 +121,8 @@ def main() -> int:
             def offloaded(cfg=cfg):
                 r = generate(ckpt, list(PROMPT), NEW_TOKENS, device=dev, offload=dict(cfg))
                 ok, detail = same_tokens(results["resident"], r)
-                return ok, f"{cfg}: {detail}" + stats_text(getattr(r, "offload_stats", None)), {"tokens": list(r.tokens)}
+                text = f"{cfg}: {detail}" + stats_text(getattr(r, "offload_stats", None))
+                return ok, text, {"tokens": list(r.tokens)}
 
             st.run(f"e2e/{run}", offloaded)
     finally:

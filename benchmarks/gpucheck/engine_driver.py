@@ -99,9 +99,9 @@ def serve(torch, engine, trace, device: str, warmup: int = 0, on_step=None) -> l
 @contextlib.contextmanager
 def delayed_copies(torch, cpu_delay_s: float = 0.005, gpu_cycles: int = 2_000_000):
     """Every asynchronous slot fill (copy stream on CUDA, copier thread on the CPU) first writes garbage into
-    the slot, then waits (a spin kernel of ``gpu_cycles`` on the copy stream, ~1 ms on an H200, or a sleep of ``cpu_delay_s``),
-    then copies. A reader that does not wait for the fill reads garbage or the evicted expert; one that
-    waits sees the real expert. Synchronous fills (the initial placement) are left alone."""
+    the slot, then waits (a spin kernel of ``gpu_cycles`` on the copy stream, ~1 ms on an H200, or a sleep of
+    ``cpu_delay_s``), then copies. A reader that does not wait for the fill reads garbage or the evicted expert;
+    one that waits sees the real expert. Synchronous fills (the initial placement) are left alone."""
     import vllm_haq.offload.engine as engine_module
 
     real = engine_module.copy_expert

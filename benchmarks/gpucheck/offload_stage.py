@@ -98,7 +98,8 @@ class Run:
 
     def delayed_copies(self):
         c, stats = self.delayed()
-        return c["bad_steps"] == 0 and stats["fetches"] > 0, "LRU, 1 slot, fills delayed: " + describe(c, self.tol, stats), c
+        ok = c["bad_steps"] == 0 and stats["fetches"] > 0
+        return ok, "LRU, 1 slot, fills delayed: " + describe(c, self.tol, stats), c
 
     def sabotage(self):
         from vllm_haq.offload import OffloadEngine

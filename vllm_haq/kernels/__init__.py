@@ -5,7 +5,9 @@ on first call only (see :mod:`vllm_haq.kernels.int8_gemm` for why).
 """
 
 from vllm_haq.kernels.int8_gemm import BACKENDS, ScaledInt8Gemm, select_backend, torch_scaled_int8_mm
-from vllm_haq.kernels.moe import ExpertStack, RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_moe_forward, expert_inter, expert_mlp, expert_routes, group_by_expert, int8_moe_forward, new_route_buffer, write_routes
+from vllm_haq.kernels.moe import (ExpertStack, RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_moe_forward,
+                                  expert_inter, expert_mlp, expert_routes, group_by_expert, int8_moe_forward,
+                                  new_route_buffer, write_routes)
 
 
 def triton_w8a8_linear(*args, **kwargs):
@@ -23,4 +25,6 @@ def triton_int8_moe_forward(*args, **kwargs):
 
 
 __all__ = ["BACKENDS", "ScaledInt8Gemm", "select_backend", "torch_scaled_int8_mm", "group_by_expert",
-           "ExpertStack", "RouteGroups", "cpu_expert_routes", "cpu_fused_ok", "cpu_moe_forward", "expert_inter", "expert_mlp", "expert_routes", "new_route_buffer", "write_routes", "int8_moe_forward", "triton_w8a8_linear", "triton_int8_moe_forward"]
+           "ExpertStack", "RouteGroups", "cpu_expert_routes", "cpu_fused_ok", "cpu_moe_forward", "expert_inter",
+           "expert_mlp", "expert_routes", "new_route_buffer", "write_routes", "int8_moe_forward",
+           "triton_w8a8_linear", "triton_int8_moe_forward"]

@@ -4,7 +4,8 @@ Why: the exact fallback (:func:`vllm_haq.kernels.int8_gemm.exact_int8_mm` throug
 converts the whole int8 weight into fresh fp32 temporaries on every call (a Mixtral-8x7B expert: 0.7 GB of
 float32, page faults each time): 2% of the host's read bandwidth at decode. This kernel reads the int8
 weight once per call (``cpu/int8_gemm.cpp``: vpabsb/vpsignb + vpmaddubsw + vpmaddwd, exact for activations in
-[-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one in its workers).
+[-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one
+in its workers).
 
 Built with ``torch.utils.cpp_extension.load`` (g++, ninja; cached in torch's extensions directory, ~30 s the
 first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or ``HAQ_CPU_INT8_KERNEL=off``,
@@ -38,7 +39,8 @@ def _build():
     try:
         from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
 
-        module = load(name="haq_cpu_int8", sources=[_SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
+        module = load(name="haq_cpu_int8", sources=[_SOURCE],
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
         return None, f"building {_SOURCE} failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"

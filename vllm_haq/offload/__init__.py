@@ -5,7 +5,8 @@ budget below "all" is configured, and ``benchmarks/offload.py`` drives it on a b
 torch + Triton install.
 """
 
-from vllm_haq.offload.config import BUDGET_KEYS, ENV_VARS, POLICIES, OffloadConfig, OffloadConfigError, parse_offload_config
+from vllm_haq.offload.config import (BUDGET_KEYS, ENV_VARS, POLICIES, OffloadConfig, OffloadConfigError,
+                                     parse_offload_config)
 from vllm_haq.offload.engine import OffloadEngine
 from vllm_haq.offload.store import ExpertTensors
 

@@ -117,7 +117,8 @@ def _parse_value(key: str, value: Any, source: str):
     expected = {
         "slots_per_layer": "an integer >= 0", "cpu_threads": "an integer >= 1",
         "expert_fraction": "a number in [0, 1]", "expert_gib": "a number >= 0",
-        "stats_interval_s": "a number > 0", "prefetch": "auto, always or off (true = auto, false = off)", "policy": f"one of {list(POLICIES)}",
+        "stats_interval_s": "a number > 0", "prefetch": "auto, always or off (true = auto, false = off)",
+        "policy": f"one of {list(POLICIES)}",
         "stats_file": "a path",
     }[key]
     raise OffloadConfigError(f"{where}={value!r} is invalid: expected {expected}")

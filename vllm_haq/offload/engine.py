@@ -94,7 +94,8 @@ class OffloadEngine(HostJobs, Reporting):
         self._copy_stream = None
         self._backend = select_backend(self.device)
         self._fused = False  # host experts (and on the CPU build the cache's) served by one CPU kernel call per step
-        self.slot_kernel = "loop"  # how hits run: "cpu" (one kernel call), "triton" (one fused MoE), "loop" (per expert)
+        # how hits run: "cpu" (one kernel call), "triton" (one fused MoE), "loop" (per expert)
+        self.slot_kernel = "loop"
 
     # ---- set-up -------------------------------------------------------------------------
     def add_layer(self, layer_index: int, host: ExpertTensors) -> None:

@@ -70,7 +70,8 @@ def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor
     return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor,
+                  cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 weights [out, in] and float32 scales [out, 1] for ``w`` given input Hessian ``h`` [in, in].
 
     Output rows are independent given ``h``: the weights of several linears that read the same

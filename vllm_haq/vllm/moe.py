@@ -35,11 +35,13 @@ _LAYERS: dict[str, "HAQMoEMethod"] = {}
 _ids = itertools.count()
 
 
-def _haq_moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+def _haq_moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     layer_key: str) -> torch.Tensor:
     return _LAYERS[layer_key].forward(x, topk_weights, topk_ids)
 
 
-def _haq_moe_forward_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_key: str) -> torch.Tensor:
+def _haq_moe_forward_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          layer_key: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -295,7 +297,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
         e = layer.w13_weight.shape[0]
         if self._fused(layer.w13_weight.device):
             slots = torch.arange(e, dtype=torch.int32, device=layer.w13_weight.device)
-            weights = (layer.w13_weight.data, layer.w13_weight_scale.data, layer.w2_weight.data, layer.w2_weight_scale.data)
+            weights = (layer.w13_weight.data, layer.w13_weight_scale.data,
+                       layer.w2_weight.data, layer.w2_weight_scale.data)
             self.fused = (slots, weights)
             return
         if self.shard_amax is None and cpu_fused_ok(layer.w13_weight.data):
@@ -310,7 +313,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
     def _register_with_engine(self, layer) -> None:
         qc = self.quant_config
         if getattr(qc, "offload_engine", None) is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                      else torch.device("cpu"))
             qc.offload_engine = OffloadEngine(self.offload, device, self.out_dtype,
                                               routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics),
                                               name=str(self._vllm_config.model_config.model),
