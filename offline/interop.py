@@ -152,11 +152,34 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
     return _publish(tmp, out, overwrite)
 
 
-def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str:
-    """Write a HAQ checkpoint at ``out`` from the compressed-tensors W8A8 int8 checkpoint ``src``."""
+def _import_shards(src: str, tmp: str, shards: list[str], haq_name) -> tuple[dict[str, str], int]:
+    """Rewrite ``src``'s weight shards into ``tmp`` in HAQ's layout: all-zero zero points dropped (non-zero ones
+    refused), scales as float32 [out, 1], names through ``haq_name``. Returns (weight map, total bytes)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    weight_map, total = {}, 0
+    for shard in shards:
+        path = os.path.join(src, shard)
+        kept = {}
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if name.endswith("." + WEIGHT_ZERO_POINT) or name.endswith(".input_zero_point"):
+                    if bool(t.ne(0).any()):
+                        raise InteropError(f"{path}: {name} is non-zero: asymmetric, not W8A8 symmetric")
+                    continue
+                if name.endswith("." + WEIGHT_SCALE):
+                    t = t.float().reshape(-1, 1)
+                kept[haq_name(name)] = t.contiguous()
+        weight_map.update({name: shard for name in kept})
+        save_file(kept, os.path.join(tmp, shard), metadata={"format": "pt"})
+        total += os.path.getsize(os.path.join(tmp, shard))
+    return weight_map, total
+
+
+def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str:
+    """Write a HAQ checkpoint at ``out`` from the compressed-tensors W8A8 int8 checkpoint ``src``."""
     cfg_path = os.path.join(src, "config.json")
     config = read_config(src)
     qc = config.get("quantization_config") or config.get("compression_config")
@@ -175,25 +198,10 @@ def import_compressed_tensors(src: str, out: str, overwrite: bool = True) -> str
     out, tmp = _start(out, overwrite)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
     shards = shard_files(src)
-    weight_map, total = {}, 0
     try:
-        for shard in shards:
-            path = os.path.join(src, shard)
-            kept = {}
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    if name.endswith("." + WEIGHT_ZERO_POINT) or name.endswith(".input_zero_point"):
-                        if bool(t.ne(0).any()):
-                            raise InteropError(f"{path}: {name} is non-zero: asymmetric, not W8A8 symmetric")
-                        continue
-                    if name.endswith("." + WEIGHT_SCALE):
-                        t = t.float().reshape(-1, 1)
-                    kept[haq_name(name)] = t.contiguous()
-            weight_map.update({name: shard for name in kept})
-            save_file(kept, os.path.join(tmp, shard), metadata={"format": "pt"})
-            total += os.path.getsize(os.path.join(tmp, shard))
-        write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        weight_map, total = _import_shards(src, tmp, shards, haq_name)
+        write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX),
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
         exported = config.pop(EXPORT_KEY, None) or {}
         config.pop("compression_config", None)
         qcfg.producer = {"tool": "vllm-haq import", "version": __version__, "source": COMPRESSED_TENSORS,

@@ -80,6 +80,36 @@ def mixtral_config(dense: dict, num_experts: int, top_k: int) -> dict:
     return cfg
 
 
+def _upcycle_layer(lt: dict[str, torch.Tensor], i: int, where: str, num_experts: int, router_std: float,
+                   expert_noise: float, seed: int) -> dict[str, torch.Tensor]:
+    """Decoder layer ``i`` of the MoE (names relative to the layer) from the dense layer's tensors ``lt``:
+    everything but the MLP as is, a random router, and ``num_experts`` copies of the MLP (optionally noised)."""
+    out = {rel: t for rel, t in lt.items() if not rel.startswith("mlp.")}
+    for dense_name, _ in MLP_TO_EXPERT:
+        if f"mlp.{dense_name}.weight" not in lt:
+            raise UpcycleError(f"{where}: layer {i} has no mlp.{dense_name}.weight")
+    extra = sorted(r for r in lt if r.startswith("mlp.") and r[4:].split(".")[0] not in dict(MLP_TO_EXPERT))
+    if extra:
+        raise UpcycleError(f"{where}: layer {i} has MLP tensors upcycling does not know: {extra}")
+    hidden = lt["mlp.gate_proj.weight"].shape[1]
+    dtype = lt["mlp.gate_proj.weight"].dtype
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i)
+    router = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float32) * router_std
+    out["block_sparse_moe.gate.weight"] = router.to(dtype)
+    for e in range(num_experts):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + e + 1)
+        for dense_name, expert_name in MLP_TO_EXPERT:
+            w = lt[f"mlp.{dense_name}.weight"]
+            if expert_noise > 0:
+                wf = w.float()
+                rms = wf.pow(2).mean(1, keepdim=True).sqrt()
+                w = (wf + torch.randn(wf.shape, generator=gen) * rms * expert_noise).to(dtype)
+            else:
+                w = w.clone()
+            out[f"block_sparse_moe.experts.{e}.{expert_name}.weight"] = w
+    return out
+
+
 def upcycle_llama_to_mixtral(dense_dir: str, out_dir: str, num_experts: int = 8, top_k: int = 2,
                              router_std: float = 0.02, expert_noise: float = 0.0, seed: int = 0) -> str:
     """Write the upcycled Mixtral checkpoint of ``dense_dir`` to ``out_dir`` (see the module docstring)."""
@@ -111,32 +141,8 @@ def upcycle_llama_to_mixtral(dense_dir: str, out_dir: str, num_experts: int = 8,
     for i in range(layers):
         prefix = f"model.layers.{i}."
         lt = src.load_prefix(prefix)
-        out: dict[str, torch.Tensor] = {}
-        for rel, t in lt.items():
-            if not rel.startswith("mlp."):
-                out[prefix + rel] = t
-        for dense_name, _ in MLP_TO_EXPERT:
-            if f"mlp.{dense_name}.weight" not in lt:
-                raise UpcycleError(f"{dense_dir}: layer {i} has no mlp.{dense_name}.weight")
-        extra = sorted(r for r in lt if r.startswith("mlp.") and r[4:].split(".")[0] not in dict(MLP_TO_EXPERT))
-        if extra:
-            raise UpcycleError(f"{dense_dir}: layer {i} has MLP tensors upcycling does not know: {extra}")
-        hidden = lt["mlp.gate_proj.weight"].shape[1]
-        dtype = lt["mlp.gate_proj.weight"].dtype
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i)
-        router = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float32) * router_std
-        out[prefix + "block_sparse_moe.gate.weight"] = router.to(dtype)
-        for e in range(num_experts):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + e + 1)
-            for dense_name, expert_name in MLP_TO_EXPERT:
-                w = lt[f"mlp.{dense_name}.weight"]
-                if expert_noise > 0:
-                    wf = w.float()
-                    rms = wf.pow(2).mean(1, keepdim=True).sqrt()
-                    w = (wf + torch.randn(wf.shape, generator=gen) * rms * expert_noise).to(dtype)
-                else:
-                    w = w.clone()
-                out[f"{prefix}block_sparse_moe.experts.{e}.{expert_name}.weight"] = w
+        out = {prefix + rel: t for rel, t in
+               _upcycle_layer(lt, i, dense_dir, num_experts, router_std, expert_noise, seed).items()}
         write(out, f"model-{i + 2:05d}-of-{shards:05d}.safetensors")
         del lt, out
     write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})

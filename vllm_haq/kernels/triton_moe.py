@@ -173,6 +173,30 @@ def _moe_sum_routes_kernel(route_out_ptr, slot_of_route_ptr, out_ptr, hidden, st
     tl.store(out_ptrs, acc, mask=mask)
 
 
+def _moe_output(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Check the weights' dtypes and shapes against ``x`` [M, H]; ``out``, or a new zeroed float32 [M, H]."""
+    m, hidden = x.shape
+    inter = w13.shape[1] // 2
+    if (w13.dtype != torch.int8 or w2.dtype != torch.int8 or w13.shape[2] != hidden
+            or tuple(w2.shape[1:]) != (hidden, inter)):
+        raise ValueError(f"expected int8 w13 [S, 2I, {hidden}] and w2 [S, {hidden}, I], got "
+                         f"{w13.dtype} {tuple(w13.shape)} and {w2.dtype} {tuple(w2.shape)}")
+    if out is None:
+        return torch.zeros(m, hidden, dtype=torch.float32, device=x.device)
+    if out.dtype != torch.float32 or tuple(out.shape) != (m, hidden) or out.stride(-1) != 1:
+        raise ValueError(f"out must be contiguous float32 [{m}, {hidden}], got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _slot_operands(w13, w13_scale, w2, w2_scale):
+    """The kernels' operands: weights with unit stride in K, scales as contiguous float32 [S, N]."""
+    num_slots, two_inter, hidden = w13.shape
+    return (w13 if w13.stride(-1) == 1 else w13.contiguous(),
+            w13_scale.reshape(num_slots, two_inter).float().contiguous(),
+            w2 if w2.stride(-1) == 1 else w2.contiguous(),
+            w2_scale.reshape(num_slots, hidden).float().contiguous())
+
+
 def triton_int8_moe_forward(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -201,21 +225,11 @@ def triton_int8_moe_forward(
     num_slots, two_inter, _ = w13.shape
     inter = two_inter // 2
     top_k = topk_ids.shape[1]
-    if (w13.dtype != torch.int8 or w2.dtype != torch.int8 or w13.shape[2] != hidden
-            or tuple(w2.shape[1:]) != (hidden, inter)):
-        raise ValueError(f"expected int8 w13 [S, 2I, {hidden}] and w2 [S, {hidden}, I], got "
-                         f"{w13.dtype} {tuple(w13.shape)} and {w2.dtype} {tuple(w2.shape)}")
-    if out is None:
-        out = torch.zeros(m, hidden, dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (m, hidden) or out.stride(-1) != 1:
-        raise ValueError(f"out must be contiguous float32 [{m}, {hidden}], got {out.dtype} {tuple(out.shape)}")
+    out = _moe_output(x, w13, w2, out)
     if m == 0 or num_slots == 0:
         return out
     cfg = config or moe_config(m)
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
-    w13_scale = w13_scale.reshape(num_slots, two_inter).float().contiguous()
-    w2_scale = w2_scale.reshape(num_slots, hidden).float().contiguous()
+    w13, w13_scale, w2, w2_scale = _slot_operands(w13, w13_scale, w2, w2_scale)
     weights = topk_weights.reshape(-1).float().contiguous()
 
     route_of_row, slot_of_block, slot_of_route = align_routes(topk_ids, expert_to_slot, num_slots, cfg.block_m)
@@ -240,6 +254,12 @@ def triton_int8_moe_forward(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return _sum_routes(route_out, slot_of_route, out, top_k)
+
+
+def _sum_routes(route_out: torch.Tensor, slot_of_route: torch.Tensor, out: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``out`` [M, H] += the sum of each token's resident routes' rows of ``route_out`` [M·k, H]."""
+    m, hidden = out.shape
     sum_block = min(triton.next_power_of_2(hidden), 1024)
     _moe_sum_routes_kernel[(m, triton.cdiv(hidden, sum_block))](
         route_out, slot_of_route, out, hidden, route_out.stride(0), out.stride(0),
