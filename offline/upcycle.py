@@ -145,7 +145,8 @@ def upcycle_llama_to_mixtral(dense_dir: str, out_dir: str, num_experts: int = 8,
                _upcycle_layer(lt, i, dense_dir, num_experts, router_std, expert_noise, seed).items()}
         write(out, f"model-{i + 2:05d}-of-{shards:05d}.safetensors")
         del lt, out
-    write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(os.path.join(tmp, SAFETENSORS_INDEX),
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
     upcycling = {"source": os.path.abspath(dense_dir), "method": "sparse upcycling (Komatsuzaki et al. 2022)",
                  "num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_std": router_std,
                  "expert_noise": expert_noise, "seed": seed}
