@@ -103,7 +103,8 @@ class _TensorChecks:
             if len(shape) != 2:
                 raise CheckpointError(f"{self.where(name)} has shape {list(shape)}, expected 2-D [out, in]")
         elif has_scale:
-            raise CheckpointError(f"{self.where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE} (it has a weight_scale)")
+            raise CheckpointError(f"{self.where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE} "
+                                  "(it has a weight_scale)")
         elif _looks_quantizable(module) and not self.qcfg.is_ignored(module) and len(shape) == 2:
             raise CheckpointError(
                 f"{self.where(name)} has dtype {dtype}, expected {WEIGHT_DTYPE}: the module is not in "
