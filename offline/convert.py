@@ -40,7 +40,7 @@ from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.calibrated import METHODS as METHOD_SPECS
 from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, ROTATION_MODES, WorkingTensors, quantize_calibrated
-from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
+from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
 from offline.source import SafetensorsCheckpoint, SourceError
@@ -121,7 +121,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
 def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:
     """What ``convert`` would refuse (raised the same way), else the estimate of ``offline.estimate``; writes nothing
     and reads no tensor data (config.json and the safetensors headers only)."""
-    from offline.calib import HF_DATASETS
+    from offline.corpus import HF_DATASETS
     from offline.estimate import estimate
 
     conv = _Conversion(model_dir, out_dir, opts)
