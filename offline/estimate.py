@@ -38,9 +38,8 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import (ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROW_STRIDE, SEARCH_ROWS,
-                                input_key)
 from offline.convert import COPIED_FILES
+from offline.haq import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROW_STRIDE, SEARCH_ROWS, input_key
 from offline.models import ModelSpec, global_tensor_names
 
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
