@@ -196,3 +196,23 @@ def test_alpha_search_scores_its_shortlist_with_the_rounding_gptq_will_do():
         assert torch.equal(stats.hessians["attn.q_proj"].h, before)  # scoring works on copies
         picked_differently += expected != by_rtn
     assert picked_differently  # the re-scoring changes the choice for some of these layers
+
+
+def test_layer_record_serializes_in_the_order_the_checkpoint_has_always_had():
+    """The record's JSON (config.json, progress.json): α entries in the order chosen, ``rotation`` where the first
+    rotated group was recorded, ``explicit`` (full block names) last; an empty record is an empty dict."""
+    from offline.haq import LayerRecord
+
+    assert LayerRecord().to_json("model.layers.0.") == {} and not LayerRecord()
+    r = LayerRecord()
+    r.set_alpha("attn.q_proj", 0.5)
+    r.set_alpha("attn.o_proj", None)
+    r.set_rotation("attn.o_proj", 128)
+    r.set_alpha("mlp.gate_proj", 0.7)
+    r.set_rotation("mlp.gate_proj", 64)
+    r.explicit.append("mlp")
+    got = r.to_json("model.layers.3.")
+    assert list(got) == ["attn.q_proj", "attn.o_proj", "rotation", "mlp.gate_proj", "explicit"]
+    assert got["rotation"] == {"attn.o_proj": 128, "mlp.gate_proj": 64} and got["explicit"] == ["model.layers.3.mlp"]
+    unrotated = LayerRecord({"a": 0.3, "b": None}, explicit=["moe"])
+    assert list(unrotated.to_json()) == ["a", "b", "explicit"]
