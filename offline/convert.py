@@ -3,7 +3,7 @@
 Memory stays bounded by one decoder layer plus the calibration activations:
 the calibration batch is embedded once, then each decoder layer is loaded
 from the safetensors, (for calibrated methods) run in float to collect input
-statistics, smoothed and quantized (offline.calibrated), run quantized — so the
+statistics, smoothed and quantized (offline.haq), run quantized — so the
 next layer calibrates on what the served model will really see — written as
 its own shard and freed.
 
@@ -74,9 +74,9 @@ class ConvertOptions:
     resume: bool = False
     overwrite: bool = False
     alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
-    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.calibrated)
+    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.haq)
     # block-Hadamard rotation of dense layers' inputs (format v2, see vllm_haq.quant.rotation): "search" (haq's
-    # default), "all" or "none" (every other method); see offline.calibrated.ROTATION_MODES
+    # default), "all" or "none" (every other method); see offline.haq.ROTATION_MODES
     rotation: str | None = None
 
     @property
