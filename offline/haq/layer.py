@@ -71,6 +71,7 @@ def collect_statistics(spec: ModelSpec, i: int, t: WorkingTensors, targets: list
 
 
 def _is_routed_expert(moe: MoEBlock | None, key: str) -> bool:
+    """Whether ``key`` is a routed expert's input, whose Hessian is recomputed when the expert is rounded."""
     return moe is not None and key.startswith(f"{moe[0]}.experts.")
 
 

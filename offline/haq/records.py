@@ -27,6 +27,7 @@ class LayerRecord:
         self.alpha[module] = alpha
 
     def set_rotation(self, module: str, block: int) -> None:
+        """Record ``module``'s rotation (noting, at the first one, where ``"rotation"`` goes in :meth:`to_json`)."""
         if not self.rotation:
             self.rotation_position = len(self.alpha)
         self.rotation[module] = block

@@ -56,6 +56,8 @@ class InputStats:
         self.recompute: ExpertInputs | None = None
 
     def __call__(self, module: str, x: torch.Tensor) -> None:
+        """Observe input ``x`` of ``module`` (once per distinct input: the twins reading the same one are skipped).
+        For the search it keeps every ``every``-th row of the first chunks observed, up to SEARCH_ROWS."""
         if input_key(module) != module:
             return
         x2 = x.reshape(-1, x.shape[-1])
@@ -77,9 +79,11 @@ class InputStats:
             self.rows[module].append(x2[:: self.every][: SEARCH_ROWS - kept].float().clone())
 
     def seen(self, module: str) -> bool:
+        """Whether ``module``'s input was observed at all (an expert may receive no calibration token)."""
         return input_key(module) in self.count
 
     def sample(self, module: str) -> torch.Tensor:
+        """The search rows kept for ``module``'s input, as currently smoothed and rotated."""
         return torch.cat(self.rows[input_key(module)])
 
     def rescale(self, module: str, s: torch.Tensor) -> None:
@@ -147,6 +151,8 @@ class ExpertInputs:
         return int(e) if e.isdigit() and linear in (self.names[0], self.names[2]) else None
 
     def __call__(self, key: str) -> Iterator[torch.Tensor]:
+        """The rows of expert input ``key`` in chunks of ``chunk_rows``, so a down projection's intermediate
+        activations are never held for all of the expert's tokens at once."""
         e = self.expert_of(key)
         gate, up, down = (f"{self.prefix}{e}.{n}.weight" for n in self.names)
         tok = (self.ids == e).any(-1).nonzero().squeeze(-1)
