@@ -97,7 +97,7 @@ class _ConvertProgress:
                 bar.close()
 
     def logging(self):
-        """Log lines (offline.calibrated's per-layer timings) printed above the bars, not through them."""
+        """Log lines (offline.haq's per-layer timings) printed above the bars, not through them."""
         import contextlib
 
         if not self.enabled:

@@ -3,7 +3,7 @@
 Memory stays bounded by one decoder layer plus the calibration activations:
 the calibration batch is embedded once, then each decoder layer is loaded
 from the safetensors, (for calibrated methods) run in float to collect input
-statistics, smoothed and quantized (offline.calibrated), run quantized — so the
+statistics, smoothed and quantized (offline.haq), run quantized — so the
 next layer calibrates on what the served model will really see — written as
 its own shard and freed.
 
@@ -38,9 +38,10 @@ from vllm_haq.format import (
 from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 from vllm_haq.quant.gptq import GPTQConfig
 
-from offline.calibrated import METHODS as METHOD_SPECS
-from offline.calibrated import MIN_EXPERT_TOKENS, MOE_SMOOTHING, ROTATION_MODES, WorkingTensors, quantize_calibrated
-from offline.calib import CalibrationError, calibration_batch, load_documents, tokenize_documents
+from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
+from offline.haq import METHODS as METHOD_SPECS
+from offline.haq import (MIN_EXPERT_TOKENS, MOE_SMOOTHING, ROTATION_MODES, LayerOptions, WorkingTensors,
+                         quantize_calibrated)
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
 from offline.routing import RoutingStats
 from offline.source import SafetensorsCheckpoint, SourceError
@@ -73,9 +74,9 @@ class ConvertOptions:
     resume: bool = False
     overwrite: bool = False
     alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
-    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.calibrated)
+    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.haq)
     # block-Hadamard rotation of dense layers' inputs (format v2, see vllm_haq.quant.rotation): "search" (haq's
-    # default), "all" or "none" (every other method); see offline.calibrated.ROTATION_MODES
+    # default), "all" or "none" (every other method); see offline.haq.ROTATION_MODES
     rotation: str | None = None
 
     @property
@@ -121,7 +122,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
 def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:
     """What ``convert`` would refuse (raised the same way), else the estimate of ``offline.estimate``; writes nothing
     and reads no tensor data (config.json and the safetensors headers only)."""
-    from offline.calib import HF_DATASETS
+    from offline.corpus import HF_DATASETS
     from offline.estimate import estimate
 
     conv = _Conversion(model_dir, out_dir, opts)
@@ -338,15 +339,13 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
     if opts.method != "rtn":
         # float32 while smoothing and rounding (materialized per tensor); untouched and folded tensors keep their dtype
         gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
-        out, record, explicit, fallbacks, worst = quantize_calibrated(
-            spec, i, WorkingTensors(tensors), targets, hidden, METHOD_SPECS[opts.method], opts.alpha, gcfg,
-            opts.moe_smoothing, opts.chunk, opts.rotation_mode)
-        if explicit:
-            record["explicit"] = [prefix + block for block in explicit]
-        if fallbacks:
-            log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(fallbacks),
+        layer_opts = LayerOptions(method=METHOD_SPECS[opts.method], alpha=opts.alpha, gptq=gcfg,
+                                  moe_smoothing=opts.moe_smoothing, chunk=opts.chunk, rotation=opts.rotation_mode)
+        result = quantize_calibrated(spec, i, WorkingTensors(tensors), targets, hidden, layer_opts)
+        if result.fallbacks:
+            log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(result.fallbacks),
                      MIN_EXPERT_TOKENS)
-        return out, len(targets), worst, record
+        return result.tensors, len(targets), result.worst_error, result.record.to_json(prefix)
     out, worst = dict(tensors), 0.0
     for module in targets:
         w = tensors.pop(f"{module}.weight")

@@ -10,7 +10,7 @@ minus ``--ignore``).
   files. The work directory also holds the calibration activations (float32) between layers.
 * **Peak RAM** models what this converter keeps alive, phase by phase (writing the global tensors, embedding
   the calibration text, and per decoder layer: statistics forward, quantization, quantized forward; see
-  ``offline/convert.py``, ``offline/calibrated.py``, ``vllm_haq/quant/gptq.py``), and reports the largest:
+  ``offline/convert.py``, ``offline/haq/``, ``vllm_haq/quant/gptq.py``), and reports the largest:
   the Python process (+ transformers and the tokenizer when calibrating); the layer's source tensors, which
   safetensors maps and which stay resident until the layer is written (layer 0 also keeps the global tensors
   that share its files mapped); its int8 output; the calibration activations (the layer's input, its output
@@ -38,9 +38,8 @@ import struct
 from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE, is_ignored
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
-from offline.calibrated import (ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROW_STRIDE, SEARCH_ROWS,
-                                input_key)
 from offline.convert import COPIED_FILES
+from offline.haq import ALPHA_GRID, GPTQ_SHORTLIST, METHODS, ROTATION_ALPHAS, SEARCH_ROW_STRIDE, SEARCH_ROWS, input_key
 from offline.models import ModelSpec, global_tensor_names
 
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -273,7 +272,7 @@ def estimate(model_dir: str, spec: ModelSpec, config: dict, opts, fmt: str = "ha
 
 
 def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, act_bytes: int, hidden: int) -> dict:
-    """The RAM components of layer ``i``'s phases (bytes), following offline/convert.py and offline/calibrated.py."""
+    """The RAM components of layer ``i``'s phases (bytes), following offline/convert.py and offline/haq/."""
     src_bytes = sum(_nbytes(*v) for v in tensors.values())
     out_bytes = sum(_nbytes(*v) for v in out.values())
     moe = spec.moe_block(i)
@@ -336,7 +335,7 @@ def _layer_memory(spec: ModelSpec, i: int, tensors, targets, out, method, opts, 
         else:
             work = 3 * 4 * out_rows.get(k, 0) * in_features.get(k, 0)
         worst = max(worst, work)
-    # An MoE layer lets go of each expert's source once the expert is quantized (offline/calibrated.py): the experts'
+    # An MoE layer lets go of each expert's source once the expert is quantized (offline/haq/layer.py): the experts'
     # int8 output replaces their larger bf16 source, so at most one expert's output adds to the mapped source, and the
     # quantized forward runs with only the non-expert source mapped (measured at Mixtral width: the file-mapped RSS
     # falls from 3.1 GB to 0.3 GB over the experts).

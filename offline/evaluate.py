@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offline.calib import eval_windows, load_documents, tokenize_documents
+from offline.corpus import eval_windows, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names, layer_rotations, spec_for
 from offline.source import SafetensorsCheckpoint
 

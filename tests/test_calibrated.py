@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offline.calibrated import (ALPHA_GRID, GPTQ_SHORTLIST, ExpertInputs, InputStats, WorkingTensors, _apply_smoothing,
-                                _factors, _search_alpha, _weight_absmax)
 from offline.convert import METHODS, ConvertOptions, convert
 from offline.evaluate import hf_token_nll
+from offline.haq import (ALPHA_GRID, GPTQ_SHORTLIST, ExpertInputs, InputStats, WorkingTensors, apply_smoothing,
+                         group_factors, search_alpha, weight_absmax)
 from offline.models import LayerTensors, SmoothGroup, spec_for
 from tiny_models import FAMILIES
 from vllm_haq.format import validate_checkpoint
@@ -35,8 +35,8 @@ def test_folded_smoothing_leaves_each_layer_unchanged(family, tiny_dir):
         targets = spec.linear_modules(i)
         for g in spec.smoothing_groups(i):
             consumers = [c for c in g.consumers if c in targets]
-            s = _factors(stats.absmax[g.observed_module], _weight_absmax(t, consumers), g, 0.5).double()
-            _apply_smoothing(t, g, s, stats)
+            s = group_factors(stats.absmax[g.observed_module], weight_absmax(t, consumers), g, 0.5).double()
+            apply_smoothing(t, g, s, stats)
         out = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}), h)
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
@@ -86,7 +86,7 @@ def test_expert_hessians_recomputed_one_at_a_time_equal_the_observed_ones(family
 def test_the_shared_expert_input_search_scores_each_expert_on_its_routed_tokens(family, tiny_dir):
     """The α/rotation search of the experts' shared gate/up input measures each expert's W8A8 error on the
     calibration rows the router sends to it (the error the MoE layer makes), a shared expert on every row."""
-    from offline.calibrated import _output_error, _scored_candidates, input_key
+    from offline.haq import input_key, output_error, scored_candidates
 
     spec, i, t, h = _first_moe_layer(tiny_dir(family), seed=4)
     block, names = spec.moe_block(i)
@@ -98,14 +98,14 @@ def test_the_shared_expert_input_search_scores_each_expert_on_its_routed_tokens(
     g = next(g for g in spec.smoothing_groups(i) if g.experts)
     x = stats.sample(g.observed_module)
     assert x.shape[0] == ids.shape[0] == 120
-    scored = dict(_scored_candidates(WorkingTensors(t), g, g.consumers, stats, torch.ones(x.shape[1])))
+    scored = dict(scored_candidates(WorkingTensors(t), g, g.consumers, stats, torch.ones(x.shape[1])))
     want, shared = 0.0, 0
     for c in g.consumers:
         e = stats.recompute.expert_of(input_key(c))
         rows = torch.arange(x.shape[0]) if e is None else (ids == e).any(-1).nonzero().squeeze(-1)
         shared += e is None
         w = t[f"{c}.weight"]
-        want += _output_error(x[rows] @ w.t(), quantize_per_token(x[rows]), quantize_weight_per_channel(w))
+        want += output_error(x[rows] @ w.t(), quantize_per_token(x[rows]), quantize_weight_per_channel(w))
     assert shared == (2 if family == "qwen2_moe" else 0)
     assert scored[(None, None)] == pytest.approx(want, rel=1e-5)
 
@@ -176,10 +176,10 @@ def test_alpha_search_scores_its_shortlist_with_the_rounding_gptq_will_do():
         stats("attn.q_proj", x)  # k_proj reads the same input: one Hessian for both, as the converter keeps it
         g = SmoothGroup(list(weights), norm="norm")
         t = WorkingTensors({f"{m}.weight": w for m, w in weights.items()})
-        w_absmax = _weight_absmax(t, g.consumers)
+        w_absmax = weight_absmax(t, g.consumers)
         rtn, gptq = {}, {}
         for a in (None, *ALPHA_GRID):
-            s = None if a is None else _factors(stats.absmax["attn.q_proj"], w_absmax, g, a)
+            s = None if a is None else group_factors(stats.absmax["attn.q_proj"], w_absmax, g, a)
             xs = x.double() if s is None else x.double() / s.double()
             h = 2 / x.shape[0] * xs.t() @ xs
             rtn[a] = gptq[a] = 0.0
@@ -190,9 +190,29 @@ def test_alpha_search_scores_its_shortlist_with_the_rounding_gptq_will_do():
         by_rtn = min(rtn, key=rtn.get)
         shortlist = [None] + sorted(ALPHA_GRID, key=rtn.get)[:GPTQ_SHORTLIST]
         expected = min(shortlist, key=gptq.get)
-        assert _search_alpha(t, g, g.consumers, stats, w_absmax) == (by_rtn, None)
+        assert search_alpha(t, g, g.consumers, stats, w_absmax) == (by_rtn, None)
         before = stats.hessians["attn.q_proj"].h.clone()
-        assert _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig()) == (expected, None)
+        assert search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig()) == (expected, None)
         assert torch.equal(stats.hessians["attn.q_proj"].h, before)  # scoring works on copies
         picked_differently += expected != by_rtn
     assert picked_differently  # the re-scoring changes the choice for some of these layers
+
+
+def test_layer_record_serializes_in_the_order_the_checkpoint_has_always_had():
+    """The record's JSON (config.json, progress.json): α entries in the order chosen, ``rotation`` where the first
+    rotated group was recorded, ``explicit`` (full block names) last; an empty record is an empty dict."""
+    from offline.haq import LayerRecord
+
+    assert LayerRecord().to_json("model.layers.0.") == {} and not LayerRecord()
+    r = LayerRecord()
+    r.set_alpha("attn.q_proj", 0.5)
+    r.set_alpha("attn.o_proj", None)
+    r.set_rotation("attn.o_proj", 128)
+    r.set_alpha("mlp.gate_proj", 0.7)
+    r.set_rotation("mlp.gate_proj", 64)
+    r.explicit.append("mlp")
+    got = r.to_json("model.layers.3.")
+    assert list(got) == ["attn.q_proj", "attn.o_proj", "rotation", "mlp.gate_proj", "explicit"]
+    assert got["rotation"] == {"attn.o_proj": 128, "mlp.gate_proj": 64} and got["explicit"] == ["model.layers.3.mlp"]
+    unrotated = LayerRecord({"a": 0.3, "b": None}, explicit=["moe"])
+    assert list(unrotated.to_json()) == ["a", "b", "explicit"]

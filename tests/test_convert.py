@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from offline.calib import CalibrationError
+from offline.corpus import CalibrationError
 from offline.convert import ConvertError, ConvertOptions, convert
 from offline.models import spec_for
 from offline.source import SourceError

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from offline.calibrated import InputStats, WorkingTensors, _search_alpha, _weight_absmax
 from offline.convert import ConvertError, ConvertOptions, convert
 from offline.evaluate import hf_token_nll
+from offline.haq import InputStats, WorkingTensors, search_alpha, weight_absmax
 from offline.interop import InteropError, export_compressed_tensors
 from offline.models import SmoothGroup
 from vllm_haq.format import validate_checkpoint
@@ -59,11 +59,11 @@ def test_rotation_cuts_the_error_of_token_sparse_outliers_and_the_search_picks_i
     stats("mlp.down_proj", x)
     g = SmoothGroup(["mlp.down_proj"], producer="mlp.up_proj")
     t = WorkingTensors({"mlp.down_proj.weight": w})
-    w_absmax = _weight_absmax(t, g.consumers)
-    assert _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig())[1] is None  # not offered
-    alpha, block = _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig(), rotation=128)
+    w_absmax = weight_absmax(t, g.consumers)
+    assert search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig())[1] is None  # not offered
+    alpha, block = search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig(), rotation=128)
     assert block == 128
-    only = _search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig(), rotation=128, only_rotated=True)
+    only = search_alpha(t, g, g.consumers, stats, w_absmax, GPTQConfig(), rotation=128, only_rotated=True)
     assert only == (alpha, block)
 
 
@@ -71,7 +71,7 @@ def test_the_experts_down_projections_are_rotated_all_alike_or_not_at_all():
     """The fused MoE rotates every expert's intermediate rows the same way, so haq's search decides once per layer
     for all routed experts' down projections (by their summed error): an expert no calibration token reached is
     rotated with the others, and no expert is rotated when one of them stays unquantized."""
-    from offline.calibrated import METHODS, _smooth_expert_downs
+    from offline.haq import METHODS, LayerOptions, LayerRecord, smooth_expert_downs
 
     gen = torch.Generator().manual_seed(2)
     experts = [f"mlp.experts.{e}" for e in range(3)]
@@ -88,17 +88,18 @@ def test_the_experts_down_projections_are_rotated_all_alike_or_not_at_all():
             stats(f"{x}.w2", h)
         t = WorkingTensors(dict(source))
         groups = [SmoothGroup([f"{x}.w2"], producer=f"{x}.w3") for x in experts]
-        record = {}
-        _smooth_expert_downs(t, groups, targets, stats, METHODS["haq"], 0.5, rotation, record)
+        record = LayerRecord()
+        smooth_expert_downs(t, groups, targets, stats, LayerOptions(METHODS["haq"], alpha=0.5, rotation=rotation),
+                            record)
         return t, record
 
     every = [f"{x}.w2" for x in experts]
     t, record = run(every, "search")
-    assert record["rotation"] == {m: 128 for m in every}
+    assert record.rotation == {m: 128 for m in every}
     assert torch.allclose(t["mlp.experts.2.w2.weight"], rotate(source["mlp.experts.2.w2.weight"], 128))
-    assert "mlp.experts.2.w2" not in record or record["mlp.experts.2.w2"] is None  # nothing to smooth it by
-    assert "rotation" not in run(every, "none")[1]
-    assert "rotation" not in run(every[:2], "all")[1]  # expert 2's down projection stays float
+    assert record.alpha.get("mlp.experts.2.w2") is None  # nothing to smooth it by
+    assert not run(every, "none")[1].rotation
+    assert not run(every[:2], "all")[1].rotation  # expert 2's down projection stays float
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tiny_models import CORPUS
 def windows(tiny_dir):
     from transformers import AutoTokenizer
 
-    from offline.calib import eval_windows, tokenize_documents
+    from offline.corpus import eval_windows, tokenize_documents
 
     tok = AutoTokenizer.from_pretrained(tiny_dir("llama"))
     return eval_windows(tokenize_documents(tok, [CORPUS]), 64, 4)
