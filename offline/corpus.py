@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from vllm_haq.errors import HAQError
+
 HF_DATASETS = {
     # name: (path, config, split for calibration, split for evaluation, text field)
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
@@ -21,7 +23,7 @@ HF_DATASETS = {
 }
 
 
-class CalibrationError(ValueError):
+class CalibrationError(HAQError, ValueError):
     """Calibration or evaluation text is missing, unreadable or too short."""
 
 
