@@ -115,8 +115,8 @@ def _convert(args) -> int:
     import dataclasses
     import shutil
 
-    from offline.convert import ConvertOptions, convert, dry_run
-    from offline.estimate import directory_bytes, format_estimate, weights_bytes
+    from offline.convert import ConvertOptions, convert
+    from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
     from offline.interop import export_compressed_tensors
 
     out = os.path.abspath(args.out.rstrip("/"))
