@@ -29,7 +29,8 @@ import sys
 import time
 
 from vllm_haq import __version__
-from vllm_haq.format import DEFAULT_IGNORE
+
+from offline.plan import FORMATS, METHODS, MOE_SMOOTHING, ROTATION_MODES, ConvertOptions, option_default
 
 
 def _stderr_isatty() -> bool:
@@ -115,7 +116,7 @@ def _convert(args) -> int:
     import dataclasses
     import shutil
 
-    from offline.convert import ConvertOptions, convert
+    from offline.convert import convert
     from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
     from offline.interop import export_compressed_tensors
 
@@ -132,10 +133,10 @@ def _convert(args) -> int:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     opts = ConvertOptions(
         method=args.method, calib=args.calib or [], samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        ignore=args.ignore if args.ignore is not None else list(DEFAULT_IGNORE),
+        ignore=args.ignore if args.ignore is not None else option_default("ignore"),
         routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
-        alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size, gptq_dampening=args.gptq_dampening,
-        act_order=not args.no_act_order,
+        alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size,
+        gptq_dampening=args.gptq_dampening, act_order=not args.no_act_order,
         rotation=args.rotation or ("none" if args.format == "compressed-tensors" else None),
     )
     if args.dry_run:
@@ -335,36 +336,40 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--dry-run prints the estimated disk, peak RAM and time instead.")
     c.add_argument("model", metavar="MODEL_DIR", help="input model directory (Hugging Face layout, safetensors)")
     c.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when the conversion is complete")
-    c.add_argument("--method", default="haq", choices=("rtn", "gptq", "smoothquant", "haq"),
+    # Defaults and choices come from offline.plan (ConvertOptions' fields and the tables), as the library's do.
+    c.add_argument("--method", default=option_default("method"), choices=METHODS,
                    help="haq: smoothing with alpha searched per layer + GPTQ; rtn: round to nearest (no calibration "
                         "text needed for dense models); gptq: Hessian-aware rounding only; smoothquant: smoothing "
                         "(--alpha) + rtn (all but rtn need --calib)")
-    c.add_argument("--alpha", type=float, default=0.5, help="smoothing strength for --method smoothquant")
-    c.add_argument("--moe-smoothing", choices=("shared", "per-expert"), default="shared",
+    c.add_argument("--alpha", type=float, default=option_default("alpha"),
+                   help="smoothing strength for --method smoothquant")
+    c.add_argument("--moe-smoothing", choices=MOE_SMOOTHING, default=option_default("moe_smoothing"),
                    help="MoE experts: one smoothing vector folded into the shared input norm, or one per expert "
                         "kept explicit (input_smooth) and applied at run time")
-    c.add_argument("--rotation", choices=("search", "all", "none"), default=None,
+    c.add_argument("--rotation", choices=ROTATION_MODES, default=option_default("rotation"),
                    help="haq: block-Hadamard rotation of dense layers' inputs (applied at run time before the "
                         "per-token quantization; format v2). search: the per-layer search may choose it (default "
                         "for haq); all: every dense layer that can be rotated is; none: never (format v1, "
                         "readable by older vllm-haq; the default of the other methods and of --format "
                         "compressed-tensors, which cannot express it)")
-    c.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-update block size")
-    c.add_argument("--gptq-dampening", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    c.add_argument("--gptq-block-size", type=int, default=option_default("gptq_block_size"),
+                   help="GPTQ lazy-update block size")
+    c.add_argument("--gptq-dampening", type=float, default=option_default("gptq_dampening"),
+                   help="GPTQ dampening, fraction of mean diag(H)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of activation order")
     c.add_argument("--calib", nargs="+", metavar="SOURCE",
                    help="calibration text: .txt/.jsonl files or wikitext2|c4|pile (needs network); "
                         "required for MoE models (routing statistics) and every method but rtn (default: none)")
-    c.add_argument("--samples", type=int, default=64,
+    c.add_argument("--samples", type=int, default=option_default("samples"),
                    help="calibration windows (haq's per-layer search and GPTQ need enough: see the README)")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    c.add_argument("--seq-len", type=int, default=option_default("seq_len"), help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=option_default("seed"), help="seed for choosing calibration windows")
     c.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN",
-                   help=f"modules kept unquantized (names or re:REGEX); default: {' '.join(DEFAULT_IGNORE)}")
+                   help=f"modules kept unquantized (names or re:REGEX); default: {' '.join(option_default('ignore'))}")
     c.add_argument("--no-routing-stats", action="store_true", help="do not collect expert routing statistics")
     c.add_argument("--resume", action="store_true", help="continue an interrupted conversion in OUT_DIR.partial")
     c.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
-    c.add_argument("--format", choices=("haq", "compressed-tensors"), default="haq",
+    c.add_argument("--format", choices=FORMATS, default=FORMATS[0],
                    help="haq: HAQ checkpoint (quantization='haq', routing statistics, validation, expert offloading); "
                         "compressed-tensors: llm-compressor's W8A8 int8 layout, loaded by stock vLLM (auto-detected, "
                         "no plugin) and transformers with the compressed-tensors package; same int8 tensors and "
