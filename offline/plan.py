@@ -43,6 +43,9 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class ConvertOptions:
+    """The options of one conversion (``haq convert``'s flags). Its field defaults are the command line's too:
+    offline.cli takes them from here (``option_default``) rather than repeating them."""
+
     method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
     calib: list[str] = field(default_factory=list)
     samples: int = 64  # calibration windows (why 64: the README's --samples row)
