@@ -327,7 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="haq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vllm-haq {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_export_import(sub)
+    _add_eval(sub)
+    _add_serve(sub)
+    _add_stats(sub)
+    _add_generate(sub)
+    return p
 
+
+def _add_convert(sub) -> None:
+    """``haq convert``: its defaults and choices come from ``offline.plan`` (ConvertOptions and the tables)."""
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a HAQ int8 checkpoint",
                        formatter_class=_HelpFormatter,
                        description="Converts layer by layer (one decoder layer in memory at a time) in OUT_DIR.partial; "
@@ -382,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
 
+
+def _add_export_import(sub) -> None:
+    """``haq export`` and ``haq import``: HAQ <-> compressed-tensors."""
     x = sub.add_parser(
         "export", help="HAQ checkpoint -> compressed-tensors W8A8 int8 checkpoint (stock vLLM / transformers)",
         formatter_class=_HelpFormatter,
@@ -408,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when complete")
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
+
+def _add_eval(sub) -> None:
+    """``haq eval``."""
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol), printed as one JSON line",
                        formatter_class=_HelpFormatter,
                        description="Perplexity over non-overlapping --seq-len windows of --dataset (GPTQ's protocol), "
@@ -428,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar (drawn on stderr only when it is a terminal)")
 
+
+def _add_serve(sub) -> None:
+    """``haq serve`` and ``haq lm-eval``: their other options go to vLLM / lm_eval."""
     s = sub.add_parser("serve", help="OpenAI-compatible vLLM server with the haq plugin; other options go to vLLM",
                        formatter_class=_HelpFormatter,
                        description="Runs python -m vllm.entrypoints.openai.api_server --model MODEL_DIR with every "
@@ -440,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--model_args pretrained=OUT_DIR,quantization=haq --tasks ...; all options (--help too) go "
                         "to lm_eval")
 
+
+def _add_stats(sub) -> None:
+    """``haq stats``."""
     t = sub.add_parser(
         "stats", help="expert routing statistics of a MoE checkpoint (or a serving engine) as a table and PNG heatmaps",
         formatter_class=_HelpFormatter,
@@ -460,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coverage", type=float, default=0.9,
                    help="fraction of a layer's routes the 'experts for N%%' column covers (default: 0.9)")
     t.add_argument("--dpi", type=int, default=100, help="resolution of the PNG files in dots per inch (default: 100)")
+
+
+def _add_generate(sub) -> None:
+    """``haq generate``."""
     gen = sub.add_parser(
         "generate", help="greedy generation from a HAQ checkpoint without vLLM (MoE experts: resident or offloaded)",
         formatter_class=_HelpFormatter,
@@ -476,7 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="expert offloading: the vLLM plugin's additional_config haq keys, e.g. slots_per_layer=2 "
                           "policy=lru (HAQ_* environment variables are not read); default: none, every expert "
                           "resident on the device")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
