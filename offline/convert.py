@@ -21,71 +21,28 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from vllm_haq import __version__
-from vllm_haq.format import (
-    DEFAULT_IGNORE,
-    ROUTING_FILE,
-    ROUTING_METADATA_KEY,
-    SAFETENSORS_INDEX,
-    WEIGHT_SCALE,
-    HAQQuantConfig,
-    is_ignored,
-)
+from vllm_haq.format import ROUTING_FILE, ROUTING_METADATA_KEY, SAFETENSORS_INDEX, WEIGHT_SCALE
 from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
-from vllm_haq.quant.gptq import GPTQConfig
 
-from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.haq import METHODS as METHOD_SPECS
-from offline.haq import (MIN_EXPERT_TOKENS, MOE_SMOOTHING, ROTATION_MODES, LayerOptions, WorkingTensors,
-                         quantize_calibrated)
-from offline.models import LayerTensors, ModelSpec, global_tensor_names, spec_for
+from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
+from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
+from offline.models import LayerTensors, ModelSpec, global_tensor_names
+from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, layer_targets,
+                          plan_conversion)
 from offline.routing import RoutingStats
-from offline.source import SafetensorsCheckpoint, SourceError
+from offline.source import SourceError
 
 log = logging.getLogger("haq.convert")
 
-METHODS = tuple(METHOD_SPECS)
-COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json",
-)
 PROGRESS = "progress.json"
 HIDDEN = "calib_hidden.pt"
 ROUTING_PARTIAL = "routing_partial.pt"
-
-
-class ConvertError(RuntimeError):
-    """Conversion cannot proceed; the message says why and what to do."""
-
-
-@dataclass
-class ConvertOptions:
-    method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
-    calib: list[str] = field(default_factory=list)
-    samples: int = 64  # calibration windows (why 64: the README's --samples row)
-    seq_len: int = 512
-    seed: int = 0
-    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
-    routing_stats: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
-    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.haq)
-    # block-Hadamard rotation of dense layers' inputs (format v2, see vllm_haq.quant.rotation): "search" (haq's
-    # default), "all" or "none" (every other method); see offline.haq.ROTATION_MODES
-    rotation: str | None = None
-
-    @property
-    def rotation_mode(self) -> str:
-        return self.rotation or ("search" if self.method == "haq" else "none")
-    gptq_block_size: int = 128
-    gptq_dampening: float = 0.01
-    act_order: bool = True
-    chunk: int = 8  # calibration samples per forward chunk (bounds attention memory)
 
 
 @dataclass
@@ -113,73 +70,26 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
 
     ``progress(report, num_layers)`` is called after each layer is committed; ``events`` gets the other steps.
     """
-    conv = _Conversion(model_dir, out_dir, opts)
+    conv = _Conversion(plan_conversion(model_dir, out_dir, opts))
     if events is not None:
         conv.events = events
     return conv.run(progress)
 
 
-def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:
-    """What ``convert`` would refuse (raised the same way), else the estimate of ``offline.estimate``; writes nothing
-    and reads no tensor data (config.json and the safetensors headers only)."""
-    from offline.corpus import HF_DATASETS
-    from offline.estimate import estimate
-
-    conv = _Conversion(model_dir, out_dir, opts)
-    if conv.needs_calibration:
-        for source in opts.calib:
-            if source not in HF_DATASETS and not os.path.isfile(source):
-                raise CalibrationError(f"{source}: no such file (and not one of {sorted(HF_DATASETS)})")
-    return estimate(model_dir, conv.spec, conv.config, opts, fmt, routing_stats=conv.stats is not None,
-                    needs_calibration=conv.needs_calibration)
-
-
 class _Conversion:
-    """State of one conversion: source, work directory, calibration activations, routing statistics."""
+    """State of carrying out one ``ConversionPlan``: work directory, calibration activations, routing statistics,
+    the smoothing records of the layers done. What to do comes from the plan (shared with ``--dry-run``)."""
 
     events = ConvertEvents()
 
-    def __init__(self, model_dir: str, out_dir: str, opts: ConvertOptions):
-        if opts.method not in METHODS:
-            raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
-        if opts.moe_smoothing not in MOE_SMOOTHING:
-            raise ConvertError(f"--moe-smoothing {opts.moe_smoothing!r} is not one of {list(MOE_SMOOTHING)}")
-        if opts.rotation_mode not in ROTATION_MODES:
-            raise ConvertError(f"--rotation {opts.rotation!r} is not one of {list(ROTATION_MODES)}")
-        if opts.rotation_mode != "none" and opts.method != "haq":
-            raise ConvertError(f"--rotation {opts.rotation} needs --method haq (its per-layer search chooses the "
-                               f"smoothing that goes with the rotation); --method {opts.method} converts unrotated")
-        self.model_dir, self.opts = model_dir, opts
-        self.config = _read_json(os.path.join(model_dir, "config.json"), "model config")
-        if "quantization_config" in self.config:
-            raise ConvertError(
-                f"{model_dir}/config.json: the model is already quantized "
-                f"({self.config['quantization_config'].get('quant_method')!r}); convert the original model"
-            )
-        self.spec = spec_for(self.config, os.path.join(model_dir, "config.json"))
-        self.src = SafetensorsCheckpoint(model_dir)
-        self.out_dir = os.path.abspath(out_dir.rstrip("/"))
-        if os.path.exists(self.out_dir) and not opts.overwrite:
-            raise ConvertError(f"{self.out_dir} already exists; pass --overwrite to replace it")
-        self.work = self.out_dir + ".partial"
-        self.fingerprint = _fingerprint(model_dir, opts)
-
-        moe_layers = [i for i in range(self.spec.num_layers) if self.spec.is_moe_layer(i)]
-        want_stats = bool(moe_layers) and opts.routing_stats
-        self.stats = RoutingStats(moe_layers, self.spec.num_experts) if want_stats else None
-        # RTN needs activations only for routing statistics; every other method calibrates.
-        self.needs_calibration = want_stats or opts.method != "rtn"
-        if self.needs_calibration and not opts.calib:
-            why = (f"--method {opts.method}{' (the default)' if opts.method == 'haq' else ''} calibrates on text"
-                   if opts.method != "rtn" else "this is an MoE model: routing statistics need calibration text")
-            raise ConvertError(
-                f"{why}. Pass --calib FILE.txt (or wikitext2/c4/pile with network access)"
-                + (", or --method rtn to round without calibration (dense models)" if opts.method != "rtn"
-                   else ", or --no-routing-stats")
-            )
-        self.smoothing: dict[str, dict] = {}
-        n = self.spec.num_layers + 1  # shard 1: embeddings, final norm, LM head; shard i + 2: layer i
-        self.shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    def __init__(self, plan: ConversionPlan):
+        self.plan, self.opts, self.model_dir = plan, plan.opts, plan.model_dir
+        self.config, self.spec, self.src = plan.config, plan.spec, plan.source
+        self.out_dir, self.work = plan.out_dir, plan.out_dir + ".partial"
+        self.needs_calibration, self.shard_names = plan.needs_calibration, plan.shard_names
+        self.fingerprint = _fingerprint(plan.model_dir, plan.opts)
+        self.stats = RoutingStats(plan.moe_layers, self.spec.num_experts) if plan.routing_stats else None
+        self.smoothing: dict[str, dict] = {}  # layer -> smoothing record (see ConversionPlan.quantization_config)
 
     def run(self, progress) -> list[LayerReport]:
         try:
@@ -269,37 +179,14 @@ class _Conversion:
             with safe_open(self._path(name), framework="pt") as f:
                 weight_map.update({t: name for t in f.keys()})
         _write_json(self._path(SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        opts = self.opts
         if self.stats is not None:
-            info = {"tokens": self.stats.tokens, "corpus": [os.path.basename(c) for c in opts.calib]}
+            info = {"tokens": self.stats.tokens, "corpus": self.plan.corpus()}
             # One metadata key: safetensors writes several in hash order, which would make files differ run to run.
             save_file(self.stats.export(), self._path(ROUTING_FILE),
                       metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
-        qcfg = HAQQuantConfig(
-            ignore=list(opts.ignore),
-            smoothing={
-                "method": "none" if not METHOD_SPECS[opts.method].smooth else
-                ("searched" if METHOD_SPECS[opts.method].search_alpha else "fixed"),
-                # layer -> first consumer of each producer -> alpha (null: left unsmoothed)
-                "alpha": self.smoothing, "folded": bool(self.smoothing),
-                "explicit": sorted(b for rec in self.smoothing.values() for b in rec.get("explicit", [])),
-            },
-            input_rotation={self.spec.layer_prefix(int(i)) + m: block for i, rec in self.smoothing.items()
-                            for m, block in rec.get("rotation", {}).items()},
-            routing_statistics=ROUTING_FILE if self.stats is not None else None,
-            producer={
-                "tool": "vllm-haq", "version": __version__, "method": opts.method,
-                "calibration": [os.path.basename(c) for c in opts.calib], "samples": opts.samples,
-                "seq_len": opts.seq_len, "seed": opts.seed, "alpha": opts.alpha,
-                "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
-                         "act_order": opts.act_order},
-                "rotation": opts.rotation_mode,
-            },
-        )
-        _write_json(self._path("config.json"), {**self.config, "quantization_config": qcfg.to_dict()})
-        for fname in COPIED_FILES:
-            if os.path.exists(os.path.join(self.model_dir, fname)):
-                shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
+        _write_json(self._path("config.json"), self.plan.output_config(self.smoothing))
+        for fname in self.plan.copied_files():
+            shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
         for fname in (PROGRESS, HIDDEN, ROUTING_PARTIAL):
             if os.path.exists(self._path(fname)):
                 os.remove(self._path(fname))
@@ -325,21 +212,17 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
     Calibrated methods first run the float layer on ``hidden`` to collect input statistics. Takes ownership of
     ``tensors``: source weights are dropped from it once quantized (routed experts: once the expert is done).
     """
-    targets = []
-    for module in spec.linear_modules(i):
+    targets = layer_targets(spec, i, opts.ignore)
+    for module in targets:
         full = prefix + module
-        if is_ignored(full, opts.ignore):
-            continue
         w = tensors.get(f"{module}.weight")
         if w is None:
             raise SourceError(f"tensor {full}.weight is missing from the checkpoint")
         if not torch.isfinite(w).all():
             raise SourceError(f"tensor {full}.weight has non-finite values (NaN/inf); the source model is damaged")
-        targets.append(module)
     if opts.method != "rtn":
         # float32 while smoothing and rounding (materialized per tensor); untouched and folded tensors keep their dtype
-        gcfg = GPTQConfig(block_size=opts.gptq_block_size, dampening=opts.gptq_dampening, act_order=opts.act_order)
-        layer_opts = LayerOptions(method=METHOD_SPECS[opts.method], alpha=opts.alpha, gptq=gcfg,
+        layer_opts = LayerOptions(method=METHOD_SPECS[opts.method], alpha=opts.alpha, gptq=opts.gptq_config(),
                                   moe_smoothing=opts.moe_smoothing, chunk=opts.chunk, rotation=opts.rotation_mode)
         result = quantize_calibrated(spec, i, WorkingTensors(tensors), targets, hidden, layer_opts)
         if result.fallbacks:
@@ -439,14 +322,5 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: {what} not found") from None
-    except ValueError as exc:
-        raise SourceError(f"{path}: {what} is not valid JSON ({exc})") from exc
-
-
-__all__ = ["convert", "dry_run", "ConvertOptions", "ConvertError", "ConvertEvents", "CalibrationError", "METHODS"]
+# ConvertOptions, ConvertError and METHODS live in offline.plan (shared with offline.estimate); importable here too
+__all__ = ["convert", "ConvertOptions", "ConvertError", "ConvertEvents", "CalibrationError", "METHODS"]

@@ -20,6 +20,11 @@ FORBIDDEN = {
     "vllm_haq/vllm": {"offline"},  # the plugin runs without the converter package
     "vllm_haq": {"offline"},  # the plugin and its engine run without the converter package
     "offline": {"vllm", "vllm_haq.vllm"},
+    # --dry-run sizes the ConversionPlan that offline.convert carries out; it never imports the converter (they
+    # used to import each other), and the plan imports neither
+    "offline/estimate.py": {"vllm", "vllm_haq.vllm", "offline.convert"},
+    "offline/estimate_ram.py": {"vllm", "vllm_haq.vllm", "offline.convert", "offline.estimate"},
+    "offline/plan.py": {"vllm", "vllm_haq.vllm", "offline.convert", "offline.estimate", "offline.cli"},
 }
 
 
@@ -55,8 +60,8 @@ def test_no_upward_imports(rel):
 
 
 def test_converting_and_hf_eval_never_load_vllm():
-    code = ("import sys, offline.cli, offline.convert, offline.evaluate, offline.generate, vllm_haq.format, "
-            "vllm_haq.quant; "
+    code = ("import sys, offline.cli, offline.convert, offline.estimate, offline.evaluate, offline.generate, "
+            "vllm_haq.format, vllm_haq.quant; "
             "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules), "
             "[m for m in sys.modules if m.startswith('vllm')]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
