@@ -86,7 +86,8 @@ class HAQOffloadStatLogger(StatLoggerBase):
         pp = vllm_config.parallel_config.pipeline_parallel_size
         self.paths = [board_path(vllm_config, engine_index, p) for p in range(pp)]
         self.metrics = _get_metrics()
-        self._seen: dict[tuple, int] = {}  # series -> value already added
+        self._seen: dict[tuple, int] = {}  # (stage, metric, layer) -> value already added
+        self._children: dict[tuple, object] = {}  # (metric, layer) -> its labelled series
         self._pids: list[int | None] = [None] * pp
         for path in self.paths:  # a killed engine core leaves its board behind; the API server outlives it
             atexit.register(remove_board, path)
@@ -101,37 +102,37 @@ class HAQOffloadStatLogger(StatLoggerBase):
         pass
 
     def refresh(self) -> None:
-        """Advance the counters to the boards' values (a few microseconds: one small file read per stage)."""
+        """Advance the counters to the boards' values (microseconds: one small file read per pipeline stage)."""
         totals = dict.fromkeys(TOTALS, 0)
         found = False
         for stage, path in enumerate(self.paths):
             board = read_board(path)
             if board is None:
                 continue
-            if not found and not self._seen:  # the series exist from the first board on, at 0 until counted
-                for k in TOTALS:
-                    self.metrics[k].labels(*self.labels)
             found = True
             if board["pid"] != self._pids[stage]:  # a new engine process counts from zero again
                 self._pids[stage] = board["pid"]
                 self._seen = {k: v for k, v in self._seen.items() if k[0] != stage}
             for k, v in board["totals"].items():
                 totals[k] += v
-                self._advance((stage, "total", k), v, None)
+                self._advance((stage, k, None), v)
             for layer, row in board["layers"].items():
                 for k, v in row.items():
-                    self._advance((stage, layer, k), v, self.metrics["layer_" + k].labels(*self.labels, str(layer)))
+                    self._advance((stage, "layer_" + k, str(layer)), v)
         if found:
             self._gauges(totals)
 
-    def _advance(self, key: tuple, value: int, child) -> None:
-        delta = value - self._seen.get(key, 0)
-        if delta <= 0:
-            return
-        self._seen[key] = value
+    def _advance(self, key: tuple, value: int) -> None:
+        """``key``: (stage, metric, layer or None). The series exists (at 0) from the first board on."""
+        _, metric, layer = key
+        child = self._children.get((metric, layer))
         if child is None:
-            child = self.metrics[key[2]].labels(*self.labels)
-        child.inc(delta)
+            extra = () if layer is None else (layer,)
+            child = self._children[(metric, layer)] = self.metrics[metric].labels(*self.labels, *extra)
+        delta = value - self._seen.get(key, 0)
+        if delta > 0:
+            self._seen[key] = value
+            child.inc(delta)
 
     def _gauges(self, t: dict) -> None:
         routed = t["hits"] + t["misses"]
