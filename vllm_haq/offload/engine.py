@@ -471,6 +471,7 @@ class OffloadEngine(HostJobs, Reporting):
     def close(self) -> None:
         if self._started and self.config.stats_file:
             self.report()
+        self._close_board()
         for pool in (self._pool, self._copier):
             if pool is not None:
                 pool.shutdown(wait=True)

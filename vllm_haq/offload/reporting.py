@@ -1,6 +1,8 @@
 """What the offload engine tells users: counters of served steps, the routing it saw, the statistics file.
 
 A mixin of :class:`vllm_haq.offload.engine.OffloadEngine` (its counters, routing statistics and config).
+With ``metrics_file`` set (the vLLM adapter does, see :mod:`vllm_haq.vllm.metrics`) every served step's
+counters also go to a :class:`~vllm_haq.offload.board.CounterBoard` that vLLM's API server exports to Prometheus.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from vllm_haq.format import write_json_atomic
 from vllm_haq.kernels import RouteGroups
+from vllm_haq.offload.board import CounterBoard
 from vllm_haq.offload.serving import Layer
 from vllm_haq.offload.stats import LIVE_ROUTING_KEY
 
@@ -20,6 +23,9 @@ log = logging.getLogger("vllm_haq.offload")
 
 
 class Reporting:
+    metrics_file: str | None = None  # where the counter board goes; None: no board
+    _board: CounterBoard | None = None
+
     def _record(self, layer: Layer, groups: RouteGroups, topk_ids, hits, misses, fetch, cpu, moved) -> None:
         c = self.counters
         c.steps += 1
@@ -30,12 +36,24 @@ class Reporting:
         c.cpu_expert_tokens += sum(misses[e] for e in cpu)
         c.bytes_h2d += moved
         c.prefetch_hits += sum(1 for e in groups.routed if e in layer.prefetched)
+        if self.metrics_file:
+            self._publish(layer, (len(hits), len(misses), len(fetch), sum(misses[e] for e in cpu)))
         ids = groups.id_rows()  # the host copy RouteGroups made: no second transfer
         prev = self._prev_routed[1] if self._prev_routed and self._prev_routed[0] == layer.pos - 1 else None
         self.stats_model.record(layer.pos, groups.counts, prev, ids)
         self._prev_routed = (layer.pos, ids)
         if self.config.stats_file and time.monotonic() - self._last_report >= self.config.stats_interval_s:
             self.report()
+
+    def _publish(self, layer: Layer, per_layer: tuple[int, int, int, int]) -> None:
+        if self._board is None:  # first served step: every layer is known
+            self._board = CounterBoard(self.metrics_file, [x.index for x in self.order])
+        self._board.publish(self.counters, layer.pos, per_layer)
+
+    def _close_board(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def stats(self) -> dict:
         """Counters of served steps plus the cache layout and the calibrated cost model."""

@@ -109,6 +109,22 @@ def _offload_settings(quant_config) -> tuple[OffloadConfig, object]:
     return quant_config.offload_config, vllm_config
 
 
+def _metrics_file(vllm_config) -> str | None:
+    """The counter board of this worker's engine for the API server's Prometheus exporter
+    (:mod:`vllm_haq.vllm.metrics`): written by tensor-parallel rank 0 only, whose counters stand for the engine."""
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+    from vllm_haq.vllm.metrics import board_path
+
+    try:
+        tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+    except AssertionError:  # no distributed state (an engine built outside vLLM's workers)
+        return None
+    if tp_rank != 0:
+        return None
+    return board_path(vllm_config, vllm_config.parallel_config.data_parallel_rank, pp_rank)
+
+
 def _routing_prior(vllm_config, routing_file: str | None) -> dict | None:
     """The checkpoint's routing statistics (validated), or None when it has none."""
     model_dir = vllm_config.model_config.model
@@ -319,6 +335,7 @@ class HAQMoEMethod(FusedMoEMethodBase):
                                               routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics),
                                               name=str(self._vllm_config.model_config.model),
                                               shard_amax=self.shard_amax)
+            qc.offload_engine.metrics_file = _metrics_file(self._vllm_config)
         self.engine = qc.offload_engine
         self.engine.add_layer(self.layer_index, self._stack(layer))
 
