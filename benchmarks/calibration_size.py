@@ -41,7 +41,7 @@ def main() -> int:
 
     import torch
 
-    from offline.evaluate import eval_token_windows, hf_final_hidden
+    from offline.perplexity import eval_token_windows, hf_final_hidden
 
     src = models()[args.model]()
     windows = {c: eval_token_windows(src, p, 512) for c, p in TEST_CORPORA.items()}

@@ -82,11 +82,11 @@ def score(model_dir: str, windows: dict, backend: str) -> tuple[dict[str, float]
     names = list(windows)
     allw = torch.cat([windows[n] for n in names])
     if backend == "vllm":
-        from vllm_haq.vllm.evaluate import vllm_token_nll
+        from vllm_haq.vllm.scoring import vllm_token_nll
 
         nll = vllm_token_nll(model_dir, allw, enforce_eager=True)
     else:
-        from offline.evaluate import hf_token_nll
+        from offline.perplexity import hf_token_nll
 
         nll = hf_token_nll(model_dir, allw)
     per_corpus = _split_by_corpus(nll, windows)
@@ -104,7 +104,7 @@ def kl_to_reference(model_dir: str, windows: dict, reference) -> dict[str, list[
     hf_final_hidden of the concatenated ``windows``)."""
     import torch
 
-    from offline.evaluate import hf_token_nll_kl
+    from offline.perplexity import hf_token_nll_kl
 
     _, kl = hf_token_nll_kl(model_dir, torch.cat(list(windows.values())), reference)
     return {n: [round(float(x), 9) for x in v.double().mean(1)] for n, v in _split_by_corpus(kl, windows).items()}
@@ -129,7 +129,7 @@ def main() -> int:
 
     import torch
 
-    from offline.evaluate import eval_token_windows, hf_final_hidden
+    from offline.perplexity import eval_token_windows, hf_final_hidden
 
     calib, corpora = CALIB, TEST_CORPORA
     os.makedirs(args.work, exist_ok=True)

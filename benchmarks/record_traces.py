@@ -28,7 +28,7 @@ DEFAULT_OUT = os.path.join(REPO, "benchmarks", "traces")
 
 
 def record(model_dir: str, corpus_file: str, windows: int, seq_len: int = 512) -> dict:
-    from offline.evaluate import eval_token_windows
+    from offline.perplexity import eval_token_windows
     from offline.models import LayerTensors, global_tensor_names, spec_for
     from offline.source import SafetensorsCheckpoint
 

@@ -148,7 +148,7 @@ class Engine:
     """One vLLM engine: perplexity windows, chat answers, memory and offload statistics."""
 
     def __init__(self, model_dir: str, label: str, **kwargs):
-        from vllm_haq.vllm.evaluate import make_llm
+        from vllm_haq.vllm.scoring import make_llm
 
         t0 = time.time()
         self.label = label
@@ -157,8 +157,8 @@ class Engine:
         log(f"{label}: vLLM engine up in {time.time() - t0:.0f}s (quantization={quant!r})")
 
     def perplexity(self, windows) -> float:
-        from offline.evaluate import summarize
-        from vllm_haq.vllm.evaluate import prompt_token_logprobs
+        from offline.perplexity import summarize
+        from vllm_haq.vllm.scoring import prompt_token_logprobs
 
         t0 = time.time()
         nll = -prompt_token_logprobs(self.llm, windows)
@@ -180,7 +180,7 @@ class Engine:
         return [(o.outputs[0].text.strip(), list(o.outputs[0].token_ids)) for o in outs]
 
     def weight_bytes(self) -> dict:
-        from vllm_haq.vllm.stats import weight_bytes
+        from vllm_haq.vllm.engine_stats import weight_bytes
 
         return weight_bytes(self.llm)[0]
 
@@ -291,7 +291,7 @@ def dense_demo(args, windows_of) -> list[str]:
 
 
 def moe_demo(args, windows_of) -> list[str]:
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from offline.smollm2 import export_smollm2
 
     t0 = time.time()
@@ -387,7 +387,7 @@ def main() -> int:
     t0 = time.time()
 
     def windows_of(model_dir: str):
-        from offline.evaluate import eval_token_windows
+        from offline.perplexity import eval_token_windows
 
         return eval_token_windows(model_dir, HELDOUT, SEQ_LEN, args.windows)
 

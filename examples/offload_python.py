@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
-    from vllm_haq.vllm.stats import offload_stats
+    from vllm_haq.vllm.engine_stats import offload_stats
 
     llm = LLM(model=args.checkpoint, quantization="haq", max_model_len=256, gpu_memory_utilization=0.3,
               enforce_eager=True,

@@ -207,7 +207,7 @@ def _import(args) -> int:
 
 
 def _eval(args) -> int:
-    from offline.evaluate import eval_token_windows, hf_final_hidden, hf_token_nll_kl, summarize
+    from offline.perplexity import eval_token_windows, hf_final_hidden, hf_token_nll_kl, summarize
 
     if args.reference and args.backend != "hf":
         raise SystemExit("haq eval: --reference needs --backend hf (vLLM returns only the top logprobs of a "
@@ -236,7 +236,7 @@ def _eval(args) -> int:
                 bar.close()
     else:
         # The one place the offline CLI reaches into the vLLM adapter, lazily and only for this backend.
-        from vllm_haq.vllm.evaluate import vllm_token_nll
+        from vllm_haq.vllm.scoring import vllm_token_nll
 
         kwargs = {"enforce_eager": args.enforce_eager, "use_tqdm": show}  # vLLM's bar over the windows
         if args.dtype:
@@ -251,7 +251,7 @@ def _eval(args) -> int:
 
 
 def _stats(args) -> int:
-    from offline.stats import StatsError, load_checkpoint_routing, load_live_routing, write_report
+    from offline.stats_report import StatsError, load_checkpoint_routing, load_live_routing, write_report
 
     if (args.checkpoint is None) == (args.live is None):
         raise StatsError("give a CHECKPOINT directory or --live STATS_FILE (exactly one of them)")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from offline.convert import METHODS, ConvertOptions, convert
-from offline.evaluate import hf_token_nll
+from offline.perplexity import hf_token_nll
 from offline.haq import (ALPHA_GRID, GPTQ_SHORTLIST, ExpertInputs, InputStats, WorkingTensors, apply_smoothing,
                          group_factors, search_alpha, weight_absmax)
 from offline.models import LayerTensors, SmoothGroup, spec_for
@@ -127,7 +127,7 @@ def test_calibrated_methods_convert_and_stay_close_to_float(method, family, tiny
 def test_per_expert_smoothing_round_trips_into_the_runtime(tiny_dir, calib_file, tmp_path):
     """Explicit per-expert input_smooth: written by the converter, validated, applied by vLLM like the reference."""
     from conftest import shutdown_llm
-    from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
+    from vllm_haq.vllm.scoring import make_llm, prompt_token_logprobs
 
     out = str(tmp_path / "ckpt")
     convert(tiny_dir("mixtral"), out, ConvertOptions(method="haq", moe_smoothing="per-expert", calib=[calib_file],

@@ -157,7 +157,7 @@ VALID = {"slots_per_layer": 2, "expert_fraction": 0.25, "expert_gib": 1.5, "poli
 
 
 def test_reference_documents_every_additional_config_key_and_its_environment_variable():
-    from vllm_haq.offload.config import ENV_VARS, OffloadConfig, OffloadConfigError, parse_offload_config
+    from vllm_haq.offload.options import ENV_VARS, OffloadConfig, OffloadConfigError, parse_offload_config
 
     rows = _table("additional_config")
     documented = {_code(r[0]): r for r in rows}
@@ -185,7 +185,7 @@ def _env_literals(paths) -> set[str]:
 
 
 def test_reference_documents_every_environment_variable_the_package_reads():
-    from vllm_haq.offload.config import ENV_VARS
+    from vllm_haq.offload.options import ENV_VARS
 
     package = [p for d in ("vllm_haq", "offline")
                for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)]

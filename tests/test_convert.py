@@ -139,7 +139,7 @@ def test_hf_eval_kl_matches_transformers(tiny_dir, calib_file, tmp_path, capsys)
     from transformers import AutoModelForCausalLM
 
     from offline.cli import main
-    from offline.evaluate import eval_token_windows
+    from offline.perplexity import eval_token_windows
     from tiny_models import build_tiny_model
 
     ref, other = tiny_dir("llama"), build_tiny_model("llama", str(tmp_path / "other"), seed=1)

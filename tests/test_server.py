@@ -16,7 +16,7 @@ import torch
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from offline.evaluate import hf_token_nll
+from offline.perplexity import hf_token_nll
 
 STARTUP_TIMEOUT_S = 300
 

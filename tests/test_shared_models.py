@@ -15,14 +15,14 @@ import pytest
 
 from conftest import CORPORA, shared_path
 from offline.convert import ConvertOptions, convert
-from offline.evaluate import eval_token_windows, hf_token_nll
+from offline.perplexity import eval_token_windows, hf_token_nll
 
 WINDOWS = 16
 
 
 @pytest.mark.parametrize("name,method", [("tiny-mixtral", "haq"), ("tiny-opt", "rtn")])
 def test_perplexity_through_vllm_within_3_percent_of_bf16(name, method, tmp_path):
-    from vllm_haq.vllm.evaluate import vllm_token_nll
+    from vllm_haq.vllm.scoring import vllm_token_nll
 
     model = shared_path("models", name)
     calib = shared_path("data", "corpora", "wiki.train.txt")

@@ -1,7 +1,7 @@
 """``haq stats``: routing statistics of a checkpoint (or a serving engine's stats_file) as a table and heatmaps.
 
 The numbers in usage.txt and in the heatmaps are checked against counts computed here directly from the
-routes (or from the raw safetensors tensors), not through offline/stats.py.
+routes (or from the raw safetensors tensors), not through offline/stats_report.py.
 """
 
 import json
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from offline.cli import main
 from offline.routing import RoutingStats
-from offline.stats import (
+from offline.stats_report import (
     load_checkpoint_routing,
     load_live_routing,
     transition_figure,
@@ -301,7 +301,7 @@ def test_help_documents_every_option(capsys):
 def test_buffered_online_statistics_equal_decaying_at_every_step():
     """The engine records every layer-step and folds once per model step: the same decayed counts,
     transitions and exact counts as decaying at each record (float rounding apart)."""
-    from vllm_haq.offload.stats import ONLINE_DECAY, RoutingStatistics
+    from vllm_haq.offload.routing_stats import ONLINE_DECAY, RoutingStatistics
 
     layers, experts, k = 3, 6, 2
     stats = RoutingStatistics(layers, experts)

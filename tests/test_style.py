@@ -16,9 +16,8 @@ MAX_FUNCTION_LINES = 60  # from the `def` line (decorators excluded) to the func
 
 # "path" (a module) or "path::qualified.name" (a function) -> why it may exceed the limit.
 ALLOWED: dict[str, str] = {
-    # the rest
-    "offline/stats.py": "one command's report (`haq stats`): loading and checking both sources, the table and the "
-                        "heatmaps; 7% over, and the figures (about 130 lines) are the cut when it grows",
+    "offline/stats_report.py": "one command's report (`haq stats`): loading and checking both sources, the table "
+                               "and the heatmaps; 7% over, and the figures (about 130 lines) are the cut when it grows",
     "vllm_haq/offload/engine.py": "the engine's step and the state it shares (cache, copy waves, prefetch, cost "
                                   "calibration); its other parts are already mixins and modules (host_jobs, "
                                   "reporting, serving, store, planner, policy)",

@@ -72,7 +72,7 @@ def test_upcycling_is_deterministic(tiny_dir, upcycled, tmp_path):
 def test_upcycled_moe_computes_the_dense_model(tiny_dir, upcycled, windows):
     """Reference forward (haq eval --backend hf, float32): per-token NLL equal to float rounding, and
     the routing really spreads tokens over the experts."""
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from offline.models import LayerTensors, spec_for
     from offline.source import SafetensorsCheckpoint
 
@@ -104,7 +104,7 @@ def test_transformers_mixtral_matches_dense_llama(tiny_dir, upcycled, windows):
 
 
 def test_perturbed_experts_differ_slightly(tiny_dir, tmp_path, windows):
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from offline.source import SafetensorsCheckpoint
     from offline.upcycle import upcycle_llama_to_mixtral
 
@@ -132,7 +132,7 @@ def test_haq_convert_upcycled(upcycled, calib_file, tmp_path, windows):
     reference forward stays close to the bf16 MoE. (RTN keeps the suite fast; `make demo-moe` runs
     --method haq on the upcycled SmolLM2, and tests/test_calibrated.py covers haq on Mixtral.)"""
     from offline.cli import main
-    from offline.evaluate import hf_token_nll
+    from offline.perplexity import hf_token_nll
     from vllm_haq.format import ROUTING_FILE, validate_checkpoint
 
     out = str(tmp_path / "haq")

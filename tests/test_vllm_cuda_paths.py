@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_haq.vllm.moe import HAQMoEMethod, _keep_moe_out_of_cuda_graphs, moe_ops_in_graph
+from vllm_haq.vllm.moe_method import HAQMoEMethod, _keep_moe_out_of_cuda_graphs, moe_ops_in_graph
 
 
 class _LoadProbe(HAQMoEMethod):
@@ -82,7 +82,7 @@ def test_graph_split_names_the_moe_op_vllm_calls_on_cuda(monkeypatch):
 def test_only_the_fused_resident_moe_may_be_captured_in_cuda_graphs(monkeypatch):
     """The per-expert loop (TP shards, per-expert smoothing, a non-Triton backend) and offloading read routes on
     the host; on CUDA they are split out of vLLM's graphs, only the fused Triton MoE stays inside."""
-    import vllm_haq.vllm.moe as moe
+    import vllm_haq.vllm.moe_method as moe
 
     monkeypatch.setattr(moe, "select_backend",
                         lambda device: "triton" if torch.device(device).type == "cuda" else "torch")

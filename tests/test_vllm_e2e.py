@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import shutdown_llm
-from offline.evaluate import hf_token_nll
+from offline.perplexity import hf_token_nll
 from offline.models import LayerTensors, global_tensor_names, layer_rotations, spec_for
 from offline.source import SafetensorsCheckpoint
 
@@ -50,7 +50,7 @@ def test_haq_through_vllm_matches_int8_reference(family, eager, tiny_dir, haq_di
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
+    from vllm_haq.vllm.scoring import make_llm, prompt_token_logprobs
 
     ckpt = haq_dir(family)
     torch.manual_seed(1234)

@@ -38,7 +38,7 @@ def test_loader_checks_catch_what_vllm_loaders_skip():
     """The per-parameter loader wrappers (the last line of defence behind validate_checkpoint)."""
     from vllm_haq.format import CheckpointError
     from vllm_haq.vllm.linear import checked_loader
-    from vllm_haq.vllm.moe import _checked_moe_loader
+    from vllm_haq.vllm.moe_method import _checked_moe_loader
 
     calls = []
     ok = checked_loader(lambda p, w, *a: calls.append(w), "model.layers.0.self_attn.qkv_proj", "weight", torch.int8, 16)

@@ -26,7 +26,7 @@ def _run(ckpt: str, haq: dict | None, windows: torch.Tensor, concurrent_check: b
     from vllm.inputs import TokensPrompt
 
     from vllm_haq.vllm import offload_stats
-    from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
+    from vllm_haq.vllm.scoring import make_llm, prompt_token_logprobs
 
     extra = {"additional_config": {"haq": haq}} if haq is not None else {}
     llm = make_llm(ckpt, max_model_len=256, dtype="float32", enforce_eager=True, **extra)
@@ -72,7 +72,7 @@ def tiny_mixtral_haq(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixtral_windows(tiny_mixtral_haq):
     from conftest import CORPORA
-    from offline.evaluate import eval_token_windows
+    from offline.perplexity import eval_token_windows
 
     return eval_token_windows(tiny_mixtral_haq, os.path.join(CORPORA, "sotu.test.txt"), PROMPT_TOKENS, 4)
 

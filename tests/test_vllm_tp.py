@@ -21,7 +21,7 @@ def _greedy_and_logprobs(ckpt: str, tp: int, haq: dict | None = None):
     from vllm.inputs import TokensPrompt
 
     from vllm_haq.vllm import offload_stats
-    from vllm_haq.vllm.evaluate import make_llm, prompt_token_logprobs
+    from vllm_haq.vllm.scoring import make_llm, prompt_token_logprobs
 
     windows = torch.randint(2, 500, (3, PROMPT_TOKENS), generator=torch.Generator().manual_seed(11))
     extra = {"additional_config": {"haq": haq}} if haq else {}

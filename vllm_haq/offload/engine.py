@@ -43,11 +43,11 @@ from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_
                               new_route_buffer, select_backend, write_routes)
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
-from vllm_haq.offload.config import OffloadConfig
+from vllm_haq.offload.options import OffloadConfig
 from vllm_haq.offload.cost import CostModel, calibrate
 from vllm_haq.offload.planner import eviction_scores
 from vllm_haq.offload.policy import make_policy
-from vllm_haq.offload.stats import OffloadCounters, RoutingStatistics
+from vllm_haq.offload.routing_stats import OffloadCounters, RoutingStatistics
 from vllm_haq.offload.host_jobs import HostJobs
 from vllm_haq.offload.reporting import Reporting
 from vllm_haq.offload.serving import (InlineExecutor, Layer, StepOutputs, default_cpu_threads, gate_up,

@@ -17,7 +17,7 @@ from vllm_haq.format import write_json_atomic
 from vllm_haq.kernels import RouteGroups
 from vllm_haq.offload.board import CounterBoard
 from vllm_haq.offload.serving import Layer
-from vllm_haq.offload.stats import LIVE_ROUTING_KEY
+from vllm_haq.offload.routing_stats import LIVE_ROUTING_KEY
 
 log = logging.getLogger("vllm_haq.offload")
 

@@ -10,13 +10,13 @@ RPC behind :func:`offload_stats`.
 
 def register() -> None:
     import vllm_haq.vllm.config  # noqa: F401  (registers "haq")
-    from vllm_haq.vllm.stats import install_worker_rpc
+    from vllm_haq.vllm.engine_stats import install_worker_rpc
 
     install_worker_rpc()
 
 
 def offload_stats(llm):
-    """Per-worker offloading statistics of a ``vllm.LLM`` (see :mod:`vllm_haq.vllm.stats`)."""
-    from vllm_haq.vllm.stats import offload_stats as impl
+    """Per-worker offloading statistics of a ``vllm.LLM`` (see :mod:`vllm_haq.vllm.engine_stats`)."""
+    from vllm_haq.vllm.engine_stats import offload_stats as impl
 
     return impl(llm)

@@ -92,7 +92,7 @@ class HAQConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm_haq.vllm.linear import HAQLinearMethod
-        from vllm_haq.vllm.moe import HAQMoEMethod
+        from vllm_haq.vllm.moe_method import HAQMoEMethod
 
         if isinstance(layer, LinearBase):
             if self._skipped(prefix):

@@ -8,7 +8,7 @@ _WEIGHTS_RPC = "haq_weight_bytes"
 
 def _worker_offload_stats(worker) -> dict | None:
     """Runs in each worker: the statistics of the model's offload engine, or None without offloading."""
-    from vllm_haq.vllm.moe import HAQMoEMethod
+    from vllm_haq.vllm.moe_method import HAQMoEMethod
 
     for module in worker.get_model().modules():
         method = getattr(module, "quant_method", None)

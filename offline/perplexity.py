@@ -7,7 +7,7 @@ window; perplexity = exp(mean negative log-likelihood).
 
 The ``hf`` backend runs :mod:`offline.models` layer by layer (one decoder layer
 in memory at a time) with exactly HAQ's int8 arithmetic for int8 tensors and
-float32 for everything else; the ``vllm`` backend (``vllm_haq.vllm.evaluate``)
+float32 for everything else; the ``vllm`` backend (``vllm_haq.vllm.scoring``)
 scores the same windows through the served model. With a reference model the
 ``hf`` backend also gives the per-token KL divergence to it (``haq eval --reference``).
 """

@@ -1,7 +1,7 @@
 """W8A8 int8 fused-MoE method: all experts resident, or served by the offload engine.
 
 With an expert budget in ``additional_config={"haq": {...}}`` (or ``HAQ_*`` environment
-variables, see :mod:`vllm_haq.offload.config`) the experts stay in host memory and
+variables, see :mod:`vllm_haq.offload.options`) the experts stay in host memory and
 one :class:`vllm_haq.offload.OffloadEngine` per model serves every MoE layer from its
 device cache, CPU workers and prefetcher.
 """

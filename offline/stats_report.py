@@ -6,7 +6,7 @@ Two sources, one report:
   ``haq convert``), loaded and checked against the model by :func:`vllm_haq.format.validate_routing_stats`;
 * ``--live FILE``: the ``stats_file`` JSON a serving engine with expert offloading writes
   (``additional_config={"haq": {"stats_file": ...}}`` or ``HAQ_STATS_FILE``); its ``"routing"`` key holds
-  the exact counts of the steps it served, in the checkpoint's schema (``vllm_haq/offload/stats.py``).
+  the exact counts of the steps it served, in the checkpoint's schema (``vllm_haq/offload/routing_stats.py``).
 
 Written to the output directory:
 
@@ -41,7 +41,7 @@ from vllm_haq.format import (
     validate_routing_stats,
 )
 
-LIVE_ROUTING_KEY = "routing"  # key of the engine's stats_file JSON (vllm_haq.offload.stats.LIVE_ROUTING_KEY)
+LIVE_ROUTING_KEY = "routing"  # key of the engine's stats_file JSON (vllm_haq.offload.routing_stats.LIVE_ROUTING_KEY)
 USAGE_TXT = "usage.txt"
 USAGE_PNG = "usage.png"
 TRANSITIONS_PNG = "transitions.png"
