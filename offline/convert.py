@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vllm_haq import __version__
-from vllm_haq.format import ROUTING_FILE, ROUTING_METADATA_KEY, SAFETENSORS_INDEX, WEIGHT_SCALE
+from vllm_haq.format import ROUTING_FILE, ROUTING_METADATA_KEY, SAFETENSORS_INDEX, WEIGHT_SCALE, write_json_atomic
 from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 
 from offline.haq import METHODS as METHOD_SPECS
@@ -166,7 +166,7 @@ class _Conversion:
             state = self.stats.state_dict()
             state["_tokens"] = torch.tensor(self.stats.tokens)
             _torch_save_atomic(state, self._path(ROUTING_PARTIAL))
-        _write_json(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1,
+        write_json_atomic(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1,
                                            "smoothing": self.smoothing})
 
     def _finish(self) -> None:
@@ -178,13 +178,13 @@ class _Conversion:
             total += os.path.getsize(self._path(name))
             with safe_open(self._path(name), framework="pt") as f:
                 weight_map.update({t: name for t in f.keys()})
-        _write_json(self._path(SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(self._path(SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         if self.stats is not None:
             info = {"tokens": self.stats.tokens, "corpus": self.plan.corpus()}
             # One metadata key: safetensors writes several in hash order, which would make files differ run to run.
             save_file(self.stats.export(), self._path(ROUTING_FILE),
                       metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
-        _write_json(self._path("config.json"), self.plan.output_config(self.smoothing))
+        write_json_atomic(self._path("config.json"), self.plan.output_config(self.smoothing))
         for fname in self.plan.copied_files():
             shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
         for fname in (PROGRESS, HIDDEN, ROUTING_PARTIAL):
@@ -286,7 +286,7 @@ def _prepare_workdir(work: str, fingerprint: str, opts: ConvertOptions) -> int:
                 )
             return int(prog["done_layers"])
     os.makedirs(work)
-    _write_json(progress_file, {"fingerprint": fingerprint, "done_layers": 0})
+    write_json_atomic(progress_file, {"fingerprint": fingerprint, "done_layers": 0})
     return 0
 
 
@@ -312,13 +312,6 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
     os.replace(path + ".tmp", path)
 
 

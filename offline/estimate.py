@@ -34,10 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 
-from vllm_haq.format import ROUTING_FILE, SAFETENSORS_INDEX, WEIGHT_SCALE
+from vllm_haq.format import WEIGHT_SCALE, read_safetensors_header, shard_files
 from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 
 from offline.haq import GPTQ_SHORTLIST, METHODS, SEARCH_ROW_STRIDE, SEARCH_ROWS, input_key
@@ -71,15 +70,6 @@ TIME_BASIS = ("measured throughputs of this converter on a loaded 2-core AVX2 EP
               "GFLOP/s float64/float32); offline/estimate.py")
 
 
-def read_safetensors_header(path: str) -> dict[str, dict]:
-    """The header of one safetensors file (tensor name -> dtype, shape, data_offsets); reads no tensor data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 def source_tensors(model_dir: str) -> dict[str, tuple[str, list[int]]]:
     """name -> (safetensors dtype, shape) of every weight of a checkpoint, from its headers."""
     return {name: (dtype, shape) for name, (dtype, shape, _) in _source_headers(model_dir).items()}
@@ -87,12 +77,7 @@ def source_tensors(model_dir: str) -> dict[str, tuple[str, list[int]]]:
 
 def _source_headers(model_dir: str) -> dict[str, tuple[str, list[int], str]]:
     """name -> (dtype, shape, file) of every weight of a checkpoint."""
-    index = os.path.join(model_dir, SAFETENSORS_INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f != ROUTING_FILE)
+    files = shard_files(model_dir)
     out = {}
     for fname in files:
         for name, info in read_safetensors_header(os.path.join(model_dir, fname)).items():
@@ -102,12 +87,7 @@ def _source_headers(model_dir: str) -> dict[str, tuple[str, list[int], str]]:
 
 def weights_bytes(model_dir: str) -> int:
     """Bytes of a checkpoint's weight files (those its index names, else every ``*.safetensors`` but routing)."""
-    index = os.path.join(model_dir, SAFETENSORS_INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = set(json.load(f)["weight_map"].values())
-    else:
-        files = {f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f != ROUTING_FILE}
+    files = shard_files(model_dir)
     return sum(os.path.getsize(os.path.join(model_dir, f)) for f in files)
 
 
@@ -129,7 +109,7 @@ def _header_bytes(entries: dict[str, tuple[str, list[int]]], metadata: dict | No
 
 
 def _json_file_bytes(obj) -> int:
-    return len(json.dumps(obj, indent=2)) + 1  # offline.convert._write_json: indent 2 and a newline
+    return len(json.dumps(obj, indent=2)) + 1  # vllm_haq.format.write_json_atomic: indent 2 and a newline
 
 
 def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from vllm_haq import __version__
+from vllm_haq.errors import HAQError
 from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored
 from vllm_haq.quant.gptq import GPTQConfig
 
@@ -37,7 +38,7 @@ COPIED_FILES = (
 _GPTQ = GPTQConfig()  # the GPTQ defaults: vllm_haq.quant.gptq owns them
 
 
-class ConvertError(RuntimeError):
+class ConvertError(HAQError, RuntimeError):
     """Conversion cannot proceed; the message says why and what to do."""
 
 
