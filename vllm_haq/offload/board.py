@@ -49,14 +49,17 @@ class CounterBoard:
     def _rows(self) -> np.ndarray:
         return self._arr[HEADER + len(TOTALS):].reshape(-1, _ROW)
 
-    def publish(self, counters, pos: int, per_layer: tuple[int, int, int, int]) -> None:
-        """Copy the totals of ``counters`` (an ``OffloadCounters``) and add one step of layer ``pos``."""
+    def publish(self, counters, pos: int, per_layer: tuple[int, int, int, int], totals: bool = True) -> None:
+        """Add one step of layer ``pos``; with ``totals``, also copy the totals of ``counters`` (an
+        ``OffloadCounters``). The engine copies them once per model step (at its last MoE layer): each element
+        store into the mapping costs ~0.3 µs from Python, and the decode step has about 100 µs per layer."""
         t = self._arr
-        for i, name in enumerate(TOTALS):
-            t[HEADER + i] = getattr(counters, name)
         row = HEADER + len(TOTALS) + _ROW * pos + 1
         for i, v in enumerate(per_layer):
             t[row + i] += v
+        if totals:
+            for i, name in enumerate(TOTALS):
+                t[HEADER + i] = getattr(counters, name)
 
     def close(self) -> None:
         """Remove the file: its reader (the API server) treats a missing file as "no offloading here"."""

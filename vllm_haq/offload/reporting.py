@@ -48,7 +48,7 @@ class Reporting:
     def _publish(self, layer: Layer, per_layer: tuple[int, int, int, int]) -> None:
         if self._board is None:  # first served step: every layer is known
             self._board = CounterBoard(self.metrics_file, [x.index for x in self.order])
-        self._board.publish(self.counters, layer.pos, per_layer)
+        self._board.publish(self.counters, layer.pos, per_layer, totals=layer.pos == len(self.order) - 1)
 
     def _close_board(self) -> None:
         if self._board is not None:
