@@ -62,16 +62,6 @@ class InteropError(HAQError, ValueError):
     """The checkpoint cannot be expressed in (or read from) the other format; the message says why."""
 
 
-def _ct_version() -> str | None:
-    """The compressed-tensors version recorded in the export (informational, as llm-compressor records it)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("compressed-tensors")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _publish(tmp: str, out: str, overwrite: bool) -> str:
     """Rename the finished ``tmp`` to ``out`` (replacing ``out`` only now, and only with ``overwrite``)."""
     if os.path.exists(out):
@@ -138,7 +128,7 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
     # compressed-tensors matches plain ignore names exactly (HAQ: as suffixes), so list the modules by name,
     # as llm-compressor does; lm_head is a Linear in transformers even when tied to the embeddings.
     ignore = sorted(set(float_linear_modules(headers)) | {"lm_head"})
-    config["quantization_config"] = to_compressed_tensors(ignore, _ct_version())
+    config["quantization_config"] = to_compressed_tensors(ignore)  # as the installed compressed-tensors writes it
     config[EXPORT_KEY] = {
         "tool": "vllm-haq export", "version": __version__, "ignore": list(qcfg.ignore),
         "smoothing": qcfg.smoothing, "routing_statistics": qcfg.routing_statistics, "producer": qcfg.producer,
