@@ -81,14 +81,14 @@ def resolve_source(source: str, purpose: str = "calib", split: str | None = None
             if not rest:
                 raise CalibrationError(f"{option} {source}: the {path} builder needs data files: hf:{path}:PATH")
             _check_files(rest, source, option)
-            return DatasetSource(source, path, None, rest, default_split, field)
+            return DatasetSource(source, path, None, rest, split or "train", field)  # data files: one split
         return DatasetSource(source, path, rest or None, None, default_split, field)
     if not os.path.exists(source):
         raise CalibrationError(f"{option} {source}: no such file (nor hf:ID[:CONFIG], nor one of "
                                f"{sorted(HF_DATASETS)})")
     builder = FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
     if builder:
-        return DatasetSource(source, builder, None, source, default_split, field)
+        return DatasetSource(source, builder, None, source, split or "train", field)
     return None
 
 
@@ -156,7 +156,8 @@ def _load_dataset(ds: DatasetSource, option: str, render_chat) -> list[str]:
         data = datasets.load_dataset(ds.path, ds.config, split=ds.split, streaming=ds.streaming, **kwargs)
     except Exception as exc:  # network, hub, missing file, unknown split and dataset-script errors all land here
         if "split" in str(exc).lower():
-            raise CalibrationError(f"{option} {ds.source}: no split {ds.split!r} (--calib-split): "
+            hint = " (--calib-split)" if option == "--calib" else ""
+            raise CalibrationError(f"{option} {ds.source}: no split {ds.split!r}{hint}: "
                                    f"{str(exc).rstrip('.')}") from exc
         config = f" config {ds.config!r}" if ds.config else ""
         raise CalibrationError(f"{option} {ds.source}: could not load {ds.path!r}{config}: {exc}. Offline? Pass a "
