@@ -150,8 +150,9 @@ def _add_eval(sub) -> None:
                                    "printed as one JSON line on stdout; a progress bar over the windows on stderr "
                                    "when it is a terminal.")
     e.add_argument("model", metavar="MODEL_DIR", help="model directory (HAQ or unquantized)")
-    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl) or wikitext2|c4 (needs network); required "
-                                                    "(no default)")
+    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl), or a datasets source as --calib takes it "
+                                                    "(wikitext2|c4 presets: split test / validation; hf:ID[:CONFIG]: "
+                                                    "split test; data files: train); required (no default)")
     e.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="vllm: the served model through vLLM; hf: pure-PyTorch simulation of the same arithmetic")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
