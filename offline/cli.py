@@ -131,7 +131,8 @@ def _convert(args) -> int:
         if os.path.exists(out) and not args.overwrite:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     opts = ConvertOptions(
-        method=args.method, calib=args.calib or [], samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        method=args.method, calib=args.calib or [], calib_split=args.calib_split, calib_field=args.calib_field,
+        calib_chat_template=args.calib_chat_template, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         ignore=args.ignore if args.ignore is not None else option_default("ignore"),
         routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
         alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size,

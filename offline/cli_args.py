@@ -71,13 +71,7 @@ def _add_convert(sub) -> None:
     c.add_argument("--gptq-dampening", type=float, default=option_default("gptq_dampening"),
                    help="GPTQ dampening, fraction of mean diag(H)")
     c.add_argument("--no-act-order", action="store_true", help="GPTQ in column order instead of activation order")
-    c.add_argument("--calib", nargs="+", metavar="SOURCE",
-                   help="calibration text: .txt/.jsonl files or wikitext2|c4|pile (needs network); "
-                        "required for MoE models (routing statistics) and every method but rtn (default: none)")
-    c.add_argument("--samples", type=int, default=option_default("samples"),
-                   help="calibration windows (haq's per-layer search and GPTQ need enough: see the README)")
-    c.add_argument("--seq-len", type=int, default=option_default("seq_len"), help="tokens per calibration window")
-    c.add_argument("--seed", type=int, default=option_default("seed"), help="seed for choosing calibration windows")
+    _add_calibration(c)
     c.add_argument("--ignore", nargs="*", default=None, metavar="PATTERN",
                    help=f"modules kept unquantized (names or re:REGEX); default: {' '.join(option_default('ignore'))}")
     c.add_argument("--no-routing-stats", action="store_true", help="do not collect expert routing statistics")
@@ -96,6 +90,27 @@ def _add_convert(sub) -> None:
                    help="print the --dry-run estimate, or the final summary, as one JSON object on stdout")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
+
+
+def _add_calibration(c) -> None:
+    """``haq convert``'s calibration text options (offline.corpus reads the sources)."""
+    c.add_argument("--calib", nargs="+", metavar="SOURCE",
+                   help="calibration text: .txt/.jsonl files; through Hugging Face datasets: .parquet/.csv/.json "
+                        "files, hf:ID[:CONFIG] (a hub id, local dataset directory or script; hf:json|csv|parquet|"
+                        "text:DATA_FILES for the packaged builders) or the presets wikitext2|c4|pile; required for "
+                        "MoE models (routing statistics) and every method but rtn (default: none)")
+    c.add_argument("--calib-split", default=option_default("calib_split"), metavar="SPLIT",
+                   help="split of the datasets sources (default: the preset's, else train)")
+    c.add_argument("--calib-field", default=option_default("calib_field"), metavar="FIELD",
+                   help="field holding the text, or a conversation (list of role/content messages), in the "
+                        ".jsonl and datasets sources (default: the first of text, messages, conversations)")
+    c.add_argument("--calib-chat-template", action="store_true",
+                   help="render conversations with the model tokenizer's own chat template (else their contents "
+                        "are joined by newlines); plain text is used as is")
+    c.add_argument("--samples", type=int, default=option_default("samples"),
+                   help="calibration windows (haq's per-layer search and GPTQ need enough: see the README)")
+    c.add_argument("--seq-len", type=int, default=option_default("seq_len"), help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=option_default("seed"), help="seed for choosing calibration windows")
 
 
 def _add_export_import(sub) -> None:
@@ -135,8 +150,9 @@ def _add_eval(sub) -> None:
                                    "printed as one JSON line on stdout; a progress bar over the windows on stderr "
                                    "when it is a terminal.")
     e.add_argument("model", metavar="MODEL_DIR", help="model directory (HAQ or unquantized)")
-    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl) or wikitext2|c4 (needs network); required "
-                                                    "(no default)")
+    e.add_argument("--dataset", required=True, help="text file (.txt/.jsonl), or a datasets source as --calib takes it "
+                                                    "(wikitext2|c4 presets: split test / validation; hf:ID[:CONFIG]: "
+                                                    "split test; data files: train); required (no default)")
     e.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="vllm: the served model through vLLM; hf: pure-PyTorch simulation of the same arithmetic")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")

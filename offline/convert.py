@@ -258,14 +258,24 @@ def _calibration_ids(model_dir: str, opts: ConvertOptions, events: ConvertEvents
     except Exception as exc:
         raise ConvertError(f"{model_dir}: cannot load the tokenizer needed for calibration text ({exc})") from exc
     docs = []
+    render = _chat_renderer(tok, model_dir) if opts.calib_chat_template else None
     steps = len(opts.calib) + 2  # each source, tokenizing, embedding (by the caller)
     for k, source in enumerate(opts.calib):
         events.calibration(f"reading {os.path.basename(source)}", k, steps)
-        docs += load_documents(source, "calib")
+        docs += load_documents(source, "calib", data_split=opts.calib_split, field=opts.calib_field,
+                               render_chat=render)
     events.calibration(f"tokenizing {len(docs)} documents", steps - 2, steps)
     tokens = tokenize_documents(tok, docs)
     events.calibration(f"embedding {opts.samples} x {opts.seq_len} of {tokens.numel()} tokens", steps - 1, steps)
     return calibration_batch(tokens, opts.samples, opts.seq_len, opts.seed, ", ".join(opts.calib))
+
+
+def _chat_renderer(tok, model_dir: str):
+    """--calib-chat-template: a conversation -> the text of the tokenizer's own chat template applied to it."""
+    if not getattr(tok, "chat_template", None):
+        raise CalibrationError(f"--calib-chat-template: the tokenizer of {model_dir} has no chat template "
+                               f"(tokenizer_config.json chat_template or chat_template.jinja)")
+    return lambda messages: tok.apply_chat_template(messages, tokenize=False)
 
 
 def _prepare_workdir(work: str, fingerprint: str, opts: ConvertOptions) -> int:
@@ -298,6 +308,9 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
     d = asdict(opts)
     for k in ("resume", "overwrite"):
         d.pop(k)
+    for k in ("calib_split", "calib_field", "calib_chat_template"):  # in only when given: older .partial resume
+        if not d[k]:
+            d.pop(k)
     h.update(json.dumps(d, sort_keys=True).encode())
     h.update(__version__.encode())
     return h.hexdigest()

@@ -116,13 +116,12 @@ def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq"
     """What ``convert`` would refuse (raised the same way: both make their ``ConversionPlan`` with
     ``plan_conversion``), else the estimate; writes nothing and reads no tensor data (config.json and the
     safetensors headers only)."""
-    from offline.corpus import HF_DATASETS, CalibrationError
+    from offline.corpus import resolve_source
 
     plan = plan_conversion(model_dir, out_dir, opts)
     if plan.needs_calibration:
-        for source in opts.calib:
-            if source not in HF_DATASETS and not os.path.isfile(source):
-                raise CalibrationError(f"{source}: no such file (and not one of {sorted(HF_DATASETS)})")
+        for source in opts.calib:  # syntax and local files; a dataset itself is only loaded by the conversion
+            resolve_source(source, "calib", opts.calib_split, opts.calib_field)
     return estimate(plan, fmt)
 
 

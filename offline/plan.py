@@ -23,6 +23,7 @@ from vllm_haq.errors import HAQError
 from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored
 from vllm_haq.quant.gptq import GPTQConfig
 
+from offline.corpus import source_label
 from offline.haq import METHODS as METHOD_SPECS
 from offline.haq import MOE_SMOOTHING, ROTATION_MODES
 from offline.models import ModelSpec, spec_for
@@ -49,6 +50,11 @@ class ConvertOptions:
 
     method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
     calib: list[str] = field(default_factory=list)
+    # datasets sources (offline.corpus): split and field read (None: the preset's / train, and the first of
+    # text/messages/conversations), and whether conversations go through the tokenizer's chat template
+    calib_split: str | None = None
+    calib_field: str | None = None
+    calib_chat_template: bool = False
     samples: int = 64  # calibration windows (why 64: the README's --samples row)
     seq_len: int = 512
     seed: int = 0
@@ -133,8 +139,18 @@ class ConversionPlan:
         return [f for f in COPIED_FILES if os.path.exists(os.path.join(self.model_dir, f))]
 
     def corpus(self) -> list[str]:
-        """The calibration sources as recorded in the checkpoint (file names, not paths)."""
-        return [os.path.basename(c) for c in self.opts.calib]
+        """The calibration sources as recorded in the checkpoint (local files by name, not path; hf:ID[:CONFIG]
+        and preset names as given)."""
+        return [source_label(c) for c in self.opts.calib]
+
+    def calibration_options(self) -> dict:
+        """The --calib-split / --calib-field / --calib-chat-template given (null: the default), for the producer
+        block; empty when none is (then the block is what it was before they existed)."""
+        o = self.opts
+        if o.calib_split is None and o.calib_field is None and not o.calib_chat_template:
+            return {}
+        return {"calibration_options": {"split": o.calib_split, "field": o.calib_field,
+                                        "chat_template": o.calib_chat_template}}
 
     def producer(self) -> dict:
         """``quantization_config.producer``: the tool and every option that shaped the weights."""
@@ -145,7 +161,7 @@ class ConversionPlan:
             "seq_len": opts.seq_len, "seed": opts.seed, "alpha": opts.alpha,
             "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
                      "act_order": opts.act_order},
-            "rotation": opts.rotation_mode,
+            "rotation": opts.rotation_mode, **self.calibration_options(),
         }
 
     def quantization_config(self, records: dict[str, dict]) -> dict:
@@ -194,7 +210,8 @@ def plan_conversion(model_dir: str, out_dir: str, opts: ConvertOptions) -> Conve
         why = (f"--method {opts.method}{' (the default)' if opts.method == 'haq' else ''} calibrates on text"
                if opts.method != "rtn" else "this is an MoE model: routing statistics need calibration text")
         raise ConvertError(
-            f"{why}. Pass --calib FILE.txt (or wikitext2/c4/pile with network access)"
+            f"{why}. Pass --calib FILE.txt (or a datasets source: hf:ID[:CONFIG], a .parquet/.csv/.json file, "
+            f"wikitext2/c4/pile)"
             + (", or --method rtn to round without calibration (dense models)" if opts.method != "rtn"
                else ", or --no-routing-stats")
         )
