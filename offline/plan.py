@@ -14,13 +14,12 @@ and ``FORMATS``, from which ``haq convert``'s argparse takes its own (``offline.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
 from vllm_haq import __version__
 from vllm_haq.errors import HAQError
-from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored
+from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored, read_json
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.corpus import source_label
@@ -220,10 +219,4 @@ def plan_conversion(model_dir: str, out_dir: str, opts: ConvertOptions) -> Conve
 
 
 def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: {what} not found") from None
-    except ValueError as exc:
-        raise SourceError(f"{path}: {what} is not valid JSON ({exc})") from exc
+    return read_json(path, f"{what} not found", f"{what} is not valid JSON", SourceError)

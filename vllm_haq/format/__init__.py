@@ -12,7 +12,7 @@ from vllm_haq.format.compressed_tensors import (CT_FORMAT, CT_READ_FORMATS, EXPO
                                                 checkpoint_quant_config, from_compressed_tensors,
                                                 to_compressed_tensors)
 from vllm_haq.format.files import (ST_DTYPES, index_weight_map, is_quantized_checkpoint,
-                                   load_tensor, read_config, read_safetensors_header, read_tensor_headers,
+                                   load_tensor, read_config, read_json, read_safetensors_header, read_tensor_headers,
                                    shard_files, write_json_atomic)
 from vllm_haq.format.schema import (ACTIVATION_SCHEME, COMPRESSED_TENSORS, CONFIG_FILE, CT_SCALE_DTYPES,
                                     DEFAULT_IGNORE, FORMAT_VERSION, INPUT_SMOOTH, QUANT_METHOD, ROTATION_FORMAT_VERSION,
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError", "HAQQuantConfig", "check_config_agreement", "check_index_matches",
     "check_scale_values", "checkpoint_quant_config", "from_compressed_tensors", "index_weight_map",
     "is_ignored", "is_quantized_checkpoint", "load_tensor", "moe_layout", "parse_quantization_config",
-    "read_config", "read_safetensors_header", "read_tensor_headers", "shard_files", "to_compressed_tensors",
+    "read_config", "read_json", "read_safetensors_header", "read_tensor_headers", "shard_files",
+    "to_compressed_tensors",
     "validate_checkpoint", "validate_routing_stats", "validate_tensors", "write_json_atomic",
 ]

@@ -115,15 +115,20 @@ def write_json_atomic(path: str, obj, indent: int | None = 2, per_process: bool 
     os.replace(tmp, path)
 
 
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, CONFIG_FILE)
+def read_json(path: str, missing: str, invalid: str = "invalid JSON", error: type[Exception] = CheckpointError):
+    """The JSON object in ``path``, or ``error`` naming the file: ``{path}: {missing}`` when it does not exist,
+    ``{path}: {invalid} (why)`` when it does not parse. The one JSON reader of the project's input files."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+        raise error(f"{path}: {missing}") from None
     except ValueError as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
+        raise error(f"{path}: {invalid} ({exc})") from exc
+
+
+def read_config(model_dir: str) -> dict:
+    return read_json(os.path.join(model_dir, CONFIG_FILE), "missing (not a Hugging Face model directory)")
 
 
 def is_quantized_checkpoint(model_dir: str) -> bool:
