@@ -273,3 +273,22 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_build_follows_the_host_and_avx2_can_be_forced():
+    """VNNI hosts get the vpdpbusd build (its products are checked by every test above there); the switch's
+    "avx2" forces the AVX2 build, which must give the same integers; the choice is logged with its reason."""
+    vnni = all(flag in cpu_int8._cpu_flags() for flag in cpu_int8._VNNI_FLAGS)
+    assert cpu_int8.isa() == ("avx512_vnni" if vnni else "avx2")
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from vllm_haq.kernels import cpu_int8\n"
+            "g = torch.Generator().manual_seed(5)\n"
+            "x = torch.randint(-127, 128, (17, 4103), generator=g, dtype=torch.int8)\n"
+            "w = torch.randint(-128, 128, (37, 4103), generator=g, dtype=torch.int8)\n"
+            "assert cpu_int8.isa() == 'avx2', cpu_int8.isa()\n"
+            "assert torch.equal(cpu_int8.cpu_int8_mm(x, w, 2), (x.long() @ w.long().t()).int())\n")
+    env = dict(os.environ, HAQ_CPU_INT8_KERNEL="avx2")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CPU int8 kernel enabled (AVX2 exact int8 GEMM" in proc.stderr
+    assert "HAQ_CPU_INT8_KERNEL=avx2" in proc.stderr

@@ -1,11 +1,11 @@
-"""Exact int8 GEMM on the CPU at memory bandwidth: a small AVX2 C++ extension, built on first use.
+"""Exact int8 GEMM on the CPU at memory bandwidth: a small AVX2 / AVX-512 VNNI C++ extension, built on first use.
 
 Why: the exact fallback (:func:`vllm_haq.kernels.int8_gemm.exact_int8_mm` through fp32 BLAS in K-chunks)
 converts the whole int8 weight into fresh fp32 temporaries on every call (a Mixtral-8x7B expert: 0.7 GB of
 float32, page faults each time): 2% of the host's read bandwidth at decode. This kernel reads the int8
 weight once per call (``cpu/int8_gemm.cpp``: vpabsb/vpsignb + vpmaddubsw + vpmaddwd, exact for activations in
 [-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one
-in its workers).
+in its workers). Hosts with AVX-512 VNNI get the same source built with vpdpbusd (see :func:`_variant`).
 
 Built with ``torch.utils.cpp_extension.load`` (g++, ninja; cached in torch's extensions directory, ~30 s the
 first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or ``HAQ_CPU_INT8_KERNEL=off``,
@@ -23,28 +23,56 @@ import torch
 
 log = logging.getLogger("vllm_haq.kernels")
 
-ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it
+ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it; "avx2": the AVX2 build on VNNI hosts too
 ENV_THREADS = "HAQ_CPU_GEMM_THREADS"  # threads per call (default: the cores this process may run on)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "int8_gemm.cpp")
 _state: dict = {}
 _lock = threading.Lock()
 
 
+_VNNI_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")  # /proc/cpuinfo names of what the VNNI build uses
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: the AVX2 build is chosen then)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _variant(switch: str) -> tuple[str, list[str], str]:
+    """(extension name, extra compiler flags, reason) of the build for this host: the VNNI build where the CPU
+    has AVX-512 VNNI (one vpdpbusd per 32 products instead of three AVX2 instructions: compute-bound calls with
+    many tokens per weight run faster; decode is memory-bound either way), unless ``HAQ_CPU_INT8_KERNEL=avx2``."""
+    if switch != "avx2" and all(flag in _cpu_flags() for flag in _VNNI_FLAGS):
+        return ("haq_cpu_int8_vnni", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DHAQ_VNNI"],
+                "AVX-512 VNNI exact int8 GEMM (vpdpbusd)")
+    why = f"{ENV_SWITCH}=avx2" if switch == "avx2" else "no AVX-512 VNNI on this CPU"
+    return "haq_cpu_int8", [], f"AVX2 exact int8 GEMM (vpmaddubsw + vpmaddwd; {why})"
+
+
 def _build():
-    if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "false", "no"):
+    switch = os.environ.get(ENV_SWITCH, "").lower()
+    if switch in ("off", "0", "false", "no"):
         return None, f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX2" not in capability and "AVX512" not in capability:
         return None, f"this CPU has no AVX2 (torch reports {capability})"
+    name, flags, why = _variant(switch)
     try:
         from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
 
-        module = load(name="haq_cpu_int8", sources=[_SOURCE],
-                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"],
+        module = load(name=name, sources=[_SOURCE],
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", *flags],
                       extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
-        return None, f"building {_SOURCE} failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
-    return module, "AVX2 exact int8 GEMM"
+        return None, f"building {_SOURCE} ({name}) failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
+    return module, why
 
 
 def _module():
@@ -61,6 +89,12 @@ def _module():
 
 def available() -> bool:
     return _module() is not None
+
+
+def isa() -> str | None:
+    """Which build serves this process: "avx2", "avx512_vnni", or None (the BLAS path)."""
+    module = _module()
+    return None if module is None else module.isa
 
 
 _local = threading.local()

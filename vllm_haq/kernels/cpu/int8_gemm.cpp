@@ -8,6 +8,11 @@
 // [N, K]) in tiles of 4 rows; every pair of token rows reuses a tile's |w| while it is in registers and every
 // token the tile while it is in L1/L2, so DRAM sees each weight byte once per call and decode is memory-bound.
 //
+// Built twice from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2, and with HAQ_VNNI
+// defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where one vpdpbusd replaces vpmaddubsw +
+// vpmaddwd + vpaddd (it sums four u8 x s8 products into int32 without an int16 step, so it is exact for the same
+// operands). Nothing else differs: every tile, tail and epilogue is the same code.
+//
 // moe_routes: all of one layer-step's experts served from one stacked store (host experts or cache slots) in
 // one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
 // no Python per expert. Its float steps are those of vllm_haq.quant (true division, round half to even,
@@ -31,13 +36,22 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// acc + the four-product sums of |w| (u8) and x * sign(w) (s8), per int32 lane. The AVX2 form's int16 pair sums
+// are at most 2 * 128 * 127 = 32512, so vpmaddubsw never saturates and both forms give the same integers.
+inline __m256i dot_acc(__m256i acc, __m256i aw, __m256i sx) {
+#ifdef HAQ_VNNI
+  return _mm256_dpbusd_epi32(acc, aw, sx);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
+#endif
+}
+
 // out[r][t] = dot(w[r][0..K), x[t][0..K)) for RB weight rows and T token rows. ``next``: the next tile's
 // RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes: the tile reads RB
 // streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's K = 768 ran at 40%
 // of read bandwidth without this, Mixtral's K = 14336 at 95%).
 template <int T>
 inline void tile(const int8_t* const* w, const int8_t* const* x, int64_t K, int32_t out[RB][T], const int8_t* next) {
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[RB][T];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
@@ -53,7 +67,7 @@ inline void tile(const int8_t* const* w, const int8_t* const* x, int64_t K, int3
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
       const __m256i aw = _mm256_abs_epi8(wv);
       for (int t = 0; t < T; ++t)
-        acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones));
+        acc[r][t] = dot_acc(acc[r][t], aw, _mm256_sign_epi8(xv[t], wv));
     }
   }
   for (int r = 0; r < RB; ++r)
@@ -245,6 +259,11 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_mm", &int8_mm, "exact int8 GEMM (AVX2)");
-  m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8 (AVX2)");
+#ifdef HAQ_VNNI
+  m.attr("isa") = "avx512_vnni";
+#else
+  m.attr("isa") = "avx2";
+#endif
+  m.def("int8_mm", &int8_mm, "exact int8 GEMM");
+  m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8");
 }
