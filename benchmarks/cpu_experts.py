@@ -3,10 +3,12 @@
 One expert as the offload engine computes it on the host (``vllm_haq.kernels.expert_mlp`` over two
 ``ScaledInt8Gemm``: per-token quantization, w13, SwiGLU, quantization, w2), for Mixtral-8x7B
 (H 4096, I 14336) and Qwen3-30B-A3B (H 2048, I 768) experts, M in {1, 4, 16}, 1 thread and all threads.
-Methods, interleaved in one process: ``kernel`` (vllm_haq.kernels.cpu_int8), ``blas`` (the previous exact
-path: fp32 BLAS in K-chunks), ``fp32`` (dense float32 torch, 4x the bytes). Qwen experts are rotated
-through enough copies to come from DRAM. Read bandwidth: a streaming int64 sum over 1 GiB with the same
-thread count, measured in the same run. Error: max |kernel - exact W8A8 reference| / max |reference|.
+Methods, interleaved in one process: ``one call`` and ``kernel`` (vllm_haq.kernels.cpu_int8), ``blas`` (the
+previous exact path: fp32 BLAS in K-chunks), fbgemm's dynamic int8 linear (torch's quantized engine, the
+same int8 weights), dense ``fp32`` and ``bf16`` torch. Int8 experts are rotated through enough copies to come
+from DRAM. Read bandwidth: a streaming int64 sum over 1 GiB with the same thread count, measured in the same
+run. Error: max |method - exact W8A8 reference| / max |reference|. KTransformers' kt-kernel and llama.cpp are
+not run (see the note the report carries: NOT_RUN).
 
     .venv/bin/python benchmarks/cpu_experts.py --out benchmarks/results/cpu_experts.md
 """
@@ -72,12 +74,53 @@ def _mlp(method, experts, x, threads):
     def run():
         g13, g2 = gemms[next(it) % len(gemms)]
         if method == "blas":
-            int8_gemm.exact_int8_mm = int8_gemm.blas_int8_mm
+            int8_gemm.exact_int8_mm = lambda x_q, w_t, cpu_kernel=None: int8_gemm.blas_int8_mm(x_q, w_t)
         try:
             return expert_mlp(x, g13, g2)
         finally:
             int8_gemm.exact_int8_mm = real
     return run
+
+
+def _fbgemm_packs(experts):
+    """fbgemm's dynamic int8 linears over the same int8 weights and scales (torch's quantized engine): per-tensor
+    asymmetric uint8 activations computed per call, vpmaddubsw without our sign step (it saturates int16 pair
+    sums on AVX2, hence inexact), so it is a speed reference, not an equal."""
+    torch.backends.quantized.engine = "fbgemm"
+    packs = []
+    for a, sa, b, sb in experts:
+        pair = []
+        for w, s in ((a, sa), (b, sb)):
+            q = torch._make_per_channel_quantized_tensor(w, s.reshape(-1).double(),
+                                                         torch.zeros(w.shape[0], dtype=torch.long), 0)
+            pair.append(torch.ops.quantized.linear_prepack(q, None))
+        packs.append(pair)
+    return packs
+
+
+def _fbgemm_mlp(packs, x, threads):
+    torch.set_num_threads(threads)
+    it = iter(range(10**9))
+
+    def run():
+        p13, p2 = packs[next(it) % len(packs)]
+        gu = torch.ops.quantized.linear_dynamic(x, p13, False)
+        inter = gu.shape[1] // 2
+        return torch.ops.quantized.linear_dynamic(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], p2, False)
+    return run
+
+
+def _reference(experts, x):
+    from vllm_haq.quant import w8a8_linear_reference
+
+    a, sa, b, sb = experts[0]
+    gu = w8a8_linear_reference(x, a, sa)
+    inter = gu.shape[1] // 2
+    return w8a8_linear_reference(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], b, sb)
+
+
+def _rel_error(got, ref):
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
 def _layer_step(stack, x, threads, per_call):
@@ -112,53 +155,78 @@ def _layer_step_error(stack, x):
 
 def _error(experts, x):
     from vllm_haq.kernels import ScaledInt8Gemm, expert_mlp
-    from vllm_haq.quant import w8a8_linear_reference
 
     a, sa, b, sb = experts[0]
     got = expert_mlp(x, ScaledInt8Gemm(a, sa, torch.float32, backend="torch"),
                      ScaledInt8Gemm(b, sb, torch.float32, backend="torch"))
-    gu = w8a8_linear_reference(x, a, sa)
-    inter = gu.shape[1] // 2
-    ref = w8a8_linear_reference(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], b, sb)
-    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+    return _rel_error(got, _reference(experts, x))
+
+
+def _methods(name, m, experts, stack, fp32, packs, x, threads):
+    """(method, callable, weight bytes read per call, experts per call, error) of one shape, M and thread count."""
+    nbytes = experts[0][0].numel() + experts[0][2].numel()
+    ref = _reference(experts, x)
+    per_call = PER_STEP[name]
+    out = [(f"one call ({per_call} experts)", _layer_step(stack, x, threads, per_call), nbytes, per_call,
+            _layer_step_error(stack, x)),
+           ("kernel", _mlp("kernel", experts, x, threads), nbytes, 1, _error(experts, x))]
+    if not (name.startswith("mixtral") and m > 1):  # the old path: ~0.4-1 s a call at Mixtral, M=1 shows it
+        out.append(("blas", _mlp("blas", experts, x, threads), nbytes, 1, None))
+    fb = _fbgemm_mlp(packs, x, threads)
+    out.append(("fbgemm dynamic int8", fb, nbytes, 1, _rel_error(fb(), ref)))
+    out.append(("fp32", _mlp("fp32", fp32, x, threads), 4 * nbytes, 1, None))
+    bf16 = tuple(w.bfloat16() for w in fp32)
+    xb = x.bfloat16()
+    out.append(("bf16", _mlp("fp32", bf16, xb, threads), 2 * nbytes, 1, None))
+    return out
 
 
 def run(args):
+    from vllm_haq.offload import ExpertTensors
+
     gen = torch.Generator().manual_seed(0)
     all_threads = len(os.sched_getaffinity(0))
     bw = {t: _bandwidth(t) for t in sorted({1, all_threads})}
     rows = []
     for name, (hidden, inter, copies) in SHAPES.items():
-        from vllm_haq.offload import ExpertTensors
-
         experts = _experts(hidden, inter, copies, gen)
         stack = ExpertTensors(*(torch.stack([e[i] for e in experts]) for i in range(4)))
-        nbytes = experts[0][0].numel() + experts[0][2].numel()
+        packs = _fbgemm_packs(experts)
         fp32 = (experts[0][0].float().t().contiguous() * experts[0][1].t(), experts[0][2].float().t().contiguous())
         for m in args.m:
             x = torch.randn(m, hidden, generator=gen)
-            err = _error(experts, x)
-            step_err = _layer_step_error(stack, x)
             for threads in sorted({1, all_threads}):
-                per_call = PER_STEP[name]
-                fn = _layer_step(stack, x, threads, per_call)
-                fn()
-                s = _time(fn, args.reps) / per_call
-                rows.append((name, m, threads, f"one call ({per_call} experts)", s * 1e3, nbytes / s / 1e9,
-                             100 * nbytes / s / 1e9 / bw[threads], step_err))
-                print(rows[-1], flush=True)
-                for method in ("kernel", "blas", "fp32"):  # kernel: per expert, two GEMM calls from Python
-                    if method == "blas" and name.startswith("mixtral") and m > 1:
-                        continue  # ~0.4-1 s a call: M=1 shows the point
-                    fn = _mlp(method, fp32 if method == "fp32" else experts, x, threads)
+                for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads):
                     fn()
-                    s = _time(fn, 3 if method == "blas" else args.reps)
-                    read = nbytes * (4 if method == "fp32" else 1)
+                    s = _time(fn, 3 if method == "blas" else args.reps) / per_call
                     rows.append((name, m, threads, method, s * 1e3, read / s / 1e9, 100 * read / s / 1e9 / bw[threads],
-                                 err if method == "kernel" else None))
+                                 err))
                     print(rows[-1], flush=True)
-        del experts, stack
+        del experts, stack, packs
     return bw, rows
+
+
+NOT_RUN = ("Not run here: KTransformers' kt-kernel (0.7.2 pins torch 2.9.1 and ships top-level packages whose "
+           "names vLLM also imports, so it cannot share this environment; on AVX2 it has no W8A8 int8 method, "
+           "and its AMXINT8 method needs AMX) and llama.cpp's Q8_0 (PyPI has llama-cpp-python only as a source "
+           "distribution, and its Python API has no GEMM call to time one expert).")
+
+
+def _kernel_isa():
+    from vllm_haq.kernels import cpu_int8
+
+    return cpu_int8.isa() or "none (BLAS path)"
+
+
+def _ratios(rows):
+    """M=16 / M=1 time per (expert, threads, method): the issue's compute-bound target (at most 3x)."""
+    t = {(r[0], r[2], r[3], r[1]): r[4] for r in rows}
+    out = ["", "M = 16 time over M = 1 time (same run):", "", "| expert | threads | method | M=16 / M=1 |",
+           "|---|---|---|---|"]
+    for (name, threads, method, m), ms in t.items():
+        if m == 16 and (name, threads, method, 1) in t:
+            out.append(f"| {name} | {threads} | {method} | {ms / t[(name, threads, method, 1)]:.1f}x |")
+    return out
 
 
 def render(bw, rows, args):
@@ -168,23 +236,27 @@ def render(bw, rows, args):
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags)
     out = [f"# CPU experts ({datetime.date.today()})", "",
            f"Machine: {model}, {len(os.sched_getaffinity(0))} cores, ISA {isa}; torch {torch.__version__}, "
-           f"{platform.python_version()}. Command: `.venv/bin/python benchmarks/cpu_experts.py "
+           f"{platform.python_version()}; CPU int8 kernel build: {_kernel_isa()}. "
+           f"Command: `.venv/bin/python benchmarks/cpu_experts.py "
            f"--out {args.out}`.", "",
            "Read bandwidth (int64 sum over 1 GiB, same process): "
            + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v:.1f} GB/s" for t, v in bw.items()) + ".", "",
            "ms per expert MLP (w13, SwiGLU, w2, with per-token quantization). `one call`: one `moe_routes` call "
            "serving a layer-step's experts (Mixtral top-2, Qwen3 top-8) as the engine now does, per expert; "
            "`kernel`: the same int8 GEMM kernel called per expert from Python (two ScaledInt8Gemm); `blas`: the "
-           "previous exact path; `fp32`: dense float32 torch. GB/s counts "
-           "weight bytes read (fp32: 4x the int8 bytes). err: max |kernel - exact W8A8 reference| / max |ref| "
-           "(the int32 products are exact; what differs is float32 scaling order).", "",
+           "previous exact path; `fbgemm dynamic int8`: torch's fbgemm engine over the same int8 weights and scales "
+           "(per-tensor uint8 activations, int16-saturating on AVX2: inexact); `fp32` / `bf16`: dense torch. "
+           "GB/s counts weight bytes read (fp32: 4x the int8 bytes, bf16 2x). err: max |method - exact W8A8 "
+           "reference| / max |ref| (the kernel's int32 products are exact; what differs is float32 scaling "
+           "order).", "",
            "| expert | M | threads | method | ms | GB/s | % of bandwidth | err |", "|---|---|---|---|---|---|---|---|"]
-    out.insert(len(out) - 2, "fp32 keeps one copy of the expert (not rotated): the Qwen rows can come from cache "
-               "(above 100%). Against the issue's targets (M=1 at >= 75% of bandwidth, M=16 at most 3x M=1): see "
+    out.insert(len(out) - 2, "fp32 and bf16 keep one copy of the expert (not rotated): the Qwen rows can come from "
+               "cache (above 100%). Against the issue's targets (M=1 at >= 75% of bandwidth, M=16 at most 3x M=1): see "
                "the kernel rows.\n")
     for name, m, t, method, ms, gbs, pct, err in rows:
         out.append(f"| {name} | {m} | {t} | {method} | {ms:.2f} | {gbs:.1f} | {pct:.0f}% | "
                    f"{'' if err is None else f'{err:.1e}'} |")
+    out += _ratios(rows) + ["", NOT_RUN]
     return "\n".join(out) + "\n"
 
 
