@@ -15,6 +15,7 @@ opaque op, ``vllm_haq::cpu_int8_mm``, so torch.compile (vLLM's CPU build) does n
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -64,6 +65,10 @@ def _build():
     if "AVX2" not in capability and "AVX512" not in capability:
         return None, f"this CPU has no AVX2 (torch reports {capability})"
     name, flags, why = _variant(switch)
+    # One build directory per source text: checkouts of different versions (git worktrees, an upgrade beside a
+    # running server) would otherwise rebuild torch's one "haq_cpu_int8" directory under each other.
+    with open(_SOURCE, "rb") as f:
+        name = f"{name}_{hashlib.sha256(f.read()).hexdigest()[:12]}"
     try:
         from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
 
@@ -124,15 +129,56 @@ def cpu_int8_mm(x_q: torch.Tensor, w_q: torch.Tensor, threads: int = 0) -> torch
     quantization writes it; ``w_q`` any int8).
 
     ``w_q`` is the row-major checkpoint weight (not transposed). ``threads`` 0: :func:`default_threads`."""
-    module = _module()
-    if module is None:
-        raise RuntimeError(f"vllm-haq: the CPU int8 kernel is not available ({_state.get('why')})")
-    return module.int8_mm(x_q.contiguous(), w_q.contiguous(), threads or default_threads())
+    return _loaded().int8_mm(x_q.contiguous(), w_q.contiguous(), threads or default_threads())
 
 
 @cpu_int8_mm.register_fake
 def _(x_q, w_q, threads=0):
     return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("vllm_haq::cpu_quantize_rows", mutates_args=())
+def cpu_quantize_rows(x: torch.Tensor, smooth: torch.Tensor | None, rotation: int,
+                      threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [M, K], float32 scales [M, 1]) of float32 ``x`` [M, K]: divided by ``smooth``, rotated by the
+    block-Hadamard of order ``rotation`` (0: none), quantized per token, bit for bit as
+    ``ScaledInt8Gemm._transformed`` + ``quant.quantize_per_token`` do it in torch (tests/test_cpu_int8.py),
+    in one pass per row instead of ~6 + log2(rotation) passes over the whole activation matrix."""
+    return tuple(_loaded().quantize_rows(x.contiguous(), smooth, rotation, threads or default_threads()))
+
+
+@cpu_quantize_rows.register_fake
+def _(x, smooth, rotation, threads=0):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+
+
+@torch.library.custom_op("vllm_haq::cpu_scaled_int8_mm", mutates_args=())
+def cpu_scaled_int8_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None, threads: int = 0) -> torch.Tensor:
+    """float32 [M, N] = (int32 products * x_scale) * w_scale (+ bias), the float steps of
+    ``torch_scaled_int8_mm`` in its order, written once (no int32 matrix, no elementwise passes)."""
+    return _loaded().scaled_mm(x_q.contiguous(), x_scale, w_q.contiguous(), w_scale, bias,
+                               threads or default_threads())
+
+
+@cpu_scaled_int8_mm.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, threads=0):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.float32)
+
+
+def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                smooth: torch.Tensor | None, rotation: int | None) -> torch.Tensor:
+    """HAQ's W8A8 linear on the CPU in two opaque ops: float32 [M, N] of ``x`` [M, K] and the row-major int8
+    ``w_q`` [N, K] with float32 ``w_scale`` [N] (and float32 ``bias`` [N], ``smooth`` [K])."""
+    x_q, x_s = torch.ops.vllm_haq.cpu_quantize_rows(x.float().contiguous(), smooth, rotation or 0, 0)
+    return torch.ops.vllm_haq.cpu_scaled_int8_mm(x_q, x_s, w_q, w_scale, bias, 0)
+
+
+def _loaded():
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"vllm-haq: the CPU int8 kernel is not available ({_state.get('why')})")
+    return module
 
 
 def moe_routes(x: torch.Tensor, routes: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -148,8 +194,5 @@ def moe_routes(x: torch.Tensor, routes: torch.Tensor, topk_weights: torch.Tensor
 
     Not a torch.library op: it writes into ``routes`` and is called from eager MoE code only (vLLM runs the
     MoE layer as its own opaque op), where a custom op's Python dispatch would cost more than a small expert."""
-    module = _module()
-    if module is None:
-        raise RuntimeError(f"vllm-haq: the CPU int8 kernel is not available ({_state.get('why')})")
-    module.moe_routes(x, routes, topk_weights, w13, w13_scale, w2, w2_scale, smooth, tok, slot, index, starts,
+    _loaded().moe_routes(x, routes, topk_weights, w13, w13_scale, w2, w2_scale, smooth, tok, slot, index, starts,
                       counts, rotation or 0, threads or default_threads())

@@ -246,6 +246,11 @@ class ScaledInt8Gemm:
             # Decided here, at load time: vLLM's CPU build traces __call__ with torch.compile (fullgraph), and
             # the first check builds or loads the kernel under a lock, which Dynamo cannot trace.
             self.cpu_kernel = w_q.device.type == "cpu" and cpu_int8.available()
+            # The whole linear in the kernel's two ops (transform + quantization, GEMM + scaling): a
+            # tensor-parallel shard's shared max keeps the torch steps.
+            self._cpu_linear = self.cpu_kernel and shard_amax is None
+            if self._cpu_linear:
+                self._w_scale_n = self.w_scale.reshape(-1)
 
     def _transformed(self, x: torch.Tensor) -> torch.Tensor:
         """The activations this GEMM quantizes, float32 [M, K]: ``x`` divided by the smoothing, then rotated."""
@@ -262,6 +267,10 @@ class ScaledInt8Gemm:
         """``amax`` (with ``shard_amax``): the all-shard per-token max when the caller already has it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if getattr(self, "_cpu_linear", False):
+            out = cpu_int8.w8a8_linear(x, self.w_t.t(), self._w_scale_n, None if bias is None else bias.float(),
+                                       self.smooth, self.rotation)
+            return out.to(self.out_dtype).reshape(*shape[:-1], self.n)
         smooth = self.smooth
         if self.rotation is not None or self.shard_amax is not None:
             # block-diagonal rotation: a shard of whole blocks rotates on its own

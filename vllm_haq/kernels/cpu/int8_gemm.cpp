@@ -143,22 +143,101 @@ void check_scale_stack(const torch::Tensor& s, const torch::Tensor& w, const cha
               "moe_routes: ", name, " must be float32 [experts, N, 1], contiguous per expert");
 }
 
+// Token rows per block in the dense GEMMs: a block's int8 rows stay in L2 (~128 KB) while every weight tile
+// passes over them. Without it a prefill of thousands of tokens re-reads all of x from DRAM for each 4-row tile.
+int64_t token_block(int64_t K) { return std::max<int64_t>(2, (int64_t{128} << 10) / std::max<int64_t>(K, 1) / 2 * 2); }
+
+// epi(n, t, int32) for every product of x [M, K] (contiguous rows) and w [N, K], token block by token block,
+// each block's tiles spread over the team.
+template <class Epi>
+void dense_gemm(const int8_t* xp, const int8_t* wp, int64_t M, int64_t N, int64_t K, int64_t threads, Epi&& epi) {
+  const int64_t tiles = (N + RB - 1) / RB, mb = token_block(K);
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  for (int64_t t0 = 0; t0 < M; t0 += mb) {
+    const int64_t m = std::min(mb, M - t0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < tiles; ++b)
+      gemm_rows(wp, N, K, b * RB, std::min(N, (b + 1) * RB), xp + t0 * K, m,
+                [&](int64_t n, int64_t t, int32_t v) { epi(n, t0 + t, v); });
+  }
+}
+
+void check_gemm_operands(const torch::Tensor& x, const torch::Tensor& w, const char* op) {
+  TORCH_CHECK(x.dtype() == torch::kInt8 && w.dtype() == torch::kInt8, op, ": int8 operands expected");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), op, ": x [M, K] and w [N, K] expected");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), op, ": contiguous operands expected");
+}
+
 }  // namespace
 
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, int64_t threads) {
-  TORCH_CHECK(x.dtype() == torch::kInt8 && w.dtype() == torch::kInt8, "int8_mm: int8 operands expected");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_mm: x [M, K] and w [N, K] expected");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "int8_mm: contiguous operands expected");
+  check_gemm_operands(x, w, "int8_mm");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options().dtype(torch::kInt32));
-  const int8_t* xp = x.data_ptr<int8_t>();
-  const int8_t* wp = w.data_ptr<int8_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  const int64_t tiles = (N + RB - 1) / RB;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-  for (int64_t b = 0; b < tiles; ++b)
-    gemm_rows(wp, N, K, b * RB, std::min(N, (b + 1) * RB), xp, M, [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = v; });
+  dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
+             [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = v; });
   return out;
+}
+
+// float32 [M, N] = ((float)(x_q . w^T) * x_s[t]) * w_s[n] (+ bias[n]): vllm_haq.kernels.torch_scaled_int8_mm's
+// float steps in its order, written once instead of an int32 matrix and three elementwise passes over it.
+torch::Tensor scaled_mm(torch::Tensor x, torch::Tensor x_s, torch::Tensor w, torch::Tensor w_s,
+                        c10::optional<torch::Tensor> bias, int64_t threads) {
+  check_gemm_operands(x, w, "scaled_mm");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  TORCH_CHECK(x_s.dtype() == torch::kFloat32 && x_s.is_contiguous() && x_s.numel() == M, "scaled_mm: x_scale float32 [M, 1] expected");
+  TORCH_CHECK(w_s.dtype() == torch::kFloat32 && w_s.is_contiguous() && w_s.numel() == N, "scaled_mm: w_scale float32 [N] expected");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "scaled_mm: bias float32 [N] expected");
+    bp = bias->data_ptr<float>();
+  }
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const float* xs = x_s.data_ptr<float>();
+  const float* ws = w_s.data_ptr<float>();
+  dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads, [&](int64_t n, int64_t t, int32_t v) {
+    const float y = (static_cast<float>(v) * xs[t]) * ws[n];
+    op[t * N + n] = bp ? y + bp[n] : y;
+  });
+  return out;
+}
+
+// HAQ's activation transform and per-token quantization (vllm_haq.kernels.ScaledInt8Gemm._transformed, then
+// vllm_haq.quant.quantize_per_token), one row at a time in L1 instead of log2(block) + 6 passes over [M, K]:
+// x / smooth, the block-Hadamard rotation in the reference's butterfly order, scale = max(amax, 1e-8) / 127
+// (amax: the row's own max, or the given one), q = round-half-even(x / scale) clamped to +-127.
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, c10::optional<torch::Tensor> smooth, int64_t rotation,
+                                         int64_t threads) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "quantize_rows: x float32 [M, K] expected");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(rotation == 0 || K % rotation == 0, "quantize_rows: rotation block does not divide the input features");
+  const float* sm = nullptr;
+  if (smooth.has_value() && smooth->defined()) {
+    TORCH_CHECK(smooth->dtype() == torch::kFloat32 && smooth->is_contiguous() && smooth->numel() == K, "quantize_rows: smooth float32 [K] expected");
+    sm = smooth->data_ptr<float>();
+  }
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    std::vector<float> row(rotation > 0 ? K : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < M; ++t) {
+      if (rotation > 0) {
+        for (int64_t i = 0; i < K; ++i) row[i] = sm ? xp[t * K + i] / sm[i] : xp[t * K + i];
+        rotate_row(row.data(), K, rotation);
+        sp[t] = quantize_row(row.data(), nullptr, K, qp + t * K);
+      } else {
+        sp[t] = quantize_row(xp + t * K, sm, K, qp + t * K);
+      }
+    }
+  }
+  return {q, s};
 }
 
 // routes[tok, slot, :] = topk_w[tok, slot] * w2_e(SwiGLU(w13_e(x[tok]))) for every route of the given experts.
@@ -265,5 +344,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = "avx2";
 #endif
   m.def("int8_mm", &int8_mm, "exact int8 GEMM");
+  m.def("scaled_mm", &scaled_mm, "exact int8 GEMM, scaled to float32 (+ bias)");
+  m.def("quantize_rows", &quantize_rows, "HAQ's per-token int8 quantization (smoothing, rotation)");
   m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8");
 }
