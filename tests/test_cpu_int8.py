@@ -294,11 +294,14 @@ def test_the_build_follows_the_host_and_avx2_can_be_forced():
     assert "HAQ_CPU_INT8_KERNEL=avx2" in proc.stderr
 
 
-@pytest.mark.parametrize("m,k,n,rotation,smooth,bias", [(1, 576, 96, None, False, False), (37, 1536, 40, 512, True, True),
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,rotation,smooth,bias", [(1, 576, 96, None, False, False),
+                                                       (37, 1536, 40, 512, True, True),
                                                        (300, 2048, 9, 128, False, True), (5, 64, 7, 16, True, False)])
-def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation, smooth, bias):
+def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation, smooth, bias, dtype):
     """ScaledInt8Gemm on the kernel's two ops (quantize_rows, scaled_mm) gives the same bits as the torch steps
-    (smoothing, rotation, quantize_per_token, exact products, scaling, bias), over several token blocks."""
+    (widening, smoothing, rotation, quantize_per_token, exact products, scaling, bias, the output dtype), over
+    several token blocks."""
     from vllm_haq.kernels.int8_gemm import ScaledInt8Gemm, torch_scaled_int8_mm
     from vllm_haq.quant import quantize_per_token
     from vllm_haq.quant.rotation import rotate
@@ -310,13 +313,15 @@ def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation,
     b = torch.randn(n, generator=g) if bias else None
     x = torch.randn(m, k, generator=g) * 3
     x[0, 0] = 0.0 if m == 1 else 40.0  # an outlier (or a zero), as real activations have
-    gemm = ScaledInt8Gemm(w, w_scale, torch.float32, smooth=s, backend="torch", rotation=rotation)
+    x = x.to(dtype)
+    gemm = ScaledInt8Gemm(w, w_scale, dtype, smooth=s, backend="torch", rotation=rotation)
     assert gemm._cpu_linear
-    t = x if s is None else x / s
+    t = x.float() if s is None else x.float() / s
     t = t if rotation is None else rotate(t, rotation)
     q, q_s = quantize_per_token(t)
     got_q, got_s = cpu_int8.cpu_quantize_rows(x, s, rotation or 0, 2)
     assert torch.equal(got_q, q) and torch.equal(got_s, q_s)
-    assert torch.equal(gemm(x, b), torch_scaled_int8_mm(t, w.t(), w_scale, b, torch.float32, None, True))
+    got = gemm(x, b)
+    assert got.dtype == dtype and torch.equal(got, torch_scaled_int8_mm(t, w.t(), w_scale, b, dtype, None, True))
     zeros = cpu_int8.cpu_quantize_rows(torch.zeros(3, k), None, 0, 1)  # all-zero rows: scale 1e-8 / 127, q 0
     assert not zeros[0].any() and torch.equal(zeros[1], quantize_per_token(torch.zeros(3, k))[1])

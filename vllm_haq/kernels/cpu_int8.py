@@ -140,8 +140,8 @@ def _(x_q, w_q, threads=0):
 @torch.library.custom_op("vllm_haq::cpu_quantize_rows", mutates_args=())
 def cpu_quantize_rows(x: torch.Tensor, smooth: torch.Tensor | None, rotation: int,
                       threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [M, K], float32 scales [M, 1]) of float32 ``x`` [M, K]: divided by ``smooth``, rotated by the
-    block-Hadamard of order ``rotation`` (0: none), quantized per token, bit for bit as
+    """(int8 [M, K], float32 scales [M, 1]) of float32 or bf16 ``x`` [M, K]: divided by ``smooth``, rotated by
+    the block-Hadamard of order ``rotation`` (0: none), quantized per token, bit for bit as
     ``ScaledInt8Gemm._transformed`` + ``quant.quantize_per_token`` do it in torch (tests/test_cpu_int8.py),
     in one pass per row instead of ~6 + log2(rotation) passes over the whole activation matrix."""
     return tuple(_loaded().quantize_rows(x.contiguous(), smooth, rotation, threads or default_threads()))
@@ -149,29 +149,33 @@ def cpu_quantize_rows(x: torch.Tensor, smooth: torch.Tensor | None, rotation: in
 
 @cpu_quantize_rows.register_fake
 def _(x, smooth, rotation, threads=0):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1))
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("vllm_haq::cpu_scaled_int8_mm", mutates_args=())
 def cpu_scaled_int8_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, threads: int = 0) -> torch.Tensor:
-    """float32 [M, N] = (int32 products * x_scale) * w_scale (+ bias), the float steps of
-    ``torch_scaled_int8_mm`` in its order, written once (no int32 matrix, no elementwise passes)."""
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, threads: int = 0) -> torch.Tensor:
+    """[M, N] = (int32 products * x_scale) * w_scale (+ bias) in float32, stored as ``out_dtype`` (float32 or
+    bfloat16): ``torch_scaled_int8_mm``'s float steps in its order, written once."""
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        return cpu_scaled_int8_mm(x_q, x_scale, w_q, w_scale, bias, torch.float32, threads).to(out_dtype)
     return _loaded().scaled_mm(x_q.contiguous(), x_scale, w_q.contiguous(), w_scale, bias,
-                               threads or default_threads())
+                               out_dtype == torch.bfloat16, threads or default_threads())
 
 
 @cpu_scaled_int8_mm.register_fake
-def _(x_q, x_scale, w_q, w_scale, bias, threads=0):
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.float32)
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype, threads=0):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
 def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                smooth: torch.Tensor | None, rotation: int | None) -> torch.Tensor:
-    """HAQ's W8A8 linear on the CPU in two opaque ops: float32 [M, N] of ``x`` [M, K] and the row-major int8
-    ``w_q`` [N, K] with float32 ``w_scale`` [N] (and float32 ``bias`` [N], ``smooth`` [K])."""
-    x_q, x_s = torch.ops.vllm_haq.cpu_quantize_rows(x.float().contiguous(), smooth, rotation or 0, 0)
-    return torch.ops.vllm_haq.cpu_scaled_int8_mm(x_q, x_s, w_q, w_scale, bias, 0)
+                smooth: torch.Tensor | None, rotation: int | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """HAQ's W8A8 linear on the CPU in two opaque ops: ``out_dtype`` [M, N] of ``x`` [M, K] and the row-major
+    int8 ``w_q`` [N, K] with float32 ``w_scale`` [N] (and float32 ``bias`` [N], ``smooth`` [K])."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x_q, x_s = torch.ops.vllm_haq.cpu_quantize_rows(x.contiguous(), smooth, rotation or 0, 0)
+    return torch.ops.vllm_haq.cpu_scaled_int8_mm(x_q, x_s, w_q, w_scale, bias, out_dtype, 0)
 
 
 def _loaded():

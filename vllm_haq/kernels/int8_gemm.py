@@ -269,8 +269,8 @@ class ScaledInt8Gemm:
         x = x.reshape(-1, shape[-1])
         if getattr(self, "_cpu_linear", False):
             out = cpu_int8.w8a8_linear(x, self.w_t.t(), self._w_scale_n, None if bias is None else bias.float(),
-                                       self.smooth, self.rotation)
-            return out.to(self.out_dtype).reshape(*shape[:-1], self.n)
+                                       self.smooth, self.rotation, self.out_dtype)
+            return out.reshape(*shape[:-1], self.n)
         smooth = self.smooth
         if self.rotation is not None or self.shard_amax is not None:
             # block-diagonal rotation: a shard of whole blocks rotates on its own

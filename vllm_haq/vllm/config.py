@@ -10,6 +10,8 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.platforms import current_platform
 
 from vllm_haq.format import (COMPRESSED_TENSORS, QUANT_METHOD, CheckpointError, HAQQuantConfig,
                              checkpoint_quant_config, from_compressed_tensors, validate_checkpoint)
@@ -100,6 +102,10 @@ class HAQConfig(QuantizationConfig):
             return HAQLinearMethod(self, prefix, self.qcfg.rotation_of(self._checkpoint_names(prefix), prefix))
         if isinstance(layer, RoutedExperts):
             return HAQMoEMethod(self, layer.moe_config, prefix)
+        if isinstance(layer, ParallelLMHead) and current_platform.is_cpu():
+            from vllm_haq.vllm.head import Float32ChunkedHeadMethod
+
+            return Float32ChunkedHeadMethod()
         return None
 
     def _skipped(self, prefix: str) -> bool:

@@ -180,10 +180,11 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, int64_t threads) {
   return out;
 }
 
-// float32 [M, N] = ((float)(x_q . w^T) * x_s[t]) * w_s[n] (+ bias[n]): vllm_haq.kernels.torch_scaled_int8_mm's
-// float steps in its order, written once instead of an int32 matrix and three elementwise passes over it.
+// [M, N] = ((float)(x_q . w^T) * x_s[t]) * w_s[n] (+ bias[n]) in float32, stored as float32 or bf16 (round to
+// nearest even, as Tensor.to does): vllm_haq.kernels.torch_scaled_int8_mm's steps in its order, written once
+// instead of an int32 matrix, three elementwise passes and a dtype conversion.
 torch::Tensor scaled_mm(torch::Tensor x, torch::Tensor x_s, torch::Tensor w, torch::Tensor w_s,
-                        c10::optional<torch::Tensor> bias, int64_t threads) {
+                        c10::optional<torch::Tensor> bias, bool bf16_out, int64_t threads) {
   check_gemm_operands(x, w, "scaled_mm");
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   TORCH_CHECK(x_s.dtype() == torch::kFloat32 && x_s.is_contiguous() && x_s.numel() == M, "scaled_mm: x_scale float32 [M, 1] expected");
@@ -193,24 +194,34 @@ torch::Tensor scaled_mm(torch::Tensor x, torch::Tensor x_s, torch::Tensor w, tor
     TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "scaled_mm: bias float32 [N] expected");
     bp = bias->data_ptr<float>();
   }
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  float* op = out.data_ptr<float>();
+  auto out = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   const float* xs = x_s.data_ptr<float>();
   const float* ws = w_s.data_ptr<float>();
-  dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads, [&](int64_t n, int64_t t, int32_t v) {
+  auto scaled = [=](int64_t n, int64_t t, int32_t v) {
     const float y = (static_cast<float>(v) * xs[t]) * ws[n];
-    op[t * N + n] = bp ? y + bp[n] : y;
-  });
+    return bp ? y + bp[n] : y;
+  };
+  if (bf16_out) {
+    c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+    dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
+               [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = c10::BFloat16(scaled(n, t, v)); });
+  } else {
+    float* op = out.data_ptr<float>();
+    dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
+               [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = scaled(n, t, v); });
+  }
   return out;
 }
 
 // HAQ's activation transform and per-token quantization (vllm_haq.kernels.ScaledInt8Gemm._transformed, then
 // vllm_haq.quant.quantize_per_token), one row at a time in L1 instead of log2(block) + 6 passes over [M, K]:
-// x / smooth, the block-Hadamard rotation in the reference's butterfly order, scale = max(amax, 1e-8) / 127
-// (amax: the row's own max, or the given one), q = round-half-even(x / scale) clamped to +-127.
+// float32 or bf16 x (widened exactly), x / smooth, the block-Hadamard rotation in the reference's butterfly
+// order, scale = max(amax, 1e-8) / 127, q = round-half-even(x / scale) clamped to +-127.
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, c10::optional<torch::Tensor> smooth, int64_t rotation,
                                          int64_t threads) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "quantize_rows: x float32 [M, K] expected");
+  const bool bf16 = x.dtype() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || x.dtype() == torch::kFloat32) && x.dim() == 2 && x.is_contiguous(),
+              "quantize_rows: x float32 or bfloat16 [M, K] expected");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(rotation == 0 || K % rotation == 0, "quantize_rows: rotation block does not divide the input features");
   const float* sm = nullptr;
@@ -219,21 +230,29 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, c10::optional<torch::T
     sm = smooth->data_ptr<float>();
   }
   auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto s = torch::empty({M, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto s = torch::empty({M, 1}, x.options().dtype(torch::kFloat32));
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
   {
-    std::vector<float> row(rotation > 0 ? K : 0);
+    std::vector<float> row(K);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < M; ++t) {
+      const float* src;
+      if (bf16) {
+        const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>() + t * K;
+        for (int64_t i = 0; i < K; ++i) row[i] = static_cast<float>(xb[i]);
+        src = row.data();
+      } else {
+        src = x.data_ptr<float>() + t * K;
+      }
       if (rotation > 0) {
-        for (int64_t i = 0; i < K; ++i) row[i] = sm ? xp[t * K + i] / sm[i] : xp[t * K + i];
+        if (sm || src != row.data())
+          for (int64_t i = 0; i < K; ++i) row[i] = sm ? src[i] / sm[i] : src[i];
         rotate_row(row.data(), K, rotation);
         sp[t] = quantize_row(row.data(), nullptr, K, qp + t * K);
       } else {
-        sp[t] = quantize_row(xp + t * K, sm, K, qp + t * K);
+        sp[t] = quantize_row(src, sm, K, qp + t * K);
       }
     }
   }
