@@ -117,7 +117,7 @@ def _convert(args) -> int:
 
     from offline.convert import convert
     from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
-    from vllm_haq.format.hub import resolve_model
+    from vllm_haq.format import resolve_model
 
     from offline.interop import export_compressed_tensors
 
@@ -293,8 +293,7 @@ def _generate(args) -> int:
 
 
 def _serve(args, extra: list[str]) -> int:
-    from vllm_haq.format import is_quantized_checkpoint
-    from vllm_haq.format.hub import config_dir
+    from vllm_haq.format import config_dir, is_quantized_checkpoint
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
     # a Hugging Face id: its config.json from the hub cache (revision main; vLLM's --revision is not read here)

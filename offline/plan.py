@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from vllm_haq import __version__
 from vllm_haq.errors import HAQError
-from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored, read_json
-from vllm_haq.format.hub import resolve_model, snapshot_commit
+from vllm_haq.format import (DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored, read_json, resolve_model,
+                             snapshot_commit)
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.corpus import source_label
