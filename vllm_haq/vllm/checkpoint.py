@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from vllm_haq.format.hub import CHECKPOINT_FILES, resolve_model
+from vllm_haq.format import CHECKPOINT_FILES, resolve_model
 
 
 def checkpoint_dir(model: str, revision: str | None = None, download_dir: str | None = None) -> str:

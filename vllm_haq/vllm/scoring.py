@@ -12,8 +12,7 @@ def make_llm(model_dir: str, max_model_len: int, **kwargs):
     may be a Hugging Face id (vllm_haq.format.hub)."""
     from vllm import LLM
 
-    from vllm_haq.format import is_quantized_checkpoint
-    from vllm_haq.format.hub import config_dir
+    from vllm_haq.format import config_dir, is_quantized_checkpoint
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     opts = dict(max_model_len=max_model_len, gpu_memory_utilization=0.3, seed=0)
