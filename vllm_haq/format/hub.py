@@ -63,8 +63,9 @@ def resolve_model(model: str, revision: str | None = None, cache_dir: str | None
     if not is_model_id(model):
         raise ModelNotFoundError(f"{model}: not a directory (nor a Hugging Face model id ORG/NAME)")
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     offline = bool(constants.HF_HUB_OFFLINE)
     label = f"{model} (revision {revision})" if revision else model
@@ -72,10 +73,11 @@ def resolve_model(model: str, revision: str | None = None, cache_dir: str | None
     try:
         return snapshot_download(model, revision=revision, cache_dir=cache_dir, allow_patterns=list(allow_patterns),
                                  ignore_patterns=list(ignore_patterns or []) or None, local_files_only=offline)
-    except IncompleteSnapshotError as exc:
-        raise ModelNotFoundError(f"{label}: the Hugging Face cache {cache} holds an incomplete snapshot of it "
-                                 f"({_brief(exc)}); download it again with network access") from None
     except LocalEntryNotFoundError as exc:
+        # huggingface_hub >= 2 tells an interrupted download apart (a subclass); older versions have no such class
+        if isinstance(exc, getattr(hub_errors, "IncompleteSnapshotError", ())):
+            raise ModelNotFoundError(f"{label}: the Hugging Face cache {cache} holds an incomplete snapshot of it "
+                                     f"({_brief(exc)}); download it again with network access") from None
         if offline:
             raise ModelNotFoundError(
                 f"{label}: not a local directory, and not in the Hugging Face cache {cache} (HF_HUB_OFFLINE=1: "
