@@ -139,7 +139,7 @@ class ConversionPlan:
     needs_calibration: bool
     shard_names: list[str]
     # the model as a Hugging Face id: {"repo_id", "revision" (as asked; main by default), "commit"}; None for a
-    # local directory (recorded in producer.source and the model card)
+    # local directory (recorded in producer.base_model and the model card)
     hub_source: dict | None = None
 
     def targets(self, i: int) -> list[str]:
@@ -173,7 +173,7 @@ class ConversionPlan:
             "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
                      "act_order": opts.act_order},
             "rotation": opts.rotation_mode, **self.calibration_options(),
-            **({"source": self.hub_source} if self.hub_source else {}),
+            **({"base_model": self.hub_source} if self.hub_source else {}),
         }
 
     def quantization_config(self, records: dict[str, dict]) -> dict:

@@ -64,7 +64,7 @@ def test_convert_a_hub_id_offline_carries_licence_readme_and_model_card(hub, tmp
     assert card.startswith(README.rstrip("\n") + "\n\n## Quantization (vllm-haq)\n"), card[:300]
     assert f"`acme/tiny-opt` (revision `main`, commit `{hub['main']}`)" in card
     assert "W8A8 int8" in card and "Method: `rtn`" in card and 'quantization="haq"' in card
-    assert _producer(out)["source"] == {"repo_id": "acme/tiny-opt", "revision": "main", "commit": hub["main"]}
+    assert _producer(out)["base_model"] == {"repo_id": "acme/tiny-opt", "revision": "main", "commit": hub["main"]}
     # the same weights as converting the directory
     from offline.convert import ConvertOptions, convert
 
@@ -80,7 +80,7 @@ def test_revision_selects_the_snapshot(hub, tmp_path):
     r = _haq(hub, "convert", "acme/tiny-opt", out, "--method", "rtn", "--revision", "v1", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert open(os.path.join(out, "README.md")).read().startswith("# v1\n\n## Quantization (vllm-haq)\n")
-    assert _producer(out)["source"] == {"repo_id": "acme/tiny-opt", "revision": "v1", "commit": hub["v1"]}
+    assert _producer(out)["base_model"] == {"repo_id": "acme/tiny-opt", "revision": "v1", "commit": hub["v1"]}
 
 
 def test_unknown_id_or_revision_offline_is_a_clear_error(hub, tmp_path):
@@ -103,7 +103,7 @@ def test_library_resolution_commit_revision_cache_dir_and_errors(hub, tmp_path, 
     opts = ConvertOptions(method="rtn", revision=hub["v1"], cache_dir=hub["cache"])
     plan = plan_conversion("acme/tiny-opt", str(tmp_path / "o"), opts)
     assert plan.model_dir.endswith(os.path.join("snapshots", hub["v1"]))
-    assert plan.producer()["source"]["commit"] == hub["v1"]
+    assert plan.producer()["base_model"]["commit"] == hub["v1"]
     with pytest.raises(ModelNotFoundError, match=r"acme/tiny-opt \(revision v9\): not a local directory"):
         resolve_model("acme/tiny-opt", "v9", hub["cache"])
     with pytest.raises(ModelNotFoundError, match="not a directory"):
@@ -120,7 +120,7 @@ def test_local_conversion_gets_a_model_card_and_no_source(tmp_path):
     convert(model, out, ConvertOptions(method="rtn"))
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\ntags:\n- vllm-haq\n") and "the model in `tiny-opt`" in card
-    assert "source" not in _producer(out)
+    assert "base_model" not in _producer(out)
 
 
 PROBE = r"""
