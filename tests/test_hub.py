@@ -97,13 +97,15 @@ def test_library_resolution_commit_revision_cache_dir_and_errors(hub, tmp_path, 
 
     from offline.convert import ConvertError, ConvertOptions
     from offline.plan import plan_conversion
-    from vllm_haq.format import ModelNotFoundError, resolve_model
+    from vllm_haq.format import ModelNotFoundError, config_dir, resolve_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     opts = ConvertOptions(method="rtn", revision=hub["v1"], cache_dir=hub["cache"])
     plan = plan_conversion("acme/tiny-opt", str(tmp_path / "o"), opts)
     assert plan.model_dir.endswith(os.path.join("snapshots", hub["v1"]))
     assert plan.producer()["base_model"]["commit"] == hub["v1"]
+    # haq serve / make_llm read an id's config.json from the same cache
+    assert config_dir("acme/tiny-opt", cache_dir=hub["cache"]).endswith(os.path.join("snapshots", hub["main"]))
     with pytest.raises(ModelNotFoundError, match=r"acme/tiny-opt \(revision v9\): not a local directory"):
         resolve_model("acme/tiny-opt", "v9", hub["cache"])
     with pytest.raises(ModelNotFoundError, match="not a directory"):
