@@ -5,7 +5,7 @@ id's checkpoint files and routing statistics) both resolve ids here, so that bot
 transformers put them: ``huggingface_hub.snapshot_download`` into the Hugging Face cache (``HF_HUB_CACHE`` /
 ``HF_HOME``, or a ``cache_dir``), at a ``revision`` (branch, tag or commit; default ``main``), with
 ``local_files_only`` taken from ``HF_HUB_OFFLINE`` exactly as vLLM passes it
-(vllm/model_executor/model_loader/weight_utils.py:461 and :514-522 in vLLM 0.32). A local directory is used
+(vllm/model_executor/model_loader/weight_utils.py:461 and :514-523 in vLLM 0.32). A local directory is used
 as it is. Every failure is a :class:`ModelNotFoundError` naming the id and saying where it was looked for,
 instead of huggingface_hub's stack trace.
 """
@@ -22,7 +22,7 @@ CARD_FILES = ("LICENSE*", "LICENCE*", "NOTICE*", "COPYING*", "USE_POLICY*", "REA
               "license*", "licence*", "notice*", "copying*", "readme*")
 SOURCE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", *CARD_FILES)
 # Never weights of the Hugging Face layout: Mistral's consolidated copy and Meta's original/ folder would
-# double the download (vLLM skips them the same way, through the index: weight_utils.py:481-497).
+# double the download (vLLM skips them too, through the index: weight_utils.py:476-491 in vLLM 0.32).
 SOURCE_IGNORE = ("original/*", "consolidated*.safetensors")
 # What serving a HAQ checkpoint reads beyond vLLM's own downloads: config and index (json), the shards for the
 # checkpoint validation, and haq_routing.safetensors, which vLLM skips when an index lists the weights.
