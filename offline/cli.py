@@ -117,6 +117,8 @@ def _convert(args) -> int:
 
     from offline.convert import convert
     from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
+    from vllm_haq.format import resolve_model
+
     from offline.interop import export_compressed_tensors
 
     out = os.path.abspath(args.out.rstrip("/"))
@@ -138,6 +140,7 @@ def _convert(args) -> int:
         alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size,
         gptq_dampening=args.gptq_dampening, act_order=not args.no_act_order,
         rotation=args.rotation or ("none" if args.format == "compressed-tensors" else None),
+        revision=args.revision, cache_dir=args.cache_dir,
     )
     if args.dry_run:
         target = (args.out, opts) if args.format == "haq" else (out + ".haq", dataclasses.replace(opts, overwrite=True))
@@ -145,7 +148,8 @@ def _convert(args) -> int:
         print(json.dumps(est) if args.json else format_estimate(est), end="\n" if args.json else "")
         return 0
     t0 = time.time()
-    source_bytes = weights_bytes(args.model)
+    # a Hugging Face id is downloaded (or found in the cache) here; the conversion's plan finds it in the cache
+    source_bytes = weights_bytes(resolve_model(args.model, args.revision, args.cache_dir))
     bars = _ConvertProgress(_progress_enabled(args))
     reports = []
     try:
@@ -289,10 +293,11 @@ def _generate(args) -> int:
 
 
 def _serve(args, extra: list[str]) -> int:
-    from vllm_haq.format import is_quantized_checkpoint
+    from vllm_haq.format import config_dir, is_quantized_checkpoint
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model]
-    if is_quantized_checkpoint(args.model) and "--quantization" not in extra:
+    # a Hugging Face id: its config.json from the hub cache (revision main; vLLM's --revision is not read here)
+    if "--quantization" not in extra and is_quantized_checkpoint(config_dir(args.model)):
         cmd += ["--quantization", "haq"]
     cmd += extra
     env = dict(os.environ)

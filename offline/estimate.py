@@ -42,6 +42,7 @@ from vllm_haq.quant.gptq import FLOAT64_MAX_INPUTS
 from offline.haq import GPTQ_SHORTLIST, METHODS, SEARCH_ROW_STRIDE, SEARCH_ROWS, input_key
 from offline.estimate_ram import layer_memory, nbytes, numel, peak_ram, search_candidates
 from offline.models import global_tensor_names
+from offline.card import card_bytes
 from offline.plan import ConversionPlan, ConvertOptions, plan_conversion
 
 # ---- measured constants (2-core AMD EPYC, AVX2, torch 2.13 CPU, loaded host; see the module docstring) ----
@@ -226,7 +227,7 @@ def _disk(plan: ConversionPlan, o: _Output, tokens: int, act_bytes: int, fmt: st
     index = _json_file_bytes({"metadata": {"total_size": weight_total},
                               "weight_map": {t: nm for s, nm in zip(o.shards, plan.shard_names) for t in s}})
     routing = _routing_bytes(plan, tokens)
-    copied = sum(os.path.getsize(os.path.join(plan.model_dir, f)) for f in plan.copied_files())
+    copied = sum(os.path.getsize(os.path.join(plan.model_dir, f)) for f in plan.copied_files()) + card_bytes(plan)
     other = index + _json_file_bytes(plan.output_config(_placeholder_records(plan))) + copied
     output = weight_total + routing + other
     work_extra = act_bytes if plan.needs_calibration else 0  # calib_hidden.pt beside the finished layers

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from vllm_haq import __version__
 from vllm_haq.errors import HAQError
-from vllm_haq.format import DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored, read_json
+from vllm_haq.format import (DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ignored, read_json, resolve_model,
+                             snapshot_commit)
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.corpus import source_label
@@ -74,6 +75,10 @@ class ConvertOptions:
     gptq_dampening: float = _GPTQ.dampening
     act_order: bool = _GPTQ.act_order
     chunk: int = 8  # calibration samples per forward chunk (bounds attention memory)
+    # a Hugging Face id as the model: its revision (branch, tag or commit; None: main) and the hub cache to use
+    # (None: HF_HUB_CACHE); see vllm_haq.format.hub
+    revision: str | None = None
+    cache_dir: str | None = None
 
     def gptq_config(self) -> GPTQConfig:
         return GPTQConfig(block_size=self.gptq_block_size, dampening=self.gptq_dampening, act_order=self.act_order)
@@ -86,14 +91,18 @@ def option_default(name: str):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def check_options(opts: ConvertOptions) -> None:
-    """Refuse choices outside the tables (the library is called without argparse too) and rotation without haq."""
+def check_options(opts: ConvertOptions, model_dir: str | None = None) -> None:
+    """Refuse choices outside the tables (the library is called without argparse too), rotation without haq and
+    a revision of a local directory."""
     if opts.method not in METHODS:
         raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
     if opts.moe_smoothing not in MOE_SMOOTHING:
         raise ConvertError(f"--moe-smoothing {opts.moe_smoothing!r} is not one of {list(MOE_SMOOTHING)}")
     if opts.rotation_mode not in ROTATION_MODES:
         raise ConvertError(f"--rotation {opts.rotation!r} is not one of {list(ROTATION_MODES)}")
+    if opts.revision is not None and model_dir is not None and os.path.isdir(model_dir):
+        raise ConvertError(f"--revision {opts.revision}: {model_dir} is a local directory; a revision selects the "
+                           "version of a Hugging Face model id (ORG/NAME)")
     if opts.rotation_mode != "none" and opts.method != "haq":
         raise ConvertError(f"--rotation {opts.rotation} needs --method haq (its per-layer search chooses the "
                            f"smoothing that goes with the rotation); --method {opts.method} converts unrotated")
@@ -129,6 +138,9 @@ class ConversionPlan:
     # needs activations for routing statistics
     needs_calibration: bool
     shard_names: list[str]
+    # the model as a Hugging Face id: {"repo_id", "revision" (as asked; main by default), "commit"}; None for a
+    # local directory (recorded in producer.base_model and the model card)
+    hub_source: dict | None = None
 
     def targets(self, i: int) -> list[str]:
         return layer_targets(self.spec, i, self.opts.ignore)
@@ -161,6 +173,7 @@ class ConversionPlan:
             "gptq": {"block_size": opts.gptq_block_size, "dampening": opts.gptq_dampening,
                      "act_order": opts.act_order},
             "rotation": opts.rotation_mode, **self.calibration_options(),
+            **({"base_model": self.hub_source} if self.hub_source else {}),
         }
 
     def quantization_config(self, records: dict[str, dict]) -> dict:
@@ -186,11 +199,15 @@ class ConversionPlan:
         return {**self.config, "quantization_config": self.quantization_config(records)}
 
 
-def plan_conversion(model_dir: str, out_dir: str, opts: ConvertOptions) -> ConversionPlan:
-    """The plan, or the ``ConvertError`` / ``SourceError`` a conversion raises before any work, in this order:
-    the options, config.json (readable, not already quantized, a supported family), the safetensors files, an
+def plan_conversion(model: str, out_dir: str, opts: ConvertOptions) -> ConversionPlan:
+    """The plan, or the ``ConvertError`` / ``SourceError`` / ``ModelNotFoundError`` a conversion raises before any
+    work, in this order: the options, the model (a directory, else a Hugging Face id resolved through the hub
+    cache), config.json (readable, not already quantized, a supported family), the safetensors files, an
     existing ``out_dir`` without ``--overwrite``, missing calibration text."""
-    check_options(opts)
+    check_options(opts, model)
+    model_dir = resolve_model(model, opts.revision, opts.cache_dir)
+    hub_source = None if model_dir == model else {"repo_id": model, "revision": opts.revision or "main",
+                                                  "commit": snapshot_commit(model_dir)}
     config = _read_json(os.path.join(model_dir, "config.json"), "model config")
     if "quantization_config" in config:
         raise ConvertError(
@@ -215,7 +232,7 @@ def plan_conversion(model_dir: str, out_dir: str, opts: ConvertOptions) -> Conve
                else ", or --no-routing-stats")
         )
     return ConversionPlan(model_dir, out_dir, opts, config, spec, source, moe_layers, routing_stats,
-                          needs_calibration, shard_names(spec.num_layers))
+                          needs_calibration, shard_names(spec.num_layers), hub_source)
 
 
 def _read_json(path: str, what: str) -> dict:

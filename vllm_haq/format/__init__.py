@@ -4,6 +4,7 @@
 * :mod:`.compressed_tensors` — llm-compressor's compressed-tensors config as a view of the schema
 * :mod:`.files` — shard listing, safetensors headers, config.json, atomic JSON writes
 * :mod:`.validate` — every check a loader needs, with errors naming file and tensor
+* :mod:`.hub` — Hugging Face ids resolved to a snapshot in the hub cache (converter and plugin alike)
 
 Import from ``vllm_haq.format``; the submodules are its implementation.
 """
@@ -14,6 +15,8 @@ from vllm_haq.format.compressed_tensors import (CT_FORMAT, CT_READ_FORMATS, EXPO
 from vllm_haq.format.files import (ST_DTYPES, index_weight_map, is_quantized_checkpoint,
                                    load_tensor, read_config, read_json, read_safetensors_header, read_tensor_headers,
                                    shard_files, write_json_atomic)
+from vllm_haq.format.hub import (CHECKPOINT_FILES, SOURCE_FILES, ModelNotFoundError, config_dir, is_model_id,
+                                 resolve_model, snapshot_commit)
 from vllm_haq.format.schema import (ACTIVATION_SCHEME, COMPRESSED_TENSORS, CONFIG_FILE, CT_SCALE_DTYPES,
                                     DEFAULT_IGNORE, FORMAT_VERSION, INPUT_SMOOTH, QUANT_METHOD, ROTATION_FORMAT_VERSION,
                                     ROUTING_FILE, ROUTING_METADATA_KEY, SAFETENSORS_INDEX, SCALE_DTYPE,
@@ -24,11 +27,13 @@ from vllm_haq.format.validate import (check_config_agreement, check_index_matche
                                       validate_checkpoint, validate_routing_stats, validate_tensors)
 
 __all__ = [
-    "ACTIVATION_SCHEME", "COMPRESSED_TENSORS", "CONFIG_FILE", "CT_FORMAT", "CT_READ_FORMATS", "CT_SCALE_DTYPES",
+    "ACTIVATION_SCHEME", "CHECKPOINT_FILES", "COMPRESSED_TENSORS", "CONFIG_FILE", "CT_FORMAT", "CT_READ_FORMATS",
+    "CT_SCALE_DTYPES",
     "DEFAULT_IGNORE", "EXPORT_KEY", "FORMAT_VERSION", "INPUT_SMOOTH", "QUANT_METHOD", "ROTATION_FORMAT_VERSION",
     "ROUTING_FILE", "ROUTING_METADATA_KEY", "SAFETENSORS_INDEX", "SCALE_DTYPE", "ST_DTYPES",
     "SUPPORTED_FORMAT_VERSIONS", "WEIGHT", "WEIGHT_DTYPE", "WEIGHT_SCALE", "WEIGHT_SCHEME", "WEIGHT_ZERO_POINT",
-    "CheckpointError", "HAQQuantConfig", "check_config_agreement", "check_index_matches",
+    "CheckpointError", "HAQQuantConfig", "ModelNotFoundError", "SOURCE_FILES", "config_dir", "is_model_id",
+    "resolve_model", "snapshot_commit", "check_config_agreement", "check_index_matches",
     "check_scale_values", "checkpoint_quant_config", "from_compressed_tensors", "index_weight_map",
     "is_ignored", "is_quantized_checkpoint", "load_tensor", "moe_layout", "parse_quantization_config",
     "read_config", "read_json", "read_safetensors_header", "read_tensor_headers", "shard_files",

@@ -34,6 +34,10 @@ class HAQConfig(QuantizationConfig):
     starts uniform and learns online).
     """
 
+    # the local directory of the validated checkpoint (a hub id's snapshot); (id, revision) until it is resolved
+    checkpoint_dir: str | None = None
+    pending_model: tuple[str, str | None] | None = None
+
     def __init__(self, qcfg: HAQQuantConfig | None = None):
         super().__init__()
         if qcfg is None:  # vLLM builds the class without arguments when config.json has no quantization_config
@@ -82,19 +86,40 @@ class HAQConfig(QuantizationConfig):
         return None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """Validate the whole checkpoint once, before any weight is loaded into the model."""
+        """Validate the whole checkpoint once, before any weight is loaded into the model.
+
+        A hub id is validated at the first ``get_quant_method`` instead: its files are resolved into
+        vLLM's ``load_config.download_dir`` (vllm_haq.vllm.checkpoint), which vLLM does not pass here but
+        has set as the current config by then (model construction, before any weight is loaded)."""
         import os
 
         if os.path.isdir(model_name):
-            # a compressed-tensors export of a HAQ checkpoint names its routing statistics outside
-            # quantization_config: they seed the offload planner here too
-            self.qcfg.routing_statistics = validate_checkpoint(model_name).routing_statistics
+            self._validate(model_name)
         else:
-            log.warning("vllm-haq: %s is not a local directory; skipping checkpoint validation", model_name)
+            self.pending_model = (model_name, revision)
+
+    def _validate(self, checkpoint_dir: str) -> None:
+        # a compressed-tensors export of a HAQ checkpoint names its routing statistics outside
+        # quantization_config: they seed the offload planner here too
+        self.qcfg.routing_statistics = validate_checkpoint(checkpoint_dir).routing_statistics
+        self.checkpoint_dir = checkpoint_dir
+
+    def _resolve_pending(self) -> None:
+        """Resolve and validate a hub id's checkpoint (see ``maybe_update_config``), once per process."""
+        from vllm.config import get_current_vllm_config
+
+        from vllm_haq.vllm.checkpoint import checkpoint_dir
+
+        model, revision = self.pending_model
+        self.pending_model = None
+        self._validate(checkpoint_dir(model, revision, get_current_vllm_config().load_config.download_dir))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm_haq.vllm.linear import HAQLinearMethod
         from vllm_haq.vllm.moe_method import HAQMoEMethod
+
+        if self.pending_model is not None:
+            self._resolve_pending()
 
         if isinstance(layer, LinearBase):
             if self._skipped(prefix):

@@ -125,9 +125,10 @@ def _metrics_file(vllm_config) -> str | None:
     return board_path(vllm_config, vllm_config.parallel_config.data_parallel_rank, pp_rank)
 
 
-def _routing_prior(vllm_config, routing_file: str | None) -> dict | None:
-    """The checkpoint's routing statistics (validated), or None when it has none."""
-    model_dir = vllm_config.model_config.model
+def _routing_prior(vllm_config, routing_file: str | None, model_dir: str | None) -> dict | None:
+    """The checkpoint's routing statistics (validated), or None when it has none. ``model_dir``: the checkpoint's
+    directory as ``HAQConfig`` validated it (a hub id's snapshot in vLLM's cache: vllm_haq.vllm.checkpoint)."""
+    model_dir = model_dir if model_dir and os.path.isdir(model_dir) else vllm_config.model_config.model
     if not routing_file or not os.path.isdir(model_dir):
         log.warning("vllm-haq offload: %s has no routing statistics; the planner starts from uniform expert "
                     "statistics and learns online", model_dir)
@@ -332,7 +333,8 @@ class HAQMoEMethod(FusedMoEMethodBase):
             device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                       else torch.device("cpu"))
             qc.offload_engine = OffloadEngine(self.offload, device, self.out_dtype,
-                                              routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics),
+                                              routing=_routing_prior(self._vllm_config, qc.qcfg.routing_statistics,
+                                                                     qc.checkpoint_dir),
                                               name=str(self._vllm_config.model_config.model),
                                               shard_amax=self.shard_amax)
             qc.offload_engine.metrics_file = _metrics_file(self._vllm_config)

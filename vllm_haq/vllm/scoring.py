@@ -8,14 +8,15 @@ import torch
 
 
 def make_llm(model_dir: str, max_model_len: int, **kwargs):
-    """An ``LLM`` for scoring: HAQ checkpoints get ``quantization="haq"``; CPU-friendly defaults."""
+    """An ``LLM`` for scoring: HAQ checkpoints get ``quantization="haq"``; CPU-friendly defaults. ``model_dir``
+    may be a Hugging Face id (vllm_haq.format.hub)."""
     from vllm import LLM
 
-    from vllm_haq.format import is_quantized_checkpoint
+    from vllm_haq.format import config_dir, is_quantized_checkpoint
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     opts = dict(max_model_len=max_model_len, gpu_memory_utilization=0.3, seed=0)
-    if is_quantized_checkpoint(model_dir):
+    if is_quantized_checkpoint(config_dir(model_dir, kwargs.get("revision"), kwargs.get("download_dir"))):
         opts["quantization"] = "haq"
     opts.update(kwargs)
     return LLM(model=model_dir, **opts)
