@@ -241,9 +241,10 @@ def _eval(args) -> int:
                 bar.close()
     else:
         # The one place the offline CLI reaches into the vLLM adapter, lazily and only for this backend.
-        from vllm_haq.vllm.scoring import vllm_token_nll
+        from vllm_haq.vllm.scoring import is_cpu_build, vllm_token_nll
 
-        kwargs = {"enforce_eager": args.enforce_eager, "use_tqdm": show}  # vLLM's bar over the windows
+        eager = args.enforce_eager or (not args.compile and is_cpu_build())
+        kwargs = {"enforce_eager": eager, "use_tqdm": show}  # vLLM's bar over the windows
         if args.dtype:
             kwargs["dtype"] = args.dtype
         nll, kl = vllm_token_nll(args.model, windows, **kwargs), None

@@ -168,7 +168,12 @@ def _add_eval(sub) -> None:
                    help="also report kl: mean KL(reference || model) per token in nats, e.g. the original model "
                         "of a quantized one (needs --backend hf)")
     e.add_argument("--dtype", default=None, help="vLLM activation dtype (default: the model's)")
-    e.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    compile_ = e.add_mutually_exclusive_group()
+    compile_.add_argument("--enforce-eager", action="store_true",
+                          help="vLLM without torch.compile (the default on vLLM's CPU build)")
+    compile_.add_argument("--compile", action="store_true",
+                          help="vLLM with torch.compile (the default on GPU builds; on the CPU build compiling "
+                               "takes minutes that a scoring run does not win back)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar (drawn on stderr only when it is a terminal)")
 

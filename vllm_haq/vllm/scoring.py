@@ -7,6 +7,14 @@ import os
 import torch
 
 
+def is_cpu_build() -> bool:
+    """Whether this vLLM runs on the CPU (vLLM's CPU build): there torch.compile of a model takes minutes on a
+    small host (SmolLM2-135M: ~4 min on 2 cores) and saves less than that over a scoring run."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def make_llm(model_dir: str, max_model_len: int, **kwargs):
     """An ``LLM`` for scoring: HAQ checkpoints get ``quantization="haq"``; CPU-friendly defaults. ``model_dir``
     may be a Hugging Face id (vllm_haq.format.hub)."""
