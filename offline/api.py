@@ -47,7 +47,9 @@ def convert_model(model: str | os.PathLike, output_dir: str | os.PathLike, recip
                               f"{LLM_COMPRESSOR_NAMES[name]}= (docs/usage.md, Python API)")
     if dataset is not None:
         options["calib"] = _sources(dataset)
-    opts = build_options(recipe, {**options, "overwrite": overwrite, "resume": resume})
+    # only when set: an error about the recipe then names the keywords only if some were given
+    options.update({k: True for k, v in (("overwrite", overwrite), ("resume", resume)) if v})
+    opts = build_options(recipe, options)
     convert(os.fspath(model), os.fspath(output_dir), opts, progress=progress, events=events)
     return os.path.abspath(os.fspath(output_dir).rstrip("/"))
 
