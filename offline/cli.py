@@ -2,6 +2,7 @@
 
     haq convert MODEL_DIR OUT_DIR [--calib FILE ...]   # HF checkpoint -> HAQ int8 checkpoint
     haq convert ... --format compressed-tensors           # ... in llm-compressor's W8A8 format (stock vLLM)
+    haq convert ... --recipe FILE.yaml                    # options from a recipe; flags given override it
     haq export HAQ_DIR OUT_DIR                            # HAQ checkpoint -> compressed-tensors W8A8 int8
     haq import CT_DIR OUT_DIR                             # compressed-tensors W8A8 int8 -> HAQ checkpoint
     haq eval MODEL_DIR --dataset FILE [--backend vllm|hf] # perplexity (KL with --reference), one JSON line
@@ -21,15 +22,15 @@ looks up that version too; ``vllm_haq.vllm.harness`` answers it as vLLM does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 
-
-from offline.cli_args import build_parser
-from offline.plan import ConvertOptions, option_default
+from offline.cli_args import build_parser, given_options
+from offline.plan import ConvertOptions
 
 
 def _stderr_isatty() -> bool:
@@ -111,81 +112,69 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _convert(args) -> int:
-    import dataclasses
-    import shutil
+# haq convert's switches that turn a ConvertOptions field off (the other options' dest is the field's name)
+_NEGATED = {"no_act_order": "act_order", "no_routing_stats": "routing_stats"}
 
+
+def convert_options(args, given: set[str]) -> ConvertOptions:
+    """``haq convert``'s options: ``--recipe`` (or the defaults), with the options ``given`` on the command line
+    (``cli_args.given_options``) on top; a bare ``--ignore`` is an empty list (quantize every linear)."""
+    from offline.recipe import build_options
+
+    names = {f.name for f in dataclasses.fields(ConvertOptions)}
+    overrides = {}
+    for dest in sorted(given):
+        name = _NEGATED.get(dest, dest)
+        if name in names:
+            value = getattr(args, dest)
+            overrides[name] = (not value) if dest in _NEGATED else value
+    return build_options(args.recipe, overrides, origin="haq convert", flags=True)
+
+
+def _convert(args) -> int:
     from offline.convert import convert
     from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
     from vllm_haq.format import resolve_model
 
-    from offline.interop import export_compressed_tensors
+    from offline.recipe import RECIPE_FILE
 
+    opts = convert_options(args, args.given)
     out = os.path.abspath(args.out.rstrip("/"))
-    if args.format == "compressed-tensors":
-        # Refused before any work: these cannot be expressed in compressed-tensors.
-        if args.moe_smoothing == "per-expert":
-            raise ValueError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
-                             "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
-        if args.rotation in ("search", "all"):
-            raise ValueError(f"--format compressed-tensors cannot express --rotation {args.rotation} (rotated "
-                             "inputs); use --rotation none, or --format haq")
-        if os.path.exists(out) and not args.overwrite:
-            raise ValueError(f"{out} already exists; pass --overwrite to replace it")
-    opts = ConvertOptions(
-        method=args.method, calib=args.calib or [], calib_split=args.calib_split, calib_field=args.calib_field,
-        calib_chat_template=args.calib_chat_template, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        ignore=args.ignore if args.ignore is not None else option_default("ignore"),
-        routing_stats=not args.no_routing_stats, resume=args.resume, overwrite=args.overwrite,
-        alpha=args.alpha, moe_smoothing=args.moe_smoothing, gptq_block_size=args.gptq_block_size,
-        gptq_dampening=args.gptq_dampening, act_order=not args.no_act_order,
-        rotation=args.rotation or ("none" if args.format == "compressed-tensors" else None),
-        revision=args.revision, cache_dir=args.cache_dir,
-    )
     if args.dry_run:
-        target = (args.out, opts) if args.format == "haq" else (out + ".haq", dataclasses.replace(opts, overwrite=True))
-        est = dry_run(args.model, *target, fmt=args.format)
+        est = dry_run(args.model, args.out, opts)
         print(json.dumps(est) if args.json else format_estimate(est), end="\n" if args.json else "")
         return 0
     t0 = time.time()
     # a Hugging Face id is downloaded (or found in the cache) here; the conversion's plan finds it in the cache
-    source_bytes = weights_bytes(resolve_model(args.model, args.revision, args.cache_dir))
+    source_bytes = weights_bytes(resolve_model(args.model, opts.revision, opts.cache_dir))
     bars = _ConvertProgress(_progress_enabled(args))
-    reports = []
     try:
         with bars.logging():
-            if args.format == "haq":
-                reports = convert(args.model, args.out, opts, progress=bars.layer_done, events=bars)
-            else:
-                # Convert to HAQ in OUT.haq (resumable as OUT.haq.partial), then export its tensors to OUT.
-                haq_dir = out + ".haq"
-                if not (args.resume and os.path.isdir(haq_dir)):  # --resume after a crash during the export: reuse it
-                    reports = convert(args.model, haq_dir, dataclasses.replace(opts, overwrite=True),
-                                      progress=bars.layer_done, events=bars)
-                export_compressed_tensors(haq_dir, out, overwrite=args.overwrite)
-                shutil.rmtree(haq_dir)
+            reports = convert(args.model, args.out, opts, progress=bars.layer_done, events=bars)
     finally:
         bars.close()
     wall = time.time() - t0
-    print(f"[haq] wrote {out} ({args.format}) in {wall:.1f}s", file=sys.stderr)
-    _convert_summary(args, out, reports, source_bytes, weights_bytes(out), directory_bytes(out), wall)
+    print(f"[haq] wrote {out} ({opts.format}) in {wall:.1f}s; its options: {os.path.join(out, RECIPE_FILE)}",
+          file=sys.stderr)
+    _convert_summary(args.json, opts, out, reports, source_bytes, weights_bytes(out), directory_bytes(out), wall)
     return 0
 
 
-def _convert_summary(args, out: str, reports, source_bytes: int, out_weights: int, out_total: int, wall: float) -> None:
+def _convert_summary(as_json: bool, opts: ConvertOptions, out: str, reports, source_bytes: int, out_weights: int,
+                     out_total: int, wall: float) -> None:
     """Sizes before/after, compression, per-layer max relative weight error, wall time (stderr; --json: stdout)."""
     ratio = source_bytes / out_weights if out_weights else float("nan")
     worst = max(reports, key=lambda r: r.max_rel_error, default=None)
-    if args.json:
+    if as_json:
         print(json.dumps({
-            "out": out, "format": args.format, "method": args.method, "source_weights_bytes": source_bytes,
+            "out": out, "format": opts.format, "method": opts.method, "source_weights_bytes": source_bytes,
             "output_weights_bytes": out_weights, "output_bytes": out_total, "compression_ratio": ratio,
             "wall_s": round(wall, 3),
             "layers": [{"index": r.index, "quantized": r.quantized, "max_rel_error": r.max_rel_error,
                         "seconds": round(r.seconds, 3)} for r in reports],
         }))
     layers = f"{len(reports)} layer{'' if len(reports) == 1 else 's'}"
-    print(f"[haq] summary: {args.method}, {layers} converted in this run, "
+    print(f"[haq] summary: {opts.method}, {layers} converted in this run, "
           f"{sum(r.quantized for r in reports)} linears quantized; weights {_size(source_bytes)} -> "
           f"{_size(out_weights)} ({ratio:.2f}x smaller; whole checkpoint {_size(out_total)}); "
           f"wall time {wall:.1f}s", file=sys.stderr)
@@ -327,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "lm-eval":
         return _lm_eval(argv[1:])  # lm_eval parses (and documents, with --help) its own options
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        args.given = given_options(argv)  # the flags that override --recipe
     try:
         return {"convert": _convert, "eval": _eval, "stats": _stats, "export": _export,
                 "import": _import, "generate": _generate}[args.command](args)

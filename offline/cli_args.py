@@ -52,11 +52,12 @@ def _add_convert(sub) -> None:
                    help="input model: a directory (Hugging Face layout, safetensors) or a Hugging Face id ORG/NAME, "
                         "downloaded into the hub cache (HF_HUB_OFFLINE=1: taken from the cache only)")
     c.add_argument("out", metavar="OUT_DIR", help="output directory; appears only when the conversion is complete")
-    c.add_argument("--revision", default=option_default("revision"), metavar="REV",
-                   help="branch, tag or commit of a Hugging Face id MODEL (default: main)")
-    c.add_argument("--cache-dir", default=option_default("cache_dir"), metavar="DIR",
-                   help="Hugging Face cache holding (or receiving) an id MODEL, as vLLM's --download-dir "
-                        "(default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)")
+    _add_source(c)
+    c.add_argument("--recipe", metavar="FILE", default=None,
+                   help="YAML (or .json) recipe of the options (docs/usage.md, Recipes): its values replace the "
+                        "defaults below and the flags given on this command line override it. Every conversion "
+                        "writes the options it used to OUT_DIR/haq_recipe.yaml; --recipe with that file converts "
+                        "the same files again (default: none, the defaults below)")
     # Defaults and choices come from offline.plan (ConvertOptions' fields and the tables), as the library's do.
     c.add_argument("--method", default=option_default("method"), choices=METHODS,
                    help="haq: smoothing with alpha searched per layer + GPTQ; rtn: round to nearest (no calibration "
@@ -97,6 +98,29 @@ def _add_convert(sub) -> None:
                    help="print the --dry-run estimate, or the final summary, as one JSON object on stdout")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The ``dest`` of every option given on the command line ``argv`` (not left at its default): these override
+    ``haq convert --recipe``'s values, the others do not. Parses ``argv`` again with every default suppressed,
+    which argparse leaves out of the namespace."""
+    parser = build_parser()
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for p in sub.choices.values():
+            for action in p._actions:
+                if action.option_strings:
+                    action.default = argparse.SUPPRESS
+    args, _ = parser.parse_known_args(argv)
+    return set(vars(args))
+
+
+def _add_source(c) -> None:
+    """``haq convert``'s options for a Hugging Face id MODEL (vllm_haq.format.hub resolves it)."""
+    c.add_argument("--revision", default=option_default("revision"), metavar="REV",
+                   help="branch, tag or commit of a Hugging Face id MODEL (default: main)")
+    c.add_argument("--cache-dir", default=option_default("cache_dir"), metavar="DIR",
+                   help="Hugging Face cache holding (or receiving) an id MODEL, as vLLM's --download-dir "
+                        "(default: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)")
 
 
 def _add_calibration(c) -> None:

@@ -34,8 +34,9 @@ from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantiz
 from offline.card import write_card_files
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names
-from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, layer_targets,
-                          plan_conversion)
+from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, haq_target,
+                          layer_targets, plan_conversion)
+from offline.recipe import RECIPE_FILE, write_recipe
 from offline.routing import RoutingStats
 from offline.source import SourceError
 
@@ -67,14 +68,26 @@ class ConvertEvents:
 
 def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
             events: ConvertEvents | None = None) -> list[LayerReport]:
-    """Convert ``model_dir`` into a HAQ checkpoint at ``out_dir``; returns per-layer reports.
+    """Convert ``model_dir`` into a checkpoint at ``out_dir`` in ``opts.format``; returns per-layer reports.
 
     ``progress(report, num_layers)`` is called after each layer is committed; ``events`` gets the other steps.
+    The checkpoint holds the recipe of ``opts`` (``offline.recipe.RECIPE_FILE``), written with the rest before
+    ``out_dir`` appears. --format compressed-tensors converts into ``OUT_DIR.haq`` (``plan.haq_target``; resumable:
+    with ``resume`` a finished one is reused, as after a crash during the export), exports it and removes it.
     """
-    conv = _Conversion(plan_conversion(model_dir, out_dir, opts))
-    if events is not None:
-        conv.events = events
-    return conv.run(progress)
+    haq_dir, haq_opts = haq_target(out_dir, opts)
+    reports = []
+    if opts.format == "haq" or not (opts.resume and os.path.isdir(haq_dir)):
+        conv = _Conversion(plan_conversion(model_dir, haq_dir, haq_opts), opts)
+        if events is not None:
+            conv.events = events
+        reports = conv.run(progress)
+    if opts.format != "haq":
+        from offline.interop import export_compressed_tensors
+
+        export_compressed_tensors(haq_dir, out_dir, overwrite=opts.overwrite, keep_recipe=True)
+        shutil.rmtree(haq_dir)
+    return reports
 
 
 class _Conversion:
@@ -83,8 +96,9 @@ class _Conversion:
 
     events = ConvertEvents()
 
-    def __init__(self, plan: ConversionPlan):
+    def __init__(self, plan: ConversionPlan, recipe: ConvertOptions):
         self.plan, self.opts, self.model_dir = plan, plan.opts, plan.model_dir
+        self.recipe = recipe  # the options asked for (plan.opts for --format haq), written as the recipe
         self.config, self.spec, self.src = plan.config, plan.spec, plan.source
         self.out_dir, self.work = plan.out_dir, plan.out_dir + ".partial"
         self.needs_calibration, self.shard_names = plan.needs_calibration, plan.shard_names
@@ -186,6 +200,7 @@ class _Conversion:
             save_file(self.stats.export(), self._path(ROUTING_FILE),
                       metadata={ROUTING_METADATA_KEY: json.dumps(info, sort_keys=True)})
         write_json_atomic(self._path("config.json"), self.plan.output_config(self.smoothing))
+        write_recipe(self.recipe, self._path(RECIPE_FILE))
         for fname in self.plan.copied_files():
             shutil.copy2(os.path.join(self.model_dir, fname), self._path(fname))
         write_card_files(self.plan, self.work)
@@ -308,7 +323,7 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
         st = os.stat(os.path.join(model_dir, name))
         h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
     d = asdict(opts)
-    for k in ("resume", "overwrite"):
+    for k in ("resume", "overwrite", "format"):  # format: the work directory always holds a HAQ conversion
         d.pop(k)
     d.pop("cache_dir")  # where the hub cache is does not change the model (its snapshot's files are listed above)
     for k in ("calib_split", "calib_field", "calib_chat_template", "revision"):  # in only when given: older

@@ -43,7 +43,8 @@ from offline.haq import GPTQ_SHORTLIST, METHODS, SEARCH_ROW_STRIDE, SEARCH_ROWS,
 from offline.estimate_ram import layer_memory, nbytes, numel, peak_ram, search_candidates
 from offline.models import global_tensor_names
 from offline.card import card_bytes
-from offline.plan import ConversionPlan, ConvertOptions, plan_conversion
+from offline.plan import ConversionPlan, ConvertOptions, haq_target, plan_conversion
+from offline.recipe import dump_recipe
 
 # ---- measured constants (2-core AMD EPYC, AVX2, torch 2.13 CPU, loaded host; see the module docstring) ----
 PROCESS_BYTES = 230 * 2**20  # RSS of the converter process before any tensor (Python, torch, safetensors)
@@ -113,21 +114,22 @@ def _json_file_bytes(obj) -> int:
     return len(json.dumps(obj, indent=2)) + 1  # vllm_haq.format.write_json_atomic: indent 2 and a newline
 
 
-def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions, fmt: str = "haq") -> dict:
+def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     """What ``convert`` would refuse (raised the same way: both make their ``ConversionPlan`` with
-    ``plan_conversion``), else the estimate; writes nothing and reads no tensor data (config.json and the
-    safetensors headers only)."""
+    ``plan_conversion``, of ``OUT_DIR.haq`` for --format compressed-tensors), else the estimate; writes nothing and
+    reads no tensor data (config.json and the safetensors headers only)."""
     from offline.corpus import resolve_source
 
-    plan = plan_conversion(model_dir, out_dir, opts)
+    plan = plan_conversion(model_dir, *haq_target(out_dir, opts))
     if plan.needs_calibration:
         for source in opts.calib:  # syntax and local files; a dataset itself is only loaded by the conversion
             resolve_source(source, "calib", opts.calib_split, opts.calib_field)
-    return estimate(plan, fmt)
+    return estimate(plan, opts.format, opts)
 
 
-def estimate(plan: ConversionPlan, fmt: str = "haq") -> dict:
-    """The dry-run estimate of carrying out ``plan`` (see the module doc); ``fmt`` is ``haq convert --format``."""
+def estimate(plan: ConversionPlan, fmt: str = "haq", recipe: ConvertOptions | None = None) -> dict:
+    """The dry-run estimate of carrying out ``plan`` (see the module doc); ``fmt`` is ``haq convert --format``,
+    ``recipe`` the options written as the checkpoint's recipe (default: the plan's)."""
     opts, spec = plan.opts, plan.spec
     headers_ = _source_headers(plan.model_dir)
     src = {name: (dtype, shape) for name, (dtype, shape, _) in headers_.items()}
@@ -151,7 +153,7 @@ def estimate(plan: ConversionPlan, fmt: str = "haq") -> dict:
         "quantized_parameters": output.quantized_params,
         "source_weights_bytes": weights_bytes(plan.model_dir),
         "largest_layer_bytes": largest_layer,
-        "disk": _disk(plan, output, tokens, act_bytes, fmt),
+        "disk": _disk(plan, output, tokens, act_bytes, fmt, recipe or plan.opts),
         "ram": peak_ram(PROCESS_BYTES + (TOKENIZER_BYTES if plan.needs_calibration else 0), src, output.shards[0],
                         output.layers, act_bytes, plan.opts.calib if plan.needs_calibration else None),
         "time": {"seconds": time_s, "parts": time_parts, "basis": TIME_BASIS},
@@ -220,7 +222,7 @@ def _layer_output(plan: ConversionPlan, i: int, tensors, targets, o: _Output) ->
     return out
 
 
-def _disk(plan: ConversionPlan, o: _Output, tokens: int, act_bytes: int, fmt: str) -> dict:
+def _disk(plan: ConversionPlan, o: _Output, tokens: int, act_bytes: int, fmt: str, recipe: ConvertOptions) -> dict:
     """Output bytes by kind, and the peak while converting (work directory, ``OUT.haq`` before an export)."""
     headers = sum(_header_bytes(s, {"format": "pt"}) for s in o.shards)
     weight_total = sum(sum(nbytes(*v) for v in s.values()) for s in o.shards) + headers
@@ -228,7 +230,8 @@ def _disk(plan: ConversionPlan, o: _Output, tokens: int, act_bytes: int, fmt: st
                               "weight_map": {t: nm for s, nm in zip(o.shards, plan.shard_names) for t in s}})
     routing = _routing_bytes(plan, tokens)
     copied = sum(os.path.getsize(os.path.join(plan.model_dir, f)) for f in plan.copied_files()) + card_bytes(plan)
-    other = index + _json_file_bytes(plan.output_config(_placeholder_records(plan))) + copied
+    other = (index + _json_file_bytes(plan.output_config(_placeholder_records(plan))) + copied
+             + len(dump_recipe(recipe).encode()))
     output = weight_total + routing + other
     work_extra = act_bytes if plan.needs_calibration else 0  # calib_hidden.pt beside the finished layers
     peak_disk = output + work_extra + (output if fmt == "compressed-tensors" else 0)  # OUT.haq, then OUT

@@ -51,8 +51,12 @@ from vllm_haq.format import (
     write_json_atomic,
 )
 
+from offline.recipe import RECIPE_FILE
+
 FORMATS = (QUANT_METHOD, COMPRESSED_TENSORS)  # `haq convert --format`
-_SKIP_ON_COPY = ("*.safetensors", SAFETENSORS_INDEX, "config.json", "recipe.yaml", "*.tmp")
+# recipe.yaml: llm-compressor's (its modifiers, not ours); RECIPE_FILE: ours, which reproduces the HAQ checkpoint
+# it was converted into, not an export of it (haq convert --format compressed-tensors carries its own along)
+_SKIP_ON_COPY = ("*.safetensors", SAFETENSORS_INDEX, "config.json", "recipe.yaml", RECIPE_FILE, "*.tmp")
 # llm-compressor (transformers >= 5) names Mixtral's experts like Llama MLPs; HAQ keeps the w1/w3/w2 of the
 # original Mixtral checkpoints (vLLM maps both; transformers' Mixtral loader reads only w1/w3/w2)
 _MIXTRAL_EXPERT_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
@@ -94,10 +98,12 @@ def float_linear_modules(headers: dict) -> list[str]:
     return sorted(names)
 
 
-def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -> str:
+def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False, keep_recipe: bool = False) -> str:
     """Write at ``out`` a compressed-tensors W8A8 int8 checkpoint with the tensors of HAQ checkpoint ``haq_dir``.
 
-    ``out`` appears only when complete (written as ``out.partial``, then renamed).
+    ``out`` appears only when complete (written as ``out.partial``, then renamed). ``keep_recipe``: copy
+    ``haq_dir``'s recipe too (``offline.convert`` for --format compressed-tensors, whose recipe says so); else it
+    stays behind, since replaying it would make the HAQ checkpoint, not this export.
     """
     qcfg = validate_checkpoint(haq_dir)
     if qcfg.source_format != QUANT_METHOD:
@@ -123,7 +129,8 @@ def export_compressed_tensors(haq_dir: str, out: str, overwrite: bool = False) -
     shutil.copytree(haq_dir, tmp, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
     # The tensors are exported as they are: copy the shards and their index byte for byte.
     routing = [qcfg.routing_statistics] if qcfg.routing_statistics else []
-    for fname in shard_files(haq_dir) + [SAFETENSORS_INDEX] + routing:
+    recipe = [RECIPE_FILE] if keep_recipe and os.path.exists(os.path.join(haq_dir, RECIPE_FILE)) else []
+    for fname in shard_files(haq_dir) + [SAFETENSORS_INDEX] + routing + recipe:
         shutil.copy2(os.path.join(haq_dir, fname), os.path.join(tmp, fname))
     # compressed-tensors matches plain ignore names exactly (HAQ: as suffixes), so list the modules by name,
     # as llm-compressor does; lm_head is a Linear in transformers even when tied to the embeddings.

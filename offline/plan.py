@@ -6,9 +6,10 @@ for themselves which files are copied, how the shards are named, whether calibra
 ``rotation``); now both read it from a ``ConversionPlan``. A plan comes from the model's ``config.json``, the
 safetensors files (opened, no tensor data read) and the ``ConvertOptions``.
 
-This module is also the one source of the converter's defaults and choices: ``ConvertOptions``' field
-defaults (its GPTQ ones are ``GPTQConfig``'s) and the tables ``METHODS``, ``MOE_SMOOTHING``, ``ROTATION_MODES``
-and ``FORMATS``, from which ``haq convert``'s argparse takes its own (``offline.cli``).
+This module is also the one source of the converter's options: ``ConvertOptions``' field defaults (its GPTQ ones
+are ``GPTQConfig``'s) and the tables ``METHODS``, ``MOE_SMOOTHING``, ``ROTATION_MODES`` and ``FORMATS``, from
+which ``haq convert``'s argparse takes its own (``offline.cli``), and each field's metadata (its recipe key, flag,
+choices and bounds), from which ``offline.recipe`` reads and writes recipes and ``check_options`` checks.
 """
 
 from __future__ import annotations
@@ -43,42 +44,70 @@ class ConvertError(HAQError, RuntimeError):
     """Conversion cannot proceed; the message says why and what to do."""
 
 
+def _option(default=dataclasses.MISSING, *, key: str | None, flag: str | None, factory=None, choices=None,
+            least=None, most=None, note: str | None = None):
+    """A ``ConvertOptions`` field with what is known about it beside its default, kept here so that nothing repeats
+    the list of options: ``key``, its place in a recipe (``offline.recipe``; None: not a recipe option), ``flag``,
+    ``haq convert``'s flag (named in errors), ``choices`` and the bounds ``least`` / ``most`` (``check_options``),
+    ``note``: what a written recipe says of it beside the flag (what null means)."""
+    meta = {"recipe": key, "flag": flag, "choices": choices, "least": least, "most": most, "note": note}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ConvertOptions:
-    """The options of one conversion (``haq convert``'s flags). Its field defaults are the command line's too:
-    offline.cli takes them from here (``option_default``) rather than repeating them."""
+    """The options of one conversion (``haq convert``'s flags, a recipe's keys). Its field defaults are the command
+    line's and the recipes' too: offline.cli takes them from here (``option_default``), offline.recipe its keys,
+    types and checks (each field's metadata, see ``_option``), rather than repeating them."""
 
-    method: str = "haq"  # the product's method; "rtn" converts without calibration text (dense models)
-    calib: list[str] = field(default_factory=list)
+    # the product's method; "rtn" converts without calibration text (dense models)
+    method: str = _option("haq", key="method", flag="--method", choices=METHODS)
+    calib: list[str] = _option(key="calibration.dataset", flag="--calib", factory=list)
     # datasets sources (offline.corpus): split and field read (None: the preset's / train, and the first of
     # text/messages/conversations), and whether conversations go through the tokenizer's chat template
-    calib_split: str | None = None
-    calib_field: str | None = None
-    calib_chat_template: bool = False
-    samples: int = 64  # calibration windows (why 64: the README's --samples row)
-    seq_len: int = 512
-    seed: int = 0
-    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
-    routing_stats: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    alpha: float = 0.5  # smoothing strength of --method smoothquant (haq searches it per layer)
-    moe_smoothing: str = "shared"  # or "per-expert": explicit input_smooth per expert (see offline.haq)
+    calib_split: str | None = _option(None, key="calibration.split", flag="--calib-split",
+                                      note="null: the preset's, else train")
+    calib_field: str | None = _option(None, key="calibration.field", flag="--calib-field",
+                                      note="null: the first of text, messages, conversations")
+    calib_chat_template: bool = _option(False, key="calibration.chat_template", flag="--calib-chat-template")
+    # calibration windows (why 64: the README's --samples row)
+    samples: int = _option(64, key="calibration.samples", flag="--samples", least=1)
+    seq_len: int = _option(512, key="calibration.seq_len", flag="--seq-len", least=1)
+    seed: int = _option(0, key="calibration.seed", flag="--seed")
+    ignore: list[str] = _option(key="ignore", flag="--ignore", factory=lambda: list(DEFAULT_IGNORE))
+    routing_stats: bool = _option(True, key="calibration.routing_stats", flag="--no-routing-stats")
+    # how this run proceeds, not what it produces: no recipe keys
+    resume: bool = _option(False, key=None, flag="--resume")
+    overwrite: bool = _option(False, key=None, flag="--overwrite")
+    # smoothing strength of --method smoothquant (haq searches it per layer)
+    alpha: float = _option(0.5, key="smoothing.alpha", flag="--alpha", least=0.0, most=1.0)
+    # or "per-expert": explicit input_smooth per expert (see offline.haq)
+    moe_smoothing: str = _option("shared", key="smoothing.moe", flag="--moe-smoothing", choices=MOE_SMOOTHING)
     # block-Hadamard rotation of dense layers' inputs (format v2, see vllm_haq.quant.rotation): "search" (haq's
-    # default), "all" or "none" (every other method); see offline.haq.ROTATION_MODES
-    rotation: str | None = None
+    # default), "all" or "none" (every other method's, and --format compressed-tensors'); see
+    # offline.haq.ROTATION_MODES and ``rotation_mode``
+    rotation: str | None = _option(None, key="rotation", flag="--rotation", choices=ROTATION_MODES,
+                                   note="null: search for haq into a HAQ checkpoint, else none")
+    gptq_block_size: int = _option(_GPTQ.block_size, key="gptq.block_size", flag="--gptq-block-size", least=1)
+    gptq_dampening: float = _option(_GPTQ.dampening, key="gptq.dampening", flag="--gptq-dampening", least=0.0)
+    act_order: bool = _option(_GPTQ.act_order, key="gptq.act_order", flag="--no-act-order")
+    # calibration samples per forward chunk (bounds attention memory); no flag
+    chunk: int = _option(8, key="calibration.batch_size", flag=None, least=1,
+                         note="no flag: calibration windows run through a layer at once")
+    # what is written: a HAQ checkpoint, or one exported to compressed-tensors (offline.convert)
+    format: str = _option(FORMATS[0], key="format", flag="--format", choices=FORMATS)
+    # a Hugging Face id as the model: its revision (branch, tag or commit; None: main), part of what is converted,
+    # and the hub cache to read it from (None: HF_HUB_CACHE), where this run looks: see vllm_haq.format.hub
+    revision: str | None = _option(None, key="revision", flag="--revision", note="null: main (Hugging Face ids)")
+    cache_dir: str | None = _option(None, key=None, flag="--cache-dir")
 
     @property
     def rotation_mode(self) -> str:
-        return self.rotation or ("search" if self.method == "haq" else "none")
-    gptq_block_size: int = _GPTQ.block_size
-    gptq_dampening: float = _GPTQ.dampening
-    act_order: bool = _GPTQ.act_order
-    chunk: int = 8  # calibration samples per forward chunk (bounds attention memory)
-    # a Hugging Face id as the model: its revision (branch, tag or commit; None: main) and the hub cache to use
-    # (None: HF_HUB_CACHE); see vllm_haq.format.hub
-    revision: str | None = None
-    cache_dir: str | None = None
+        """The rotation carried out: ``rotation``, else ``search`` for haq into a HAQ checkpoint, else ``none``
+        (compressed-tensors cannot express a rotated input)."""
+        return self.rotation or ("search" if self.method == "haq" and self.format == "haq" else "none")
 
     def gptq_config(self) -> GPTQConfig:
         return GPTQConfig(block_size=self.gptq_block_size, dampening=self.gptq_dampening, act_order=self.act_order)
@@ -91,21 +120,54 @@ def option_default(name: str):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def option_problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` (of the right type) for option field ``f`` — "is not one of [...]", "is below
+    1" — or None; the one check behind ``check_options`` (flags) and ``offline.recipe`` (keys)."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"is not one of {list(meta['choices'])}"
+    if meta.get("least") is not None and value < meta["least"]:
+        return f"is below {meta['least']}"
+    if meta.get("most") is not None and value > meta["most"]:
+        return f"is above {meta['most']}"
+    return None
+
+
 def check_options(opts: ConvertOptions, model_dir: str | None = None) -> None:
-    """Refuse choices outside the tables (the library is called without argparse too), rotation without haq and
-    a revision of a local directory."""
-    if opts.method not in METHODS:
-        raise ConvertError(f"--method {opts.method!r} is not available; choose from {list(METHODS)}")
-    if opts.moe_smoothing not in MOE_SMOOTHING:
-        raise ConvertError(f"--moe-smoothing {opts.moe_smoothing!r} is not one of {list(MOE_SMOOTHING)}")
-    if opts.rotation_mode not in ROTATION_MODES:
-        raise ConvertError(f"--rotation {opts.rotation!r} is not one of {list(ROTATION_MODES)}")
+    """Refuse values outside the choices and bounds (the library is called without argparse too), rotation without
+    haq, what compressed-tensors cannot express and a revision of a local directory, before any work."""
+    for f in dataclasses.fields(ConvertOptions):
+        problem = option_problem(f, getattr(opts, f.name))
+        if problem:
+            raise ConvertError(f"{f.metadata.get('flag') or f.name} {getattr(opts, f.name)!r} {problem}")
     if opts.revision is not None and model_dir is not None and os.path.isdir(model_dir):
         raise ConvertError(f"--revision {opts.revision}: {model_dir} is a local directory; a revision selects the "
                            "version of a Hugging Face model id (ORG/NAME)")
     if opts.rotation_mode != "none" and opts.method != "haq":
         raise ConvertError(f"--rotation {opts.rotation} needs --method haq (its per-layer search chooses the "
                            f"smoothing that goes with the rotation); --method {opts.method} converts unrotated")
+    if opts.format == "compressed-tensors":
+        if opts.moe_smoothing == "per-expert":
+            raise ConvertError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
+                               "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
+        if opts.rotation_mode != "none":
+            raise ConvertError(f"--format compressed-tensors cannot express --rotation {opts.rotation_mode} "
+                               "(rotated inputs); use --rotation none, or --format haq")
+
+
+def haq_target(out_dir: str, opts: ConvertOptions) -> tuple[str, ConvertOptions]:
+    """Where and with which options the HAQ checkpoint is converted: ``out_dir`` itself, or for --format
+    compressed-tensors ``OUT_DIR.haq`` (replaced, resumable), exported to ``out_dir`` afterwards — refused at once if
+    ``out_dir`` exists without --overwrite (the conversion would otherwise run for nothing)."""
+    if opts.format == "haq":
+        return out_dir, opts
+    check_options(opts)
+    out = os.path.abspath(out_dir.rstrip("/"))
+    if os.path.exists(out) and not opts.overwrite:
+        raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+    return out + ".haq", dataclasses.replace(opts, format="haq", rotation=opts.rotation_mode, overwrite=True)
 
 
 def layer_targets(spec: ModelSpec, i: int, ignore: list[str]) -> list[str]:
