@@ -117,19 +117,18 @@ def _convert(args) -> int:
 
     from offline.convert import convert
     from offline.estimate import directory_bytes, dry_run, format_estimate, weights_bytes
-    from offline.interop import export_compressed_tensors
+    from offline.interop import check_rotation_exportable, export_compressed_tensors
 
     out = os.path.abspath(args.out.rstrip("/"))
     if args.format == "compressed-tensors":
-        # Refused before any work: these cannot be expressed in compressed-tensors.
+        # Refused before any work: what compressed-tensors (as stock vLLM runs it) cannot express.
         if args.moe_smoothing == "per-expert":
             raise ValueError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
                              "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
-        if args.rotation in ("search", "all"):
-            raise ValueError(f"--format compressed-tensors cannot express --rotation {args.rotation} (rotated "
-                             "inputs); use --rotation none, or --format haq")
         if os.path.exists(out) and not args.overwrite:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+        if args.rotation in ("search", "all"):
+            check_rotation_exportable(args.model, args.ignore if args.ignore is not None else option_default("ignore"))
     opts = ConvertOptions(
         method=args.method, calib=args.calib or [], calib_split=args.calib_split, calib_field=args.calib_field,
         calib_chat_template=args.calib_chat_template, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
