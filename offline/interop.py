@@ -20,8 +20,8 @@ llm-compressor checkpoints directly.
   (``input_rotation``) become the config's ``transform_config`` (online
   ``hadamard`` schemes, ``head_dim`` = block) plus the ±1 matrices stock vLLM
   loads (one more shard); rotated MoE experts, biased or unevenly rotated fused
-  linears, which stock vLLM would not run as HAQ does, are refused. ``haq_routing.safetensors`` stays
-  beside the weights: the safetensors index lists only the weight shards, and
+  linears, which stock vLLM would not run as HAQ does, are refused.
+  ``haq_routing.safetensors`` stays beside the weights: the safetensors index lists only the weight shards, and
   vLLM and transformers read the shards the index names.
 * :func:`import_compressed_tensors` (``haq import``): compressed-tensors -> HAQ:
   ``weight_scale`` stored as float32, all-zero zero points dropped, Mixtral experts
@@ -127,9 +127,9 @@ def _check_servable_rotation(haq_dir: str, module: str, block: int, rotation: di
                            "(CompressedTensorsLinearTransformMethod.apply asserts it); convert with --rotation none "
                            "to export, or serve the HAQ checkpoint with the plugin")
     parent, leaf = module.rsplit(".", 1)
-    for fused in _FUSED_LINEARS:
-        others = [f"{parent}.{m}" for m in fused if m != leaf and f"{parent}.{m}.{WEIGHT}" in headers]
-        odd = [m for m in others if rotation.get(m) != block] if leaf in fused else []
+    for fused in (f for f in _FUSED_LINEARS if leaf in f):
+        parts = [f"{parent}.{m}" for m in fused if f"{parent}.{m}.{WEIGHT}" in headers]
+        odd = [m for m in parts if rotation.get(m) != block]
         if odd:
             raise InteropError(f"{where} with block {block} but {odd[0]!r} with {rotation.get(odd[0])}: vLLM fuses "
                                "them into one linear, which takes one input transform for all its parts")
