@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml Makefile
 lint: install
 	$(VPY) -m ruff check .
 
+# tests/test_ct_latest.py fetches compressed-tensors' latest release into .ct-latest (pip --no-deps --target,
+# beside vLLM's pinned one in the venv; again when a week old) and skips, saying why, without network.
 test: install lint
 	$(VPY) -m pytest tests --durations=15
 
@@ -61,4 +63,4 @@ gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) benchmarks/gpu_check.py --out $${OUT:-out/gpu_check}
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ct-latest

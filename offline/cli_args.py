@@ -73,7 +73,7 @@ def _add_convert(sub) -> None:
                         "per-token quantization; format v2). search: the per-layer search may choose it (default "
                         "for haq); all: every dense layer that can be rotated is; none: never (format v1, "
                         "readable by older vllm-haq; the default of the other methods and of --format "
-                        "compressed-tensors, which cannot express it)")
+                        "compressed-tensors, which writes rotations as transform_config: see docs/interop.md)")
     c.add_argument("--gptq-block-size", type=int, default=option_default("gptq_block_size"),
                    help="GPTQ lazy-update block size")
     c.add_argument("--gptq-dampening", type=float, default=option_default("gptq_dampening"),

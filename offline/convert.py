@@ -75,7 +75,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
     ``out_dir`` appears. --format compressed-tensors converts into ``OUT_DIR.haq`` (``plan.haq_target``; resumable:
     with ``resume`` a finished one is reused, as after a crash during the export), exports it and removes it.
     """
-    haq_dir, haq_opts = haq_target(out_dir, opts)
+    haq_dir, haq_opts = haq_target(model_dir, out_dir, opts)
     reports = []
     if opts.format == "haq" or not (opts.resume and os.path.isdir(haq_dir)):
         conv = _Conversion(plan_conversion(model_dir, haq_dir, haq_opts), opts)

@@ -120,7 +120,7 @@ def dry_run(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     reads no tensor data (config.json and the safetensors headers only)."""
     from offline.corpus import resolve_source
 
-    plan = plan_conversion(model_dir, *haq_target(out_dir, opts))
+    plan = plan_conversion(model_dir, *haq_target(model_dir, out_dir, opts))
     if plan.needs_calibration:
         for source in opts.calib:  # syntax and local files; a dataset itself is only loaded by the conversion
             resolve_source(source, "calib", opts.calib_split, opts.calib_field)

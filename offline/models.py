@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_haq.errors import HAQError
+from vllm_haq.format import COMPRESSED_TENSORS, rotation_from_transform_config
 from vllm_haq.quant import w8a8_linear_reference
 
 RoutingSink = Callable[[int, torch.Tensor], None]
@@ -60,8 +61,14 @@ class LayerTensors:
 
 
 def layer_rotations(config: dict, prefix: str) -> dict[str, int]:
-    """The input rotations (module relative to ``prefix`` -> block) that ``config.json`` gives one layer."""
-    rotation = (config.get("quantization_config") or {}).get("input_rotation") or {}
+    """The input rotations (module relative to ``prefix`` -> block) that ``config.json`` gives one layer: HAQ's
+    ``input_rotation``, or a compressed-tensors export's ``transform_config`` (the same rotations)."""
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == COMPRESSED_TENSORS:
+        rotation = rotation_from_transform_config(qc.get("transform_config"), "config.json: quantization_config."
+                                                  "transform_config")
+    else:
+        rotation = qc.get("input_rotation") or {}
     return {name[len(prefix):]: block for name, block in rotation.items() if name.startswith(prefix)}
 
 

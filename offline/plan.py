@@ -152,21 +152,23 @@ def check_options(opts: ConvertOptions, model_dir: str | None = None) -> None:
         if opts.moe_smoothing == "per-expert":
             raise ConvertError("--format compressed-tensors cannot express --moe-smoothing per-expert (explicit "
                                "per-expert input_smooth); use --moe-smoothing shared, or --format haq")
-        if opts.rotation_mode != "none":
-            raise ConvertError(f"--format compressed-tensors cannot express --rotation {opts.rotation_mode} "
-                               "(rotated inputs); use --rotation none, or --format haq")
 
 
-def haq_target(out_dir: str, opts: ConvertOptions) -> tuple[str, ConvertOptions]:
+def haq_target(model: str, out_dir: str, opts: ConvertOptions) -> tuple[str, ConvertOptions]:
     """Where and with which options the HAQ checkpoint is converted: ``out_dir`` itself, or for --format
     compressed-tensors ``OUT_DIR.haq`` (replaced, resumable), exported to ``out_dir`` afterwards — refused at once if
-    ``out_dir`` exists without --overwrite (the conversion would otherwise run for nothing)."""
+    ``out_dir`` exists without --overwrite, or if ``model`` has layers whose rotation the export would refuse
+    (``offline.interop.check_rotation_exportable``), since the conversion would otherwise run for nothing."""
     if opts.format == "haq":
         return out_dir, opts
     check_options(opts)
     out = os.path.abspath(out_dir.rstrip("/"))
     if os.path.exists(out) and not opts.overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+    if opts.rotation_mode != "none":
+        from offline.interop import check_rotation_exportable  # noqa: PLC0415 (interop imports the recipe, plan)
+
+        check_rotation_exportable(resolve_model(model, opts.revision, opts.cache_dir), opts.ignore)
     return out + ".haq", dataclasses.replace(opts, format="haq", rotation=opts.rotation_mode, overwrite=True)
 
 

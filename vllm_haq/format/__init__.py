@@ -11,7 +11,8 @@ Import from ``vllm_haq.format``; the submodules are its implementation.
 
 from vllm_haq.format.compressed_tensors import (CT_FORMAT, CT_READ_FORMATS, EXPORT_KEY, WEIGHT_ZERO_POINT,
                                                 checkpoint_quant_config, from_compressed_tensors,
-                                                to_compressed_tensors)
+                                                rotation_from_transform_config, to_compressed_tensors,
+                                                to_transform_config, transform_tensor_name)
 from vllm_haq.format.files import (ST_DTYPES, index_weight_map, is_quantized_checkpoint,
                                    load_tensor, read_config, read_json, read_safetensors_header, read_tensor_headers,
                                    shard_files, write_json_atomic)
@@ -37,6 +38,6 @@ __all__ = [
     "check_scale_values", "checkpoint_quant_config", "from_compressed_tensors", "index_weight_map",
     "is_ignored", "is_quantized_checkpoint", "load_tensor", "moe_layout", "parse_quantization_config",
     "read_config", "read_json", "read_safetensors_header", "read_tensor_headers", "shard_files",
-    "to_compressed_tensors",
+    "rotation_from_transform_config", "to_compressed_tensors", "to_transform_config", "transform_tensor_name",
     "validate_checkpoint", "validate_routing_stats", "validate_tensors", "write_json_atomic",
 ]

@@ -7,6 +7,12 @@ the metadata differ. Both directions go through compressed-tensors' own pydantic
 installed library: to_compressed_tensors() is what `haq export` / `haq convert --format compressed-tensors`
 write, from_compressed_tensors() what `haq import` and the `haq` vLLM method accept.
 
+HAQ's block-Hadamard input rotation (``quantization_config.input_rotation``) is written as compressed-tensors'
+``transform_config``: one ``hadamard`` TransformScheme per block size (``head_dim`` = block, not randomized),
+applied online at ``input`` of exactly the rotated modules (to_transform_config / rotation_from_transform_config);
+each rotated module also gets the transform tensor stock vLLM loads, ``{module}.{scheme}_input.weight`` (the ±1
+Sylvester matrix of the block; transform_tensor_name).
+
 The library is imported on first use only: ``import compressed_tensors`` takes seconds (it imports
 transformers and torch.compile machinery), and this package is imported by the vLLM plugin and the converter.
 """
@@ -27,6 +33,9 @@ EXPORT_KEY = "haq_export"
 SCHEME_KEYS = ("num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "block_structure")
 # quantization_config keys ModelCompressor.update_config writes beside QuantizationConfig.model_dump()
 _COMPRESSOR_KEYS = ("version", "quant_method", "sparsity_config", "transform_config")
+# transform_config scheme of HAQ's rotations of one block size: "haq_rotation_<block>"
+ROTATION_SCHEME_PREFIX = "haq_rotation_"
+_TRANSFORM_TYPE = "hadamard"  # compressed-tensors' deterministic Sylvester matrix; vLLM's hadacore kernel
 
 
 def ct_version() -> str:
@@ -51,13 +60,84 @@ def _haq_scheme(part: str) -> dict:
     return {**scheme, "group_size": None, "block_structure": None}
 
 
-def to_compressed_tensors(ignore: list[str], version: str | None = None) -> dict:
+def transform_tensor_name(module: str, block: int) -> str:
+    """The checkpoint tensor holding ``module``'s input rotation matrix: vLLM registers the transform of scheme
+    S at location ``input`` as submodule ``{S}_input`` of the linear, with parameter ``weight``."""
+    return f"{module}.{ROTATION_SCHEME_PREFIX}{block}_input.weight"
+
+
+def to_transform_config(input_rotation: dict[str, int]) -> dict:
+    """compressed-tensors' ``TransformConfig`` (dumped) of HAQ's ``input_rotation`` (module -> block).
+
+    One scheme per block size, so that ``head_dim`` (the size of the diagonal blocks) is the block; targets are
+    the module names (matched exactly), location ``input`` (online: applied to the activations at run time,
+    the weights already hold W R), not inverted, not randomized (the plain Sylvester matrix HAQ uses).
+    """
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    by_block: dict[int, list[str]] = {}
+    for module, block in input_rotation.items():
+        by_block.setdefault(block, []).append(module)
+    groups = {f"{ROTATION_SCHEME_PREFIX}{block}": TransformScheme(
+        type=_TRANSFORM_TYPE, head_dim=block, randomize=False,
+        apply=[TransformArgs(targets=sorted(modules), location="input")])
+        for block, modules in sorted(by_block.items())}
+    return _sorted(TransformConfig(config_groups=groups).model_dump(mode="json"))
+
+
+def _rotation_scheme(name: str, scheme: dict, where: str) -> tuple[int, list[str]]:
+    """(block, modules) of one parsed transform scheme, or CheckpointError naming the key HAQ cannot serve."""
+    for key, want in (("type", _TRANSFORM_TYPE), ("randomize", False), ("requires_grad", False)):
+        if scheme.get(key) != want:
+            raise CheckpointError(f"{where}.{name}.{key} is {scheme.get(key)!r}; HAQ's rotation is {want!r}")
+    block = scheme.get("head_dim")
+    if not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise CheckpointError(f"{where}.{name}.head_dim is {block!r}; HAQ needs the block size (a power of two)")
+    modules = []
+    for i, args in enumerate(scheme.get("apply") or []):
+        at = f"{where}.{name}.apply[{i}]"
+        if args.get("location") != "input" or args.get("inverse") or args.get("ignore"):
+            raise CheckpointError(f"{at}: location {args.get('location')!r}, inverse {args.get('inverse')!r}, "
+                                  f"ignore {args.get('ignore')!r}; HAQ rotates inputs only (input, False, [])")
+        bad = [t for t in args.get("targets") or [] if t.startswith("re:") or "." not in t]
+        if bad:
+            raise CheckpointError(f"{at}.targets has {bad[0]!r}; HAQ reads module names, not regexes or classes")
+        modules += args.get("targets") or []
+    return block, modules
+
+
+def rotation_from_transform_config(cfg: Any, source: str = "quantization_config.transform_config") -> dict:
+    """HAQ's ``input_rotation`` (module -> block) from a compressed-tensors ``transform_config`` of the form
+    :func:`to_transform_config` writes; CheckpointError naming the key for anything else."""
+    from compressed_tensors.transform import TransformConfig
+
+    if not cfg:
+        return {}
+    try:
+        parsed = TransformConfig.model_validate(cfg).model_dump(mode="json")
+    except (ValueError, TypeError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise CheckpointError(f"{source}: compressed-tensors {ct_version()} rejects it: {' '.join(lines[:3])}"
+                              ) from None
+    rotation: dict[str, int] = {}
+    for name, scheme in parsed["config_groups"].items():
+        block, modules = _rotation_scheme(name, scheme, f"{source}.config_groups")
+        for module in modules:
+            if rotation.setdefault(module, block) != block:
+                raise CheckpointError(f"{source}: {module!r} is rotated by two schemes ({rotation[module]} and "
+                                      f"{block})")
+    return rotation
+
+
+def to_compressed_tensors(ignore: list[str], version: str | None = None,
+                          input_rotation: dict[str, int] | None = None) -> dict:
     """``quantization_config`` of a compressed-tensors W8A8 int8 checkpoint, as llm-compressor writes it.
 
     Built as compressed-tensors' ``QuantizationConfig`` of one ``["Linear"]`` group and serialized the way
     ``ModelCompressor.update_config`` does (``model_dump()`` without quant_method, then version, quant_method,
-    an empty sparsity_config and transform_config; keys sorted). ``version`` defaults to the installed
+    an empty sparsity_config and the transform_config; keys sorted). ``version`` defaults to the installed
     library's. ``ignore`` should list module names (compressed-tensors matches plain names exactly).
+    ``input_rotation`` (HAQ's, module -> block) becomes the transform_config (:func:`to_transform_config`).
     """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -66,7 +146,8 @@ def to_compressed_tensors(ignore: list[str], version: str | None = None) -> dict
     qc = QuantizationConfig(config_groups={"group_0": group}, format=CT_FORMAT, ignore=list(ignore),
                             quantization_status="compressed")
     written = {"version": version or ct_version(), "quant_method": COMPRESSED_TENSORS, "sparsity_config": {},
-               "transform_config": {}, **qc.model_dump(mode="json", exclude={"quant_method"})}
+               "transform_config": to_transform_config(input_rotation) if input_rotation else {},
+               **qc.model_dump(mode="json", exclude={"quant_method"})}
     return _sorted(written)
 
 
@@ -132,10 +213,12 @@ def from_compressed_tensors(cfg: Any, source: str = "quantization_config") -> HA
     where = f"{source}: config_groups.{gname}"
     parsed = _parse(cfg, source, where)
     _check_scheme(parsed["config_groups"][gname], where, {})
-    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+    for key in ("kv_cache_scheme", "sparsity_config"):
         if parsed.get(key, cfg.get(key)):
             raise CheckpointError(f"{source}: {key} is set ({cfg[key]!r}); HAQ serves plain W8A8 int8 only")
+    rotation = rotation_from_transform_config(cfg.get("transform_config"), f"{source}.transform_config")
     return HAQQuantConfig(ignore=list(parsed.get("ignore") or []), source_format=COMPRESSED_TENSORS,
+                          input_rotation=rotation,
                           producer={"tool": "llm-compressor/compressed-tensors", "source": COMPRESSED_TENSORS,
                                     "version": cfg.get("version")})
 

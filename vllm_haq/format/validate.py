@@ -12,10 +12,12 @@ import re
 
 import torch
 
-from vllm_haq.format.compressed_tensors import EXPORT_KEY, WEIGHT_ZERO_POINT, checkpoint_quant_config
+from vllm_haq.format.compressed_tensors import (EXPORT_KEY, WEIGHT_ZERO_POINT, checkpoint_quant_config,
+                                                transform_tensor_name)
 from vllm_haq.format.files import index_weight_map, load_tensor, read_config, read_tensor_headers
 from vllm_haq.format.schema import (COMPRESSED_TENSORS, CONFIG_FILE, INPUT_SMOOTH, SAFETENSORS_INDEX, SCALE_DTYPE,
                                     WEIGHT, WEIGHT_DTYPE, WEIGHT_SCALE, CheckpointError, HAQQuantConfig, moe_layout)
+from vllm_haq.quant.rotation import sylvester
 
 
 def check_index_matches(model_dir: str, headers: dict) -> None:
@@ -121,6 +123,22 @@ class _TensorChecks:
             if width % block:
                 raise CheckpointError(f"{self.where(wname)}: its {width} input features are not a multiple of the "
                                       f"rotation block {block} in quantization_config.input_rotation")
+            if self.qcfg.source_format == COMPRESSED_TENSORS:
+                self.transform(transform_tensor_name(module, block), block)
+
+    def transform(self, name: str, block: int) -> None:
+        """A compressed-tensors rotation's stored matrix: stock vLLM will not load the model without it, and
+        a HAQ export holds the ±1 Sylvester matrix its ``hadamard`` scheme stands for (vLLM's CUDA kernel
+        computes that matrix whatever is stored; its dense fallback multiplies by the stored one)."""
+        if name not in self.headers:
+            raise CheckpointError(f"{self.dir}: no tensor {name!r}: quantization_config.transform_config rotates "
+                                  "its module, and vLLM loads the rotation matrix from the checkpoint")
+        _, dtype, shape = self.headers[name]
+        if shape != (block, block) or not dtype.is_floating_point:
+            raise CheckpointError(f"{self.where(name)} is {dtype} {list(shape)}, expected a float [{block}, {block}]")
+        if not torch.equal(load_tensor(self.dir, self.headers, name).double(), sylvester(block)):
+            raise CheckpointError(f"{self.where(name)} is not the ±1 Sylvester-Hadamard matrix of order {block} "
+                                  "(the transform_config's hadamard scheme)")
 
 
 def validate_tensors(model_dir: str, qcfg: HAQQuantConfig, headers: dict | None = None) -> dict:

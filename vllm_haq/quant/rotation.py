@@ -49,16 +49,25 @@ def check_block(block: int, in_features: int, where: str) -> None:
         raise ValueError(f"{where}: rotation block {block} does not divide the {in_features} input features")
 
 
+def sylvester(block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The unnormalized (±1) Sylvester–Hadamard matrix of order ``block``: H_2n = [[H_n, H_n], [H_n, -H_n]].
+
+    What compressed-tensors stores for a ``hadamard`` transform (its ``deterministic_hadamard_matrix``; the
+    readers divide by √block), so a HAQ export writes exactly this; every entry is exact in any float dtype.
+    """
+    check_block(block, block, "hadamard")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype)
+
+
 def hadamard(block: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
     """The normalized Sylvester–Hadamard matrix of order ``block`` (symmetric and orthogonal: H H = I)."""
     key = (block, dtype, torch.device(device))
     h = _CACHE.get(key)
     if h is None:
-        check_block(block, block, "hadamard")
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < block:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        h = (h / math.sqrt(block)).to(dtype=dtype, device=device)
+        h = (sylvester(block) / math.sqrt(block)).to(dtype=dtype, device=device)
         _CACHE[key] = h
     return h
 

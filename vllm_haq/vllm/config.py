@@ -81,7 +81,11 @@ class HAQConfig(QuantizationConfig):
         if method == COMPRESSED_TENSORS:
             # Asked for explicitly: a scheme HAQ cannot serve is an error naming the config key, not
             # vLLM's generic "does not match" message.
-            from_compressed_tensors(hf_quant_cfg, "config.json: quantization_config")
+            if from_compressed_tensors(hf_quant_cfg, "config.json: quantization_config").input_rotation:
+                # its rotation matrices are checkpoint tensors this method registers no parameter for
+                raise CheckpointError("config.json: quantization_config.transform_config rotates layer inputs; "
+                                      "quantization='haq' serves compressed-tensors checkpoints without transforms: "
+                                      "`haq import SRC OUT` gives the HAQ checkpoint (input_rotation) it serves")
             return QUANT_METHOD
         return None
 
