@@ -88,8 +88,9 @@ def build_tiny_model(family: str, out_dir: str, seed: int = 0, **overrides) -> s
     model = AutoModelForCausalLM.from_config(cfg)
     # Larger-than-init weights give logits with real spread (random init is near-uniform).
     with torch.no_grad():
+        tied = family in DENSE_FAMILIES and cfg.tie_word_embeddings  # the embeddings are the LM head too
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() == 2 and ("embed" not in name or tied):
                 p.mul_(4.0)
             elif p.dim() == 1 and family in DENSE_FAMILIES:  # norms around 1, biases around 0
                 p.copy_(torch.randn_like(p) * 0.2 + (0.0 if name.endswith(".bias") else 1.0))
