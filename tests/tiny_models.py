@@ -13,6 +13,8 @@ FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
 # Families added after the first four (tests/test_families.py): their tiny models also get random norm weights
 # and biases, so q/k-norm, qkv biases and the folds into norms are exercised with values other than 1 and 0.
 DENSE_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3")
+# Qwen3-MoE (Qwen3-30B-A3B's layout, scaled down): q/k-norm, 32 experts, top-8, renormalized top-k weights.
+NEW_MOE_FAMILIES = ("qwen3_moe",)
 # Llama 3.x RoPE on a tiny model: an original context of 32 positions puts most of head_dim 64's frequencies
 # in llama3's scaled band, so the scaling changes the tests' 48-64 position sequences visibly.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -32,6 +34,12 @@ def _config(family: str, **overrides):
 
     common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, max_position_embeddings=512,
                   num_hidden_layers=2, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**{**common, "head_dim": 64, "num_key_value_heads": 1, "intermediate_size": 256,
+                                 "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 8,
+                                 "norm_topk_prob": True, "tie_word_embeddings": False, **overrides})
     if family == "opt":
         return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
     if family == "llama":
@@ -92,7 +100,7 @@ def build_tiny_model(family: str, out_dir: str, seed: int = 0, **overrides) -> s
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("embed" not in name or tied):
                 p.mul_(4.0)
-            elif p.dim() == 1 and family in DENSE_FAMILIES:  # norms around 1, biases around 0
+            elif p.dim() == 1 and family in DENSE_FAMILIES + NEW_MOE_FAMILIES:  # norms around 1, biases around 0
                 p.copy_(torch.randn_like(p) * 0.2 + (0.0 if name.endswith(".bias") else 1.0))
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir)

@@ -93,6 +93,7 @@ _OPT = Family(
               lambda c: c.get("word_embed_proj_dim", c["hidden_size"]) != c["hidden_size"])),
 )
 
+_GUD = ("gate_proj", "up_proj", "down_proj")
 _QWEN_SHARED = dict(shared_expert="shared_expert", shared_gate="shared_expert_gate",
                     shared_size_key="shared_expert_intermediate_size")
 
@@ -107,4 +108,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family("qwen2_moe", moe=MoEFacts(
         "mlp", ("gate_proj", "up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"),
         ("num_local_experts", "num_experts"), layers="sparse_step", renormalize="norm_topk_prob", **_QWEN_SHARED)),
+    # transformers 5 writes num_local_experts; the Hub's Qwen3-MoE configs say num_experts
+    "qwen3_moe": Family("qwen3_moe", sliding="layer_types", qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+                        moe=MoEFacts("mlp", _GUD, _GUD, ("num_local_experts", "num_experts"), layers="sparse_step",
+                                     renormalize="norm_topk_prob")),
 }

@@ -43,7 +43,10 @@ def rope_type(config: dict, source: str = "config.json") -> str:
     if rtype not in supported:
         raise UnsupportedModelError(f"{source}: rope type {rtype!r} (rope_parameters.rope_type) is not supported; "
                                     f"supported: {['default'] + supported}")
-    hd = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    try:
+        hd = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except KeyError as exc:
+        raise UnsupportedModelError(f"{source}: rope type {rtype!r} needs {exc} in the config") from exc
     _checked_inv_freq(config, rtype, 1, hd, source)
     return rtype
 
