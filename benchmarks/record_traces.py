@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/record_traces.py [--model DIR] [--out benchmarks/traces] [--windows 8]
 
-Runs the model's pure-PyTorch forward (offline/models.py, bf16 weights in float32)
+Runs the model's pure-PyTorch forward (offline/models/, bf16 weights in float32)
 over non-overlapping 512-token windows of wiki.test, sotu.test and wiki.train and
 saves, per corpus, ``{corpus}.pt``: ``topk`` int16 [windows, tokens, layers, k]
 (the experts each token is routed to at every MoE layer, in token order) plus the
@@ -49,7 +49,7 @@ def record(model_dir: str, corpus_file: str, windows: int, seq_len: int = 512) -
             lt = LayerTensors({k: v.float() for k, v in src.load_prefix(spec.layer_prefix(i)).items()})
             h = spec.layer_forward(i, lt, h, sink)
     topk = torch.stack([routes[i] for i in moe_layers], dim=2)  # [W, T, L, k]
-    return {"topk": topk, "num_experts": int(spec.config.get("num_local_experts") or spec.config.get("num_experts")),
+    return {"topk": topk, "num_experts": spec.num_experts,
             "layers": moe_layers, "model": os.path.basename(model_dir.rstrip("/")),
             "corpus": os.path.basename(corpus_file)}
 

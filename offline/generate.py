@@ -224,7 +224,7 @@ def generate(model_dir: str, prompt_ids: list[int], max_new_tokens: int, device:
     spec, g, layers, engine = _load(model_dir, dev, cfg)
     tokens, logits = [], []
     try:
-        vocab = g["model.decoder.embed_tokens.weight" if spec.family == "opt" else "model.embed_tokens.weight"].shape[0]
+        vocab = g[spec.facts.embed].shape[0]
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt_ids must lie in [0, {vocab}) (the model's vocabulary), got {min(prompt_ids)}.."
                              f"{max(prompt_ids)}")

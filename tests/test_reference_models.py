@@ -40,7 +40,9 @@ def test_reference_forward_matches_transformers(family, tiny_dir):
 def test_unsupported_architectures_are_named():
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
         spec_for({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):
+    with pytest.raises(UnsupportedModelError, match="rope type 'yarn'"):  # supported, but without its factor
         spec_for({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}, "num_hidden_layers": 1})
+    with pytest.raises(UnsupportedModelError, match="rope type 'mrope'.*not supported"):
+        spec_for({"model_type": "llama", "rope_scaling": {"rope_type": "mrope"}, "num_hidden_layers": 1})
     with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
         spec_for({"model_type": "opt", "do_layer_norm_before": False, "hidden_size": 8})

@@ -10,6 +10,15 @@ import torch
 
 VOCAB = 512
 FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
+# Families added after the first four (tests/test_families.py): their tiny models also get random norm weights
+# and biases, so q/k-norm, qkv biases and the folds into norms are exercised with values other than 1 and 0.
+DENSE_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3")
+# Qwen3-MoE (Qwen3-30B-A3B's layout, scaled down): q/k-norm, 32 experts, top-8, renormalized top-k weights.
+NEW_MOE_FAMILIES = ("qwen3_moe",)
+# Llama 3.x RoPE on a tiny model: an original context of 32 positions puts most of head_dim 64's frequencies
+# in llama3's scaled band, so the scaling changes the tests' 48-64 position sequences visibly.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A model converts weights to int8 and "
@@ -17,11 +26,20 @@ CORPUS = (
 ) * 20
 
 
-def _config(family: str):
+def _config(family: str, **overrides):
     from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
+
+    if family in DENSE_FAMILIES:
+        return _dense_config(family, **overrides)
 
     common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, max_position_embeddings=512,
                   num_hidden_layers=2, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**{**common, "head_dim": 64, "num_key_value_heads": 1, "intermediate_size": 256,
+                                 "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 8,
+                                 "norm_topk_prob": True, "tie_word_embeddings": False, **overrides})
     if family == "opt":
         return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
     if family == "llama":
@@ -34,6 +52,23 @@ def _config(family: str):
                               num_key_value_heads=1, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
                               tie_word_embeddings=False, **common)
     raise ValueError(family)
+
+
+def _dense_config(family: str, **overrides):
+    """Llama 3.x (llama3 RoPE), Mistral (a 32-token sliding window, shorter than the tests' sequences), Qwen2
+    (qkv biases, tied embeddings), Qwen3 (q/k-norm)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=512, num_hidden_layers=2, intermediate_size=256, bos_token_id=0,
+                  eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
+    cls, extra = {
+        "llama3": (LlamaConfig, dict(rope_parameters=dict(LLAMA3_ROPE))),
+        "mistral": (MistralConfig, dict(sliding_window=32, head_dim=64)),
+        "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),
+        "qwen3": (Qwen3Config, dict(head_dim=64)),
+    }[family]
+    return cls(**{**common, **extra, **overrides})
 
 
 def build_tokenizer(out_dir: str) -> None:
@@ -52,18 +87,21 @@ def build_tokenizer(out_dir: str) -> None:
     fast.save_pretrained(out_dir)
 
 
-def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
-    """Random-initialized bf16 checkpoint of ``family`` in ``out_dir`` (returned)."""
+def build_tiny_model(family: str, out_dir: str, seed: int = 0, **overrides) -> str:
+    """Random-initialized bf16 checkpoint of ``family`` in ``out_dir`` (returned); ``overrides``: config fields."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = _config(family)
+    cfg = _config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg)
     # Larger-than-init weights give logits with real spread (random init is near-uniform).
     with torch.no_grad():
+        tied = family in DENSE_FAMILIES and cfg.tie_word_embeddings  # the embeddings are the LM head too
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() == 2 and ("embed" not in name or tied):
                 p.mul_(4.0)
+            elif p.dim() == 1 and family in DENSE_FAMILIES + NEW_MOE_FAMILIES:  # norms around 1, biases around 0
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if name.endswith(".bias") else 1.0))
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir)
     build_tokenizer(out_dir)

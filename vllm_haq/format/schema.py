@@ -215,14 +215,21 @@ def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> 
 # --------------------------------------------------------------------------- compressed-tensors interop
 
 
+# Config keys giving the routed experts per MoE layer (first present wins): Mixtral's, and the Qwen-MoE style
+# (Qwen2-MoE, Qwen3-MoE; transformers 5 writes Qwen3-MoE's as num_local_experts, the Hub's configs num_experts).
+MOE_EXPERT_KEYS = ("num_local_experts", "num_experts")
+# Keys that place MoE layers among dense ones (Qwen-MoE style): without them every layer is an MoE layer.
+MOE_SPARSITY_KEYS = ("decoder_sparse_step", "mlp_only_layers")
+
+
 def moe_layout(hf_config: dict) -> tuple[list[int], int] | None:
     """(decoder-layer indices that are MoE layers, experts per layer), or None for dense models."""
     n_layers = int(hf_config.get("num_hidden_layers", 0))
-    if "num_local_experts" in hf_config:  # Mixtral
-        return list(range(n_layers)), int(hf_config["num_local_experts"])
-    if hf_config.get("num_experts"):  # Qwen2-MoE family
-        step = int(hf_config.get("decoder_sparse_step", 1) or 1)
-        dense = set(hf_config.get("mlp_only_layers") or [])
-        layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
-        return layers, int(hf_config["num_experts"])
-    return None
+    experts = next((int(hf_config[k]) for k in MOE_EXPERT_KEYS if hf_config.get(k)), 0)
+    if not experts:
+        return None
+    if not any(k in hf_config for k in MOE_SPARSITY_KEYS):  # Mixtral: every layer
+        return list(range(n_layers)), experts
+    step = int(hf_config.get("decoder_sparse_step", 1) or 1)
+    dense = set(hf_config.get("mlp_only_layers") or [])
+    return [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0], experts

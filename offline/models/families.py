@@ -1,0 +1,115 @@
+"""Architecture facts of every supported family, as data.
+
+Why data: the converter (which linears to quantize, which smoothing folds are exact), the reference forward and
+the dry-run estimate all read the same facts, so a new family is one entry here (plus, where its computation
+is new, one piece of the forward) instead of ``family ==`` branches spread over files. Names are relative to a
+decoder layer's prefix.
+
+Folds (:meth:`offline.models.spec.ModelSpec.smoothing_groups`): input-side smoothing divides a norm's weight
+(``attn_norm`` -> q/k/v, ``mlp_norm`` -> the MLP's input linears) and multiplies the consumers' input columns;
+output-side smoothing divides a producer linear's output rows (v_proj -> o_proj, up_proj -> down_proj,
+fc1 -> fc2). A producer whose output passes through something that is not linear per channel before its
+consumer (q/k-norm: an RMSNorm over each head sits between q_proj/k_proj and attention) must never be an
+output-side producer: ``no_output_folds`` names them, and the spec refuses a group that would fold into one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MoEFacts:
+    """Where a family's MoE block is and how it routes.
+
+    ``listed``: the expert linears in the order the converter lists them (Mixtral's historic w1, w2, w3; it
+    fixes the tensor order of existing outputs). ``layers``: ``all`` (every decoder layer), or ``sparse_step``
+    (``decoder_sparse_step`` and ``mlp_only_layers``, as Qwen2-MoE/Qwen3-MoE). ``renormalize``: True, or the
+    config key saying whether the top-k weights are renormalized (default False)."""
+
+    block: str
+    linears: tuple[str, str, str]  # each expert's (gate, up, down)
+    listed: tuple[str, ...]
+    experts_keys: tuple[str, ...]  # config keys giving the number of routed experts, first present wins
+    layers: str = "all"
+    router: str = "gate"
+    renormalize: bool | str = True
+    shared_expert: str | None = None  # block-relative module of the always-on expert
+    shared_gate: str | None = None  # its sigmoid gate (an unquantized linear, like the router)
+    shared_size_key: str | None = None  # config key: the shared expert exists when it is > 0
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture. ``norm``: ``rms`` (RMSNorm, ``rms_norm_eps``) or ``layer`` (LayerNorm with bias,
+    eps 1e-5). ``mlp``: ``swiglu`` (``mlp_linears`` = gate, up, down) or ``relu`` (= fc1, fc2). ``rope``:
+    rotary positions (through :mod:`offline.models.rope`), else learned positions ``embed_positions`` (offset 2,
+    OPT). ``qk_norm``: the per-head RMSNorms of q and k (Qwen3). ``sliding``: how a layer's sliding window is
+    found (``all``: ``sliding_window`` on every layer, Mistral; ``layer_types``: Qwen2/Qwen3's
+    ``use_sliding_window`` / ``max_window_layers`` / ``layer_types``; None: never). ``vo_heads``: the v_proj ->
+    o_proj fold repeats factors over the query heads of a kv head (grouped-query attention)."""
+
+    name: str
+    layer_root: str = "model.layers."
+    embed: str = "model.embed_tokens.weight"
+    embed_positions: str | None = None
+    final_norm: str = "model.norm"
+    norm: str = "rms"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_linears: tuple[str, str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj")
+    mlp: str = "swiglu"
+    mlp_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    rope: bool = True
+    qk_norm: tuple[str, str] | None = None
+    sliding: str | None = None
+    vo_heads: bool = True
+    tie_default: bool = False
+    moe: MoEFacts | None = None
+    activation_key: str = "hidden_act"
+    activation: str = "silu"
+    # (what is not supported, predicate on config.json that is True when the checkpoint has it)
+    refused: tuple[tuple[str, Callable[[dict], bool]], ...] = field(default_factory=tuple)
+
+    @property
+    def no_output_folds(self) -> tuple[str, ...]:
+        """Linears whose output may not absorb smoothing factors: q/k-norm normalizes q_proj/k_proj's output per
+        head, so x / s there would not come out of the norm as x / s."""
+        return tuple(self.attn_linears[:2]) if self.qk_norm else ()
+
+
+_OPT = Family(
+    "opt", layer_root="model.decoder.layers.", embed="model.decoder.embed_tokens.weight",
+    embed_positions="model.decoder.embed_positions.weight", final_norm="model.decoder.final_layer_norm",
+    norm="layer", attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm",
+    attn_linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+    mlp="relu", mlp_linears=("fc1", "fc2"), rope=False, vo_heads=False, tie_default=True,
+    activation_key="activation_function", activation="relu",
+    refused=(("OPT with post-LayerNorm (do_layer_norm_before=false)",
+              lambda c: not c.get("do_layer_norm_before", True)),
+             ("OPT with project_in/out (word_embed_proj_dim != hidden_size)",
+              lambda c: c.get("word_embed_proj_dim", c["hidden_size"]) != c["hidden_size"])),
+)
+
+_GUD = ("gate_proj", "up_proj", "down_proj")
+_QWEN_SHARED = dict(shared_expert="shared_expert", shared_gate="shared_expert_gate",
+                    shared_size_key="shared_expert_intermediate_size")
+
+FAMILIES: dict[str, Family] = {
+    "opt": _OPT,
+    "llama": Family("llama"),
+    "mistral": Family("mistral", sliding="all"),
+    "qwen2": Family("qwen2", sliding="layer_types"),
+    "qwen3": Family("qwen3", sliding="layer_types", qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    "mixtral": Family("mixtral", moe=MoEFacts("block_sparse_moe", ("w1", "w3", "w2"), ("w1", "w2", "w3"),
+                                              ("num_local_experts", "num_experts"))),
+    "qwen2_moe": Family("qwen2_moe", moe=MoEFacts(
+        "mlp", ("gate_proj", "up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"),
+        ("num_local_experts", "num_experts"), layers="sparse_step", renormalize="norm_topk_prob", **_QWEN_SHARED)),
+    # transformers 5 writes num_local_experts; the Hub's Qwen3-MoE configs say num_experts
+    "qwen3_moe": Family("qwen3_moe", sliding="layer_types", qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+                        moe=MoEFacts("mlp", _GUD, _GUD, ("num_local_experts", "num_experts"), layers="sparse_step",
+                                     renormalize="norm_topk_prob")),
+}

@@ -1,0 +1,80 @@
+"""A decoder layer's tensors, and the linear, norm and MLP pieces every family's forward is made of.
+
+Linear layers dispatch on the stored tensors: int8 ``weight`` + ``weight_scale`` (+ ``input_smooth``, + the
+input rotation named in the config) run W8A8 via :mod:`vllm_haq.quant` (the numerics live there once), float
+weights run a plain matmul. So the same forward serves calibration (float source), the ``hf`` evaluation
+backend and the tests (converted checkpoints).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vllm_haq.format import COMPRESSED_TENSORS, rotation_from_transform_config
+from vllm_haq.quant import w8a8_linear_reference
+
+
+class LayerTensors:
+    """The tensors of one decoder layer, by name relative to the layer prefix."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], observer: Callable[[str, torch.Tensor], None] | None = None,
+                 rotations: dict[str, int] | None = None):
+        self.t = tensors
+        self.observer = observer  # sees every linear's input (calibration statistics)
+        self.rotations = rotations or {}  # module -> block-Hadamard order of its input (quantization_config)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.t.get(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.t[name]
+
+    def linear(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply linear ``module`` to float32 ``x``: W8A8 if its weight is int8, else float."""
+        if self.observer is not None:
+            self.observer(module, x)
+        w = self.t[f"{module}.weight"]
+        bias = self.t.get(f"{module}.bias")
+        if w.dtype == torch.int8:
+            return w8a8_linear_reference(
+                x, w, self.t[f"{module}.weight_scale"], bias, self.t.get(f"{module}.input_smooth"),
+                self.rotations.get(module),
+            )
+        return F.linear(x, w.float(), None if bias is None else bias.float())
+
+
+def layer_rotations(config: dict, prefix: str) -> dict[str, int]:
+    """The input rotations (module relative to ``prefix`` -> block) that ``config.json`` gives one layer: HAQ's
+    ``input_rotation``, or a compressed-tensors export's ``transform_config`` (the same rotations)."""
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == COMPRESSED_TENSORS:
+        rotation = rotation_from_transform_config(qc.get("transform_config"), "config.json: quantization_config."
+                                                  "transform_config")
+    else:
+        rotation = qc.get("input_rotation") or {}
+    return {name[len(prefix):]: block for name, block in rotation.items() if name.startswith(prefix)}
+
+
+def swiglu(lt: LayerTensors, block: str, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) of the linears ``block``.``names`` (gate, up, down)."""
+    gate, up, down = names
+    return lt.linear(f"{block}.{down}", F.silu(lt.linear(f"{block}.{gate}", x)) * lt.linear(f"{block}.{up}", x))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """OPT's LayerNorm (eps 1e-5, with bias)."""
+    return F.layer_norm(x, x.shape[-1:], w.float(), b.float(), 1e-5)
+
+
+def sliding_causal_mask(t: int, window: int, device: torch.device | str) -> torch.Tensor:
+    """Boolean [t, t] mask: position i attends j when i - window < j <= i (transformers' sliding window)."""
+    i = torch.arange(t, device=device).unsqueeze(1)
+    j = torch.arange(t, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window)
