@@ -30,6 +30,8 @@ import sys
 import time
 
 from offline.cli_args import build_parser, given_options
+from offline.convert_progress import ConvertProgress
+from offline.convert_progress import tqdm_bar as _tqdm
 from offline.plan import ConvertOptions
 
 
@@ -37,75 +39,9 @@ def _stderr_isatty() -> bool:
     return sys.stderr.isatty()
 
 
-def _tqdm(**kw):
-    """A tqdm bar on stderr, as wide as the terminal (80 x 24 where the terminal reports no size: tqdm would hide
-    the bar)."""
-    from tqdm import tqdm
-
-    try:
-        size = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError):
-        size = os.terminal_size((0, 0))
-    fixed = {} if size.columns > 0 and size.lines > 0 else {"ncols": 80, "nrows": 24}
-    return tqdm(file=sys.stderr, dynamic_ncols=not fixed, **fixed, **kw)
-
-
 def _progress_enabled(args) -> bool:
     """Progress bars (tqdm, on stderr) unless --no-progress or stderr is not a terminal (logs, pipes, CI)."""
     return not args.no_progress and _stderr_isatty()
-
-
-class _ConvertProgress:
-    """``haq convert``'s progress (an ``offline.convert.ConvertEvents``): tqdm bars for the calibration set-up
-    and the layers when enabled, and the per-layer ``[haq] layer i/n: ...`` lines always (printed above the bars)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.calib_bar = self.layer_bar = None
-
-    def _bar(self, **kw):
-        return _tqdm(**kw)
-
-    def calibration(self, step: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.calib_bar is None:
-            self.calib_bar = self._bar(total=total, desc="[haq] calibration", unit="step")
-        self.calib_bar.update(done - self.calib_bar.n)
-        self.calib_bar.set_postfix_str(step)
-        if done >= total:
-            self.calib_bar.close()
-
-    def layers(self, done: int, total: int) -> None:
-        if self.enabled:
-            self.layer_bar = self._bar(total=total, initial=done, desc="[haq] layers", unit="layer")
-
-    def layer_done(self, rep, total: int) -> None:
-        line = (f"[haq] layer {rep.index + 1}/{total}: {rep.quantized} linears quantized, "
-                f"max relative weight error {rep.max_rel_error:.4f}, {rep.seconds:.1f}s")
-        if self.layer_bar is None:
-            print(line, file=sys.stderr)
-            return
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-        self.layer_bar.set_postfix_str(f"max rel. error {rep.max_rel_error:.4f}", refresh=False)
-        self.layer_bar.update(1)
-
-    def close(self) -> None:
-        for bar in (self.calib_bar, self.layer_bar):
-            if bar is not None:
-                bar.close()
-
-    def logging(self):
-        """Log lines (offline.haq's per-layer timings) printed above the bars, not through them."""
-        import contextlib
-
-        if not self.enabled:
-            return contextlib.nullcontext()
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        return logging_redirect_tqdm()
 
 
 def _size(n: float) -> str:
@@ -147,7 +83,7 @@ def _convert(args) -> int:
     t0 = time.time()
     # a Hugging Face id is downloaded (or found in the cache) here; the conversion's plan finds it in the cache
     source_bytes = weights_bytes(resolve_model(args.model, opts.revision, opts.cache_dir))
-    bars = _ConvertProgress(_progress_enabled(args))
+    bars = ConvertProgress(_progress_enabled(args))
     try:
         with bars.logging():
             reports = convert(args.model, args.out, opts, progress=bars.layer_done, events=bars)

@@ -31,6 +31,7 @@ from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 
 from offline.haq import METHODS as METHOD_SPECS
 from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
+from offline.haq.progress import NO_PROGRESS, LayerProgress, calibrated_units
 from offline.card import write_card_files
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.models import LayerTensors, ModelSpec, global_tensor_names
@@ -64,6 +65,12 @@ class ConvertEvents:
 
     def layers(self, done: int, total: int) -> None:
         """The layer loop starts; ``done`` layers are already converted (``--resume``)."""
+
+    def unit_done(self, layer: int, done: int, total: int, what: str) -> None:
+        """Inside layer ``layer`` (0-based), ``done`` of its ``total`` units are finished; ``what`` is the step and
+        the linears of the unit just done ("statistics samples 1-8", "search self_attn.q_proj+k_proj+v_proj",
+        "GPTQ block_sparse_moe.experts.3.w2", "rounding ...", "forward samples 1-8"). A layer's first call has
+        ``done`` 0 ("loading"): it starts. Not overriding this method keeps the conversion from counting at all."""
 
 
 def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
@@ -161,17 +168,35 @@ class _Conversion:
 
     def _convert_layer(self, i: int, hidden: torch.Tensor | None):
         prefix = self.spec.layer_prefix(i)
+        progress = self._layer_progress(i, hidden)
+        progress.start("loading")
         tensors = self.src.load_prefix(prefix)
         if not tensors:
             raise SourceError(f"{self.model_dir}: no tensors for decoder layer {i} ({prefix}*)")
-        qtensors, n_quantized, err, record = quantize_layer(self.spec, i, prefix, tensors, self.opts, hidden)
+        qtensors, n_quantized, err, record = quantize_layer(self.spec, i, prefix, tensors, self.opts, hidden,
+                                                            progress)
         if record:
             self.smoothing[str(i)] = record
         if hidden is not None:
             hidden = _run_layer(self.spec, i, LayerTensors(qtensors, rotations=record.get("rotation")), hidden,
-                                self.stats, self.opts.chunk)
+                                self.stats, self.opts.chunk, progress)
         _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))
         return hidden, n_quantized, err
+
+    def _layer_progress(self, i: int, hidden: torch.Tensor | None) -> LayerProgress:
+        """Layer ``i``'s unit counter, reporting to ``events.unit_done``; the shared no-op one (no total to
+        compute) when the events do not override it."""
+        unit_done = getattr(type(self.events), "unit_done", ConvertEvents.unit_done)
+        if unit_done is ConvertEvents.unit_done:
+            return NO_PROGRESS
+        targets = layer_targets(self.spec, i, self.opts.ignore)
+        if self.opts.method == "rtn":
+            total = len(targets)
+        else:
+            total = calibrated_units(self.spec, i, targets, _layer_options(self.opts), hidden.shape[0])
+        if hidden is not None:
+            total += -(-hidden.shape[0] // self.opts.chunk)  # the quantized layer's forward chunks
+        return LayerProgress(total, lambda done, n, what: self.events.unit_done(i, done, n, what))
 
     def _commit(self, i: int, hidden: torch.Tensor | None) -> None:
         """Persist what resuming after layer ``i`` needs, then mark the layer done (each write atomic)."""
@@ -222,9 +247,16 @@ def _discard_if_empty(work: str) -> None:
         pass
 
 
+def _layer_options(opts: ConvertOptions) -> LayerOptions:
+    """The layer-independent options of the calibrated methods (not --method rtn)."""
+    return LayerOptions(method=METHOD_SPECS[opts.method], alpha=opts.alpha, gptq=opts.gptq_config(),
+                        moe_smoothing=opts.moe_smoothing, chunk=opts.chunk, rotation=opts.rotation_mode)
+
+
 def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torch.Tensor], opts: ConvertOptions,
-                   hidden: torch.Tensor | None = None):
+                   hidden: torch.Tensor | None = None, progress: LayerProgress = NO_PROGRESS):
     """Quantize every target of layer ``i``; returns (tensors, #quantized, worst weight error, smoothing record).
+    ``progress`` is told each unit done (a rounded linear for rtn; see ``offline.haq.progress``).
 
     Calibrated methods first run the float layer on ``hidden`` to collect input statistics. Takes ownership of
     ``tensors``: source weights are dropped from it once quantized (routed experts: once the expert is done).
@@ -239,9 +271,7 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
             raise SourceError(f"tensor {full}.weight has non-finite values (NaN/inf); the source model is damaged")
     if opts.method != "rtn":
         # float32 while smoothing and rounding (materialized per tensor); untouched and folded tensors keep their dtype
-        layer_opts = LayerOptions(method=METHOD_SPECS[opts.method], alpha=opts.alpha, gptq=opts.gptq_config(),
-                                  moe_smoothing=opts.moe_smoothing, chunk=opts.chunk, rotation=opts.rotation_mode)
-        result = quantize_calibrated(spec, i, WorkingTensors(tensors), targets, hidden, layer_opts)
+        result = quantize_calibrated(spec, i, WorkingTensors(tensors), targets, hidden, _layer_options(opts), progress)
         if result.fallbacks:
             log.info("layer %d: %d experts with < %d calibration tokens rounded to nearest", i, len(result.fallbacks),
                      MIN_EXPERT_TOKENS)
@@ -252,16 +282,19 @@ def quantize_layer(spec: ModelSpec, i: int, prefix: str, tensors: dict[str, torc
         q, scale = quantize_weight_per_channel(w)
         out[f"{module}.weight"], out[f"{module}.{WEIGHT_SCALE}"] = q, scale
         worst = max(worst, relative_weight_error(w, q, scale))
+        progress.unit("rounding", module)
     return out, len(targets), worst, {}
 
 
-def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, stats, chunk: int) -> torch.Tensor:
+def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, stats, chunk: int,
+               progress: LayerProgress = NO_PROGRESS) -> torch.Tensor:
     routes: list[torch.Tensor] = []
     sink = (lambda _i, ids: routes.append(ids)) if stats is not None and spec.is_moe_layer(i) else None
     outs = []
     with torch.no_grad():
         for s in range(0, hidden.shape[0], chunk):
             outs.append(spec.layer_forward(i, lt, hidden[s : s + chunk], sink))
+            progress.unit("forward", f"samples {s + 1}-{min(s + chunk, hidden.shape[0])}")
     if sink is not None:
         stats.record(i, torch.cat(routes))
     return torch.cat(outs)

@@ -13,6 +13,7 @@ import torch
 from vllm_haq.quant.smoothing import smooth_weight
 
 from offline.haq.methods import MIN_EXPERT_TOKENS, LayerOptions
+from offline.haq.progress import NO_PROGRESS, LayerProgress
 from offline.haq.records import LayerRecord
 from offline.haq.search import Candidate, scored_candidates, search_alpha
 from offline.haq.statistics import InputStats, input_key, input_twin
@@ -22,25 +23,30 @@ from offline.models import ModelSpec, SmoothGroup
 
 
 def smooth_layer(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], stats: InputStats,
-                 opts: LayerOptions) -> tuple[LayerRecord, dict[str, torch.Tensor]]:
+                 opts: LayerOptions, progress: LayerProgress = NO_PROGRESS
+                 ) -> tuple[LayerRecord, dict[str, torch.Tensor]]:
     """Choose and apply the smoothing (and rotation) of every group of layer ``i``; returns the record and the
-    explicit ``input_smooth`` tensors of per-expert smoothing, by layer-relative name."""
+    explicit ``input_smooth`` tensors of per-expert smoothing, by layer-relative name. One ``progress`` unit per
+    group (per expert with per-expert smoothing), when its decision is made."""
     record = LayerRecord()
     explicit: dict[str, torch.Tensor] = {}
     if not opts.method.smooth:
         return record, explicit
     expert_downs = []
+    step = "search" if opts.method.search_alpha else "smoothing"
     for g in spec.smoothing_groups(i):
         if g.experts and opts.moe_smoothing == "per-expert":
             for e_in in g.experts:
                 record.set_alpha(e_in, smooth_expert_explicitly(t, e_in, targets, stats, opts, explicit))
+                progress.unit(step, [e_in, input_twin(e_in)])
             record.explicit.append(g.experts[0].rsplit(".", 2)[0])
         elif is_routed_expert_down(g, stats):
             expert_downs.append(g)  # decided together, after the other groups
         else:
             _smooth_group(t, g, [c for c in g.consumers if c in targets], stats, opts, record)
+            progress.unit(step, g.consumers)
     if expert_downs:
-        smooth_expert_downs(t, expert_downs, targets, stats, opts, record)
+        smooth_expert_downs(t, expert_downs, targets, stats, opts, record, progress)
     return record, explicit
 
 
@@ -72,12 +78,13 @@ def _best(cands: list[tuple[Candidate, float]], rotated: bool) -> tuple[Candidat
 
 
 def smooth_expert_downs(t: WorkingTensors, groups: list[SmoothGroup], targets: list[str], stats: InputStats,
-                        opts: LayerOptions, record: LayerRecord) -> None:
+                        opts: LayerOptions, record: LayerRecord, progress: LayerProgress = NO_PROGRESS) -> None:
     """The routed experts' down projections of one MoE layer: each expert's own smoothing (folded into its up
     projection), and one rotation for all of them or none, because the MoE runtime rotates every expert's
     intermediate rows alike. ``search`` rotates them where the experts' best rotated candidates have a smaller
     summed output error than their best unrotated ones; experts no calibration token reached follow the others
-    (rotation is exact in float, the rounding of W R is as good as that of W)."""
+    (rotation is exact in float, the rounding of W R is as good as that of W). One ``progress`` unit per group:
+    when it is scored (search), else when it is transformed."""
     consumers = [[c for c in g.consumers if c in targets] for g in groups]
     block = None
     if opts.method.search_alpha and opts.rotation != "none" and all(
@@ -88,8 +95,11 @@ def smooth_expert_downs(t: WorkingTensors, groups: list[SmoothGroup], targets: l
     if not opts.method.search_alpha:
         chosen = [opts.alpha if ok else None for ok in seen]
     else:
-        scored = [scored_candidates(t, g, cs, stats, wa, None, block, only_rotated=opts.rotation == "all")
-                  if ok else [] for g, cs, wa, ok in zip(groups, consumers, w_absmax, seen)]
+        scored = []
+        for g, cs, wa, ok in zip(groups, consumers, w_absmax, seen):
+            scored.append(scored_candidates(t, g, cs, stats, wa, None, block, only_rotated=opts.rotation == "all")
+                          if ok else [])
+            progress.unit("search", g.consumers)
         if block is not None and opts.rotation == "search":
             total = {r: sum(_best(cands, r)[1] for cands in scored if cands) for r in (False, True)}
             block = block if total[True] < total[False] else None
@@ -97,6 +107,8 @@ def smooth_expert_downs(t: WorkingTensors, groups: list[SmoothGroup], targets: l
     for g, cs, wa, a, ok in zip(groups, consumers, w_absmax, chosen, seen):
         if cs and (ok or block is not None):
             transform_group(t, g, cs, stats, wa, a if ok else None, block, record)
+        if not opts.method.search_alpha:
+            progress.unit("smoothing", g.consumers)
 
 
 def smooth_expert_explicitly(t: WorkingTensors, e_in: str, targets: list[str], stats: InputStats,

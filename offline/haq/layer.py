@@ -13,6 +13,7 @@ from vllm_haq.quant.gptq import GPTQSolver
 
 from offline.haq.groups import smooth_layer
 from offline.haq.methods import MIN_EXPERT_TOKENS, LayerOptions
+from offline.haq.progress import NO_PROGRESS, LayerProgress
 from offline.haq.records import LayerResult
 from offline.haq.statistics import ExpertInputs, InputStats, input_key
 from offline.haq.working import WorkingTensors
@@ -24,18 +25,19 @@ MoEBlock = tuple[str, tuple[str, str, str]]  # ModelSpec.moe_block: (block, (gat
 
 
 def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], hidden: torch.Tensor,
-                        opts: LayerOptions) -> LayerResult:
-    """Run layer ``i`` in float on ``hidden`` to collect input statistics, smooth ``t`` and quantize ``targets``."""
+                        opts: LayerOptions, progress: LayerProgress = NO_PROGRESS) -> LayerResult:
+    """Run layer ``i`` in float on ``hidden`` to collect input statistics, smooth ``t`` and quantize ``targets``;
+    each unit of :func:`offline.haq.progress.calibrated_units` is told to ``progress`` when done."""
     t0 = time.time()
     dtypes = {k: v.dtype for k, v in t.source.items()}
     moe = spec.moe_block(i)
-    stats = collect_statistics(spec, i, t, targets, hidden, opts)
+    stats = collect_statistics(spec, i, t, targets, hidden, opts, progress)
     t1 = time.time()
-    record, explicit = smooth_layer(spec, i, t, targets, stats, opts)
+    record, explicit = smooth_layer(spec, i, t, targets, stats, opts, progress)
     stats.rows.clear()  # the α search is done; GPTQ needs only the Hessians
     t2 = time.time()
     out = {k: t[k].to(dtypes[k]) for k in t.names() if k.removesuffix(".weight") not in targets}
-    fallbacks, worst = _quantize_targets(t, targets, stats, opts, moe, out)
+    fallbacks, worst = _quantize_targets(t, targets, stats, opts, moe, out, progress)
     out.update(explicit)
     log.info("layer %d: statistics %.1fs, smoothing %.1fs, %s %.1fs", i, t1 - t0, t2 - t1,
              "GPTQ" if opts.method.gptq else "rounding", time.time() - t2)
@@ -43,7 +45,7 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
 
 
 def collect_statistics(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], hidden: torch.Tensor,
-                       opts: LayerOptions) -> InputStats:
+                       opts: LayerOptions, progress: LayerProgress = NO_PROGRESS) -> InputStats:
     """The float run of layer ``i`` on ``hidden`` (in chunks of ``opts.chunk`` samples, bounding attention's
     memory), observed by an :class:`InputStats`.
 
@@ -63,6 +65,7 @@ def collect_statistics(spec: ModelSpec, i: int, t: WorkingTensors, targets: list
     with torch.no_grad():
         for c in range(0, hidden.shape[0], opts.chunk):
             spec.layer_forward(i, lt, hidden[c : c + opts.chunk], sink)
+            progress.unit("statistics", f"samples {c + 1}-{min(c + opts.chunk, hidden.shape[0])}")
     if moe:
         block, names = moe
         stats.recompute = ExpertInputs(block, names, torch.cat(stats.all_rows.pop(f"{block}.gate")),
@@ -76,7 +79,8 @@ def _is_routed_expert(moe: MoEBlock | None, key: str) -> bool:
 
 
 def _quantize_targets(t: WorkingTensors, targets: list[str], stats: InputStats, opts: LayerOptions,
-                      moe: MoEBlock | None, out: dict[str, torch.Tensor]) -> tuple[list[str], float]:
+                      moe: MoEBlock | None, out: dict[str, torch.Tensor], progress: LayerProgress = NO_PROGRESS
+                      ) -> tuple[list[str], float]:
     """Round every target into ``out`` (int8 weight and per-channel scale), one input at a time; returns the
     targets GPTQ could not round (too few calibration tokens) and the largest relative weight error.
 
@@ -88,7 +92,8 @@ def _quantize_targets(t: WorkingTensors, targets: list[str], stats: InputStats, 
     for module in targets:
         by_input.setdefault(input_key(module), []).append(module)
     for key, modules in by_input.items():
-        if opts.method.gptq and stats.count.get(key, 0) >= MIN_EXPERT_TOKENS:
+        gptq = opts.method.gptq and stats.count.get(key, 0) >= MIN_EXPERT_TOKENS
+        if gptq:
             quantized = _gptq_round(t, key, modules, stats, opts)
         else:
             if opts.method.gptq:
@@ -102,6 +107,7 @@ def _quantize_targets(t: WorkingTensors, targets: list[str], stats: InputStats, 
         if e is not None and key.endswith(f".{moe[1][2]}"):  # the expert's last input: free its weights
             for n in moe[1]:
                 t.release(f"{moe[0]}.experts.{e}.{n}.weight")
+        progress.unit("GPTQ" if gptq else "rounding", modules)
     return fallbacks, worst
 
 
