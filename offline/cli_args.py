@@ -197,7 +197,7 @@ def _add_eval(sub) -> None:
                           help="vLLM without torch.compile (the default on vLLM's CPU build)")
     compile_.add_argument("--compile", action="store_true",
                           help="vLLM with torch.compile (the default on GPU builds; on the CPU build compiling "
-                               "takes minutes that a scoring run does not win back)")
+                               "takes longer than a scoring run wins back)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar (drawn on stderr only when it is a terminal)")
 

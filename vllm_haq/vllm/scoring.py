@@ -9,7 +9,8 @@ import torch
 
 def is_cpu_build() -> bool:
     """Whether this vLLM runs on the CPU (vLLM's CPU build): there torch.compile of a model takes minutes on a
-    small host (SmolLM2-135M: ~4 min on 2 cores) and saves less than that over a scoring run."""
+    small host and saves less than that over a scoring run (SmolLM2-135M, 40 windows on 2 cores: 244 s
+    compiled, 163 s eager; benchmarks/results/cpu_experts.md)."""
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
