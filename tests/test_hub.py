@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, shared_path
 from hub_cache import add_snapshot
+from tiny_models import DENSE_FAMILIES, FAMILIES, NEW_MOE_FAMILIES
 
 LICENSE = "Tiny licence: do what you like.\n"
 README = "---\nlicense: other\n---\n# acme/tiny-opt\n\nThe source's own model card.\n"
@@ -73,6 +74,24 @@ def test_convert_a_hub_id_offline_carries_licence_readme_and_model_card(hub, tmp
     for name in os.listdir(local):
         if name.endswith(".safetensors") or name == "model.safetensors.index.json":
             assert open(os.path.join(out, name), "rb").read() == open(os.path.join(local, name), "rb").read(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES + DENSE_FAMILIES + NEW_MOE_FAMILIES)
+def test_every_family_converts_from_a_hub_id_offline(family, tiny_dir, calib_file, tmp_path):
+    """Issue 23: each supported family's tiny model, put in a hub cache under an id, converts offline from the id
+    (rtn; MoE families collect their routing statistics from the calibration text)."""
+    cache = str(tmp_path / "hub")
+    repo_id = f"acme/tiny-{family.replace('_', '-')}"
+    commit = add_snapshot(cache, repo_id, tiny_dir(family))
+    out = str(tmp_path / "out")
+    hub = {"cache": cache, "root": str(tmp_path)}
+    r = _haq(hub, "convert", repo_id, out, "--method", "rtn", "--calib", calib_file, "--samples", "2",
+             "--seq-len", "32", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _producer(out)["base_model"] == {"repo_id": repo_id, "revision": "main", "commit": commit}
+    from vllm_haq.format import validate_checkpoint
+
+    validate_checkpoint(out)
 
 
 def test_revision_selects_the_snapshot(hub, tmp_path):
