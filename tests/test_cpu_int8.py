@@ -325,3 +325,19 @@ def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation,
     assert got.dtype == dtype and torch.equal(got, torch_scaled_int8_mm(t, w.t(), w_scale, b, dtype, None, True))
     zeros = cpu_int8.cpu_quantize_rows(torch.zeros(3, k), None, 0, 1)  # all-zero rows: scale 1e-8 / 127, q 0
     assert not zeros[0].any() and torch.equal(zeros[1], quantize_per_token(torch.zeros(3, k))[1])
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_loading():
+    """torch's build lock, left behind by a process killed while loading the extension (a timed-out job), must not
+    make later processes wait forever: a built extension is imported without it."""
+    from torch.utils import cpp_extension
+
+    name = cpu_int8._module().__name__
+    lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+    open(lock, "w").close()
+    try:
+        code = "from vllm_haq.kernels import cpu_int8; assert cpu_int8.available(), cpu_int8._state"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        os.remove(lock)

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -70,14 +71,34 @@ def _build():
     with open(_SOURCE, "rb") as f:
         name = f"{name}_{hashlib.sha256(f.read()).hexdigest()[:12]}"
     try:
-        from torch.utils.cpp_extension import load  # noqa: PLC0415 (needs a compiler only when used)
-
-        module = load(name=name, sources=[_SOURCE],
-                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", *flags],
-                      extra_ldflags=["-fopenmp"], verbose=False)
+        module = _load(name, flags)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
         return None, f"building {_SOURCE} ({name}) failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
     return module, why
+
+
+STALE_LOCK_S = 600  # a build lock older than this was left by a process killed while holding it
+
+
+def _load(name: str, flags: list[str]):
+    """The extension ``name`` (its source hash is in the name): imported directly when already built, else built.
+
+    torch's ``load`` takes a lock file in the build directory on every call, even to find the build up to date,
+    and a process killed while holding it (a stopped server, a timed-out job) leaves it behind: every later load
+    then waits forever. A built module is therefore imported without the lock, and a build lock older than
+    ``STALE_LOCK_S`` is removed (with a warning) before building."""
+    from torch.utils import cpp_extension  # noqa: PLC0415 (needs a compiler only when used)
+
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    if os.path.exists(os.path.join(build_dir, name + cpp_extension.LIB_EXT)):
+        return cpp_extension._import_module_from_library(name, build_dir, True)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+        log.warning("vllm-haq: removing the stale build lock %s (left by a killed process)", lock)
+        os.remove(lock)
+    return cpp_extension.load(name=name, sources=[_SOURCE],
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", *flags],
+                              extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _module():
