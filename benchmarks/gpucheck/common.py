@@ -21,7 +21,13 @@ DRY_SKIP = "(dry: needs CUDA)"
 # compared within stated bounds; int32 products and the per-token quantization are exact everywhere).
 LINEAR_ULPS = 1.0  # dequantized bf16 linear output: within one bf16 ulp of the float64-exact reference ...
 LINEAR_ABS = 1e-6  # ... plus 1e-6 of the largest |output| (float32 epilogue of cancelling bias sums)
-MOE_REL = 1e-3  # fused MoE: max |err| / max |ref|; SiLU's approximate exp/div can flip rare int8 roundings of h
+# fused MoE, max |err| / max |ref|, against two references:
+# - the per-expert float32 path (ScaledInt8Gemm "torch" + F.silu), the same arithmetic as the kernel (libdevice
+#   expf, correctly rounded division): only the order of the route sums differs;
+MOE_REL_F32 = {"gpu": 1e-5, "dry": 1e-3}  # (the interpreter's numpy exp is not torch's: rare roundings of h flip)
+# - the float64 reference: its gate/up are rounded once, not twice as in float32, so rare int8 roundings of h
+#   flip, and one flip moves an output by up to 127 * s_h * s_w2 (4.9e-3 and 7.9e-3 at M=4096 on an H200)
+MOE_REL = 2e-2
 # engine on CUDA, bf16 out: an expert served on the CPU rounds its bf16 SiLU output (and so maybe the row max that
 # sets h's int8 scale) one ulp (2**-8) away from the GPU's, then its bf16 output once more: ~3 * 2**-8 at worst
 OFFLOAD_REL_CUDA = 2e-2

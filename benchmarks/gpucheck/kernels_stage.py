@@ -28,7 +28,7 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpucheck import plan  # noqa: E402
-from gpucheck.common import LINEAR_ABS, LINEAR_ULPS, MOE_REL, Stage, fmt, max_rel_err, ulp_bound_ratio  # noqa: E402
+from gpucheck.common import LINEAR_ABS, LINEAR_ULPS, MOE_REL, MOE_REL_F32, Stage, fmt, max_rel_err, ulp_bound_ratio  # noqa: E402
 
 
 def backends(st: Stage, torch) -> tuple[str, ...]:
@@ -127,9 +127,11 @@ def integers_exact(torch, backend: str, x_q, w_q, int_ref, exact_int8_mm) -> boo
 
 
 def moe_case(torch, experts: int, top_k: int, hidden: int, inter: int, m: int, gen, dev):
-    """Random slots (half the experts resident, shuffled), routing and ``out``: (inputs, float64 reference)."""
+    """Random slots (half the experts resident, shuffled), routing and ``out``: (inputs, float64 reference,
+    the per-expert float32 path's result)."""
     import torch.nn.functional as F
 
+    from vllm_haq.kernels import ScaledInt8Gemm
     from vllm_haq.quant import w8a8_linear_reference
 
     slots = experts // 2
@@ -145,9 +147,9 @@ def moe_case(torch, experts: int, top_k: int, hidden: int, inter: int, m: int, g
     weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
     x = activations(torch, m, hidden, gen, dev)
     out0 = torch.randn(m, hidden, generator=gen, device=dev)
-    ref = out0.double().clone()
+    ref, ref32 = out0.double().clone(), out0.clone()
     slot_of_route = e2s.long()[ids.reshape(-1).long()]
-    flat_w = weights.reshape(-1).double()
+    flat_w = weights.reshape(-1)
     for s in range(slots):
         routes = (slot_of_route == s).nonzero().squeeze(1)
         if routes.numel() == 0:
@@ -155,8 +157,12 @@ def moe_case(torch, experts: int, top_k: int, hidden: int, inter: int, m: int, g
         t = routes // top_k
         gu = w8a8_linear_reference(x[t].float(), w13[s], w13_s[s])
         h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        ref.index_add_(0, t, w8a8_linear_reference(h, w2[s], w2_s[s]).double() * flat_w[routes, None])
-    return (x, weights, ids.int(), e2s, w13, w13_s, w2, w2_s, out0), ref
+        ref.index_add_(0, t, w8a8_linear_reference(h, w2[s], w2_s[s]).double() * flat_w[routes, None].double())
+        gu = ScaledInt8Gemm(w13[s], w13_s[s], torch.float32, backend="torch")(x[t])
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        y = ScaledInt8Gemm(w2[s], w2_s[s], torch.float32, backend="torch")(h)
+        ref32.index_add_(0, t, y * flat_w[routes, None])
+    return (x, weights, ids.int(), e2s, w13, w13_s, w2, w2_s, out0), ref, ref32
 
 
 def moe_shape(st: Stage, torch, name: str, shape, ms) -> tuple[bool, str, dict]:
@@ -166,22 +172,25 @@ def moe_shape(st: Stage, torch, name: str, shape, ms) -> tuple[bool, str, dict]:
     if st.dry:  # the interpreter runs each Triton program as numpy: fewer experts too (128 -> 16)
         experts, hidden, inter = min(experts, 16), plan.dry_dim(hidden), plan.dry_dim(inter)
     gen = torch.Generator(device=st.device).manual_seed(len(name))
-    worst, fails = 0.0, []
+    worst, worst32, fails = 0.0, 0.0, []
     for m in ms:
-        (x, w, ids, e2s, w13, w13_s, w2, w2_s, out0), ref = moe_case(torch, experts, top_k, hidden, inter, m, gen,
-                                                                      st.device)
+        (x, w, ids, e2s, w13, w13_s, w2, w2_s, out0), ref, ref32 = moe_case(torch, experts, top_k, hidden, inter,
+                                                                             m, gen, st.device)
         out = out0.clone()
         got = triton_int8_moe_forward(x, w, ids, e2s, w13, w13_s, w2, w2_s, out=out)
-        err = max_rel_err(got, ref)
-        worst = max(worst, err)
+        err, err32 = max_rel_err(got, ref), max_rel_err(got, ref32)
+        worst, worst32 = max(worst, err), max(worst32, err32)
         if got.data_ptr() != out.data_ptr():
             fails.append(f"M={m}: did not accumulate into out")
         if not err <= MOE_REL:
-            fails.append(f"M={m}: max rel err {fmt(err)} > {MOE_REL:g}")
-        del x, ids, w13, w2, ref, got, out
+            fails.append(f"M={m}: max rel err {fmt(err)} > {MOE_REL:g} (float64 reference)")
+        if not err32 <= MOE_REL_F32[st.mode]:
+            fails.append(f"M={m}: max rel err {fmt(err32)} > {MOE_REL_F32[st.mode]:g} (per-expert float32 path)")
+        del x, ids, w13, w2, ref, ref32, got, out
     detail = (f"[E={experts} top-{top_k} H={hidden} I={inter}, {experts // 2} slots] M={','.join(map(str, ms))}: "
-              + ("; ".join(fails) if fails else f"max rel err {fmt(worst)} <= {MOE_REL:g}"))
-    return not fails, detail, {"max_rel_err": worst}
+              + ("; ".join(fails) if fails else f"max rel err {fmt(worst)} <= {MOE_REL:g} (float64 reference), "
+                 f"{fmt(worst32)} <= {MOE_REL_F32[st.mode]:g} (per-expert float32 path)"))
+    return not fails, detail, {"max_rel_err": worst, "max_rel_err_f32": worst32}
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from vllm_haq.kernels.triton_gemm import GemmConfig
 from vllm_haq.kernels.triton_quant import triton_quantize_per_token
@@ -80,7 +81,7 @@ def _moe_w13_swiglu_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, route_of_row_ptr, slot_of_block_ptr,
     num_routes, top_k, inter, hidden,
     stride_xm, stride_w_slot, stride_wn, stride_ws_slot, stride_hm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
 ):
     block = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,7 +115,15 @@ def _moe_w13_swiglu_kernel(
     ws_slot = ws_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_ws_slot
     gate = acc_gate.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + cols)[None, :]
     up = acc_up.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + inter + cols)[None, :]
-    h = gate / (1.0 + tl.exp(-gate)) * up  # silu as torch computes it
+    # silu as torch's CUDA kernel computes it, x / (1 + expf(-x)): libdevice's expf (tl.exp is the approximate
+    # ex2.approx) and a correctly rounded division (plain / is div.full.f32). Otherwise h differs from the
+    # per-expert path in the last bit, and rare int8 roundings of h flip (seen at M=4096 on an H200).
+    # The interpreter has no libdevice: numpy's exp there.
+    if LIBDEVICE_EXP:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    h = tl.math.div_rn(gate, 1.0 + e) * up
     h_ptrs = h_ptr + offs_r[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h, mask=n_mask[None, :])
 
@@ -240,7 +249,7 @@ def triton_int8_moe_forward(
         x_q, x_scale, w13, w13_scale, h, route_of_row, slot_of_block,
         m * top_k, top_k, inter, hidden,
         x_q.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, LIBDEVICE_EXP=x.is_cuda,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if down_rotation is not None:  # batch-invariant butterflies: each row as the per-expert loop rotates it
