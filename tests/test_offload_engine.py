@@ -9,7 +9,8 @@ import torch
 from vllm_haq.kernels import cpu_fused_ok, cpu_moe_forward, int8_moe_forward
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadConfigError, OffloadEngine, parse_offload_config
 from vllm_haq.offload.policy import POLICIES, make_policy
-from vllm_haq.offload.cost import CostModel
+from vllm_haq.offload.cost import CostModel, cold_experts
+from vllm_haq.offload.serving import Layer as HostLayer, cpu_worker_plan
 from vllm_haq.quant import quantize_weight_per_channel
 
 E, H, I, K, LAYERS = 8, 64, 96, 2, 4  # noqa: E741 (I: the experts' intermediate size)
@@ -339,3 +340,25 @@ def test_environment_errors_name_the_variable_and_too_many_slots_is_refused():
         OffloadConfig(slots_per_layer=9).slots_for(4, 8, 1000)
     with pytest.raises(OffloadConfigError, match="must be a JSON object"):
         parse_offload_config({"haq": "fast"}, environ={})
+
+
+def test_calibration_times_each_cpu_expert_cold():
+    """The CPU expert timings walk every expert of every layer before one comes back (as decode meets them,
+    from DRAM): timing one expert again and again timed the H200 host's 300 MiB L3, not its memory."""
+    layers = [HostLayer(i, _layer_experts(700 + i)) for i in range(LAYERS)]
+    walk = cold_experts(layers)
+    first = [next(walk) for _ in range(LAYERS * E)]
+    assert len({(layer.index, e) for layer, e in first}) == LAYERS * E
+    assert [(layer.index, e) for layer, e in (next(walk) for _ in range(LAYERS * E))] == \
+        [(layer.index, e) for layer, e in first]
+
+
+def test_cpu_worker_plan_gives_the_fused_call_the_host():
+    """With the CPU kernel a layer-step's CPU experts are one call: one worker with all cores but the model
+    thread's (the H200 host's first run used 4 of 16); without it, cores/4 workers share the cores."""
+    assert cpu_worker_plan(True, None, 16) == (1, 15)
+    assert cpu_worker_plan(True, 6, 16) == (1, 6)
+    assert cpu_worker_plan(True, None, 1) == (1, 1)
+    assert cpu_worker_plan(False, None, 16) == (4, 4)
+    assert cpu_worker_plan(False, 2, 16) == (2, 8)
+    assert cpu_worker_plan(False, None, 64) == (8, 8)

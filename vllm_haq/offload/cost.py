@@ -15,9 +15,10 @@ planner then rightly prefers the device and skips prefetches that cannot pay off
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -78,6 +79,16 @@ def _line(mlp: Callable[[int], None], repeats: int, sync: Callable[[], None]) ->
     t16 = _best_of(lambda: mlp(16), repeats, sync)
     per_token = max((t16 - t1) / 15, 1e-8)
     return max(t1 - per_token, 0.0), per_token
+
+
+def cold_experts(layers: Sequence) -> Iterator[tuple[object, int]]:
+    """(layer, expert) for each timed CPU expert: every expert of every layer in turn, so that an expert comes
+    back only after all the others, from DRAM as in decode (where all experts exceed the host's caches).
+
+    Timing one expert again and again times it from the last-level cache: on the H200 host (300 MiB L3) a
+    176 MB Mixtral expert stays there, and the first GPU run (make gpu-check, 2026-12-04) calibrated 3.0 ms
+    per CPU expert against 3.2 ms per fetch, so the planner sent misses to a CPU slower than it measured."""
+    return itertools.cycle([(layer, e) for layer in layers for e in range(layer.num_experts)])
 
 
 def calibrate(copy_one: Callable[[], int], cpu_mlp: Callable[[int], None], device: torch.device,

@@ -44,13 +44,13 @@ from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.options import OffloadConfig
-from vllm_haq.offload.cost import CostModel, calibrate
+from vllm_haq.offload.cost import CostModel, calibrate, cold_experts
 from vllm_haq.offload.planner import eviction_scores
 from vllm_haq.offload.policy import make_policy
 from vllm_haq.offload.routing_stats import OffloadCounters, RoutingStatistics
 from vllm_haq.offload.host_jobs import HostJobs
 from vllm_haq.offload.reporting import Reporting
-from vllm_haq.offload.serving import (InlineExecutor, Layer, StepOutputs, default_cpu_threads, gate_up,
+from vllm_haq.offload.serving import (InlineExecutor, Layer, StepOutputs, cpu_worker_plan, gate_up,
                                       in_inference_mode, on_host)
 from vllm_haq.offload.store import ExpertTensors, copy_expert
 
@@ -129,11 +129,11 @@ class OffloadEngine(HostJobs, Reporting):
             for layer, slots in zip(self.order, per_layer):
                 self._allocate(layer, slots)
             cache_bytes = sum(layer.cache.nbytes() for layer in self.order if layer.cache is not None)
-            threads = self.config.cpu_threads or default_cpu_threads(self.device)
+            self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
+            threads, share = cpu_worker_plan(self._fused, self.config.cpu_threads, cpu_int8.host_cores())
             if self.device.type == "cpu":
                 self._pool = InlineExecutor()
             else:
-                share = max(1, cpu_int8.host_cores() // threads)  # each worker's GEMMs: its share of the cores
                 self._pool = ThreadPoolExecutor(threads, thread_name_prefix="haq-cpu-expert",
                                                 initializer=cpu_int8.set_threads_for_this_thread, initargs=(share,))
             if self.device.type == "cuda":
@@ -142,7 +142,6 @@ class OffloadEngine(HostJobs, Reporting):
                 # would only add a hand-off to each (tiny experts: more than the copy itself)
                 self._copier = (ThreadPoolExecutor(1, thread_name_prefix="haq-copy") if self._copy_thread
                                 else InlineExecutor())
-            self._fused = self.shard_amax is None and cpu_fused_ok(self.order[0].host.w13)
             self.slot_kernel = self._slot_kernel()
             if self.cost is None:
                 self.cost = self._calibrate()
@@ -156,13 +155,14 @@ class OffloadEngine(HostJobs, Reporting):
                 "device_cache_bytes": cache_bytes,
                 "all_experts_bytes": sum(layer.num_experts * layer.host.expert_bytes() for layer in self.order),
                 "cpu_threads": 0 if self.device.type == "cpu" else threads,  # 0: inline in the model thread
+                "cpu_kernel_threads": share if self.device.type != "cpu" else cpu_int8.default_threads(),
                 "cost_model": self.cost.as_dict(),
             })
             self._started = True
             log.info("vllm-haq offload (%s): policy %s, %d/%d experts on %s (%.1f MiB), slots per layer %s, "
-                     "%d CPU workers; H2D %.2f GB/s, CPU expert %.3f ms + %.3f ms/token", self.name,
+                     "%d CPU workers of %d threads; H2D %.2f GB/s, CPU expert %.3f ms + %.3f ms/token", self.name,
                      self.config.policy, sum(per_layer), num_layers * num_experts, self.device,
-                     cache_bytes / 2**20, per_layer, threads, self.cost.h2d_bytes_per_s / 1e9,
+                     cache_bytes / 2**20, per_layer, threads, share, self.cost.h2d_bytes_per_s / 1e9,
                      self.cost.cpu_overhead_s * 1e3, self.cost.cpu_s_per_token * 1e3)
 
     def _routing_statistics(self, num_layers: int, num_experts: int) -> RoutingStatistics:
@@ -191,18 +191,20 @@ class OffloadEngine(HostJobs, Reporting):
     def _calibrate(self) -> CostModel:
         first = self.order[0]
         scratch = ExpertTensors.empty_like(first.host, 1, self.device)
-        g13, g2 = first.host.gemms(0, self.out_dtype)
         hidden = first.host.w13.shape[2]
+        cold = cold_experts(self.order)
 
-        def fused(stack: ExpertTensors, tokens: int) -> None:  # one expert's tokens in one kernel call
+        def fused(stack: ExpertTensors, tokens: int, expert: int = 0) -> None:  # one expert's tokens, one call
             cpu_moe_forward(torch.randn(tokens, hidden), torch.ones(tokens, 1),
-                            torch.zeros(tokens, 1, dtype=torch.int64), stack)
+                            torch.full((tokens, 1), expert, dtype=torch.int64), stack)
 
-        def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for
+        def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for; a cold expert
+            layer, e = next(cold)
             if self._fused:
-                self._pool.submit(in_inference_mode, fused, first.host, tokens).result()
+                self._pool.submit(in_inference_mode, fused, layer.host, tokens, e).result()
             else:
-                self._pool.submit(in_inference_mode, expert_mlp, torch.randn(tokens, hidden), g13, g2).result()
+                x = torch.randn(tokens, hidden)
+                self._pool.submit(in_inference_mode, expert_mlp, x, *layer.host.gemms(e, self.out_dtype)).result()
 
         def device_mlp(tokens: int) -> None:  # from a cache slot, as hits are computed
             if self._fused and self.device.type == "cpu":

@@ -45,7 +45,7 @@ class OffloadConfig:
     expert_gib: float | None = None
     policy: str = "haq"  # haq: cost-model planner + prefetch; lru: fetch every miss (Mixtral-offloading);
     #                      static: fixed hottest experts, misses on CPU (Fiddler)
-    cpu_threads: int | None = None  # CPU expert workers; None: sized to the host
+    cpu_threads: int | None = None  # CPU experts' threads (serving.cpu_worker_plan); None: sized to the host
     prefetch: str = "auto"  # haq policy: fetch layer l+1's likely experts once layer l has routed --
     #                        auto: those whose expected saving beats the calibrated hand-off cost; always; off
     stats_file: str | None = None  # JSON statistics written every stats_interval_s

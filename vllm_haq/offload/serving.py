@@ -5,7 +5,6 @@ Kept apart from :mod:`vllm_haq.offload.engine` (the step itself) so that each re
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future
 
 import torch
@@ -74,9 +73,19 @@ class StepOutputs:
             self.inters[expert] = (y, slot)
 
 
-def default_cpu_threads(device: torch.device) -> int:
-    """CPU expert worker threads beside a GPU: a quarter of the host's cores (the CPU build runs them inline)."""
-    return max(1, min(8, (os.cpu_count() or 4) // 4))
+def cpu_worker_plan(fused: bool, requested: int | None, cores: int) -> tuple[int, int]:
+    """(worker threads, kernel threads per worker) of the CPU-served experts beside a GPU (the CPU build runs
+    them inline). ``requested``: the ``cpu_threads`` option.
+
+    Fused (the CPU kernel): a layer-step's CPU experts are one call, and the step waits for it before the
+    layer ends, so one worker is busy at a time: it gets the cores but the model thread's (or ``requested``).
+    The first H200 run had 4 workers of cores / 4 threads each, so a step's experts ran on 4 of 16 cores.
+    Otherwise each expert is a job of two ScaledInt8Gemm: ``requested`` or cores / 4 (<= 8) workers, each an
+    equal share of the cores."""
+    if fused:
+        return 1, requested or max(1, cores - 1)
+    workers = requested or max(1, min(8, cores // 4))
+    return workers, max(1, cores // workers)
 
 
 class Layer:
