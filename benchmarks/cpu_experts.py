@@ -17,16 +17,35 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 
 SHAPES = {"mixtral-8x7b": (4096, 14336, 2), "qwen3-30b-a3b": (2048, 768, 24)}  # hidden, inter, copies
 PER_STEP = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 8}  # experts one layer-step routes (top-k)
+
+
+def _llc_bytes() -> int:
+    """The host's largest cache (sysfs), 0 where unknown: int8 experts rotate through twice this many bytes."""
+    sizes = [0]
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip().upper()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes)
+
+
+def _copies(hidden, inter, at_least):
+    """Expert copies rotated through: ``at_least``, and enough to exceed twice the last-level cache (the H200
+    host has 300 MiB of L3: two Mixtral experts would be timed from it)."""
+    return max(at_least, math.ceil(2 * _llc_bytes() / (3 * hidden * inter)) + 1)
 
 
 def _experts(hidden, inter, copies, gen):
@@ -113,6 +132,31 @@ def _fbgemm_mlp(packs, x, threads):
     return run
 
 
+def _onednn_mlp(experts, x, threads):
+    """The expert MLP with ``torch._int_mm`` on the CPU (oneDNN's s8 x s8 -> s32 GEMM; AMX where the host has
+    it) and torch for the rest: HAQ's arithmetic where oneDNN is exact (VNNI, AMX), not on AVX2 hosts (their
+    s8 kernel saturates int16 pair sums: err shows it). None where this torch has no CPU ``_int_mm``."""
+    from vllm_haq.quant import quantize_per_token
+
+    torch.set_num_threads(threads)
+    try:
+        torch._int_mm(torch.zeros(1, 64, dtype=torch.int8), torch.zeros(64, 64, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError):
+        return None
+    it = iter(range(10**9))
+
+    def linear(v, w, s):
+        q, qs = quantize_per_token(v)
+        return torch._int_mm(q, w.t()).float() * qs * s.t()
+
+    def run():
+        a, sa, b, sb = experts[next(it) % len(experts)]
+        gu = linear(x, a, sa)
+        inter = gu.shape[1] // 2
+        return linear(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], b, sb)
+    return run
+
+
 def _reference(experts, x):
     from vllm_haq.quant import w8a8_linear_reference
 
@@ -177,6 +221,9 @@ def _methods(name, m, experts, stack, fp32, packs, x, threads):
         out.append(("blas", _mlp("blas", experts, x, threads), nbytes, 1, None))
     fb = _fbgemm_mlp(packs, x, threads)
     out.append(("fbgemm dynamic int8", fb, nbytes, 1, _rel_error(fb(), ref)))
+    onednn = _onednn_mlp(experts, x, threads)
+    if onednn is not None:
+        out.append(("oneDNN _int_mm", onednn, nbytes, 1, _rel_error(_onednn_mlp(experts[:1], x, threads)(), ref)))
     out.append(("fp32", _mlp("fp32", fp32, x, threads), 4 * nbytes, 1, None))
     if m == 1:  # without native bf16 (AVX2 hosts) ~2 s a Mixtral call at M = 1, 28 s at 16: M = 1 shows it
         bf16 = tuple(w.bfloat16() for w in fp32)
@@ -188,17 +235,17 @@ def run(args):
     from vllm_haq.offload import ExpertTensors
 
     gen = torch.Generator().manual_seed(0)
-    all_threads = len(os.sched_getaffinity(0))
-    bw = {t: _bandwidth(t) for t in sorted({1, all_threads})}
+    thread_counts = sorted(set(args.threads or [1, len(os.sched_getaffinity(0))]))
+    bw = {t: _bandwidth(t) for t in thread_counts}
     rows = []
     for name, (hidden, inter, copies) in SHAPES.items():
-        experts = _experts(hidden, inter, copies, gen)
+        experts = _experts(hidden, inter, _copies(hidden, inter, copies), gen)
         stack = ExpertTensors(*(torch.stack([e[i] for e in experts]) for i in range(4)))
         packs = _fbgemm_packs(experts)
         fp32 = (experts[0][0].float().t().contiguous() * experts[0][1].t(), experts[0][2].float().t().contiguous())
         for m in args.m:
             x = torch.randn(m, hidden, generator=gen)
-            for threads in sorted({1, all_threads}):
+            for threads in thread_counts:
                 for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads):
                     fn()
                     s = _time(fn, 3 if method == "blas" else args.reps) / per_call
@@ -240,15 +287,16 @@ def render(bw, rows, args):
     out = [f"# CPU experts ({datetime.date.today()})", "",
            f"Machine: {model}, {len(os.sched_getaffinity(0))} cores, ISA {isa}; torch {torch.__version__}, "
            f"{platform.python_version()}; CPU int8 kernel build: {_kernel_isa()}. "
-           f"Command: `.venv/bin/python benchmarks/cpu_experts.py "
-           f"--out {args.out}`.", "",
+           f"Command: `python benchmarks/cpu_experts.py {' '.join(sys.argv[1:])}`. Int8 experts rotate through "
+           f"copies beyond twice the last-level cache ({_llc_bytes() / 2**20:.0f} MiB).", "",
            "Read bandwidth (int64 sum over 1 GiB, same process): "
            + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v:.1f} GB/s" for t, v in bw.items()) + ".", "",
            "ms per expert MLP (w13, SwiGLU, w2, with per-token quantization). `one call`: one `moe_routes` call "
            "serving a layer-step's experts (Mixtral top-2, Qwen3 top-8) as the engine now does, per expert; "
            "`kernel`: the same int8 GEMM kernel called per expert from Python (two ScaledInt8Gemm); `blas`: the "
            "previous exact path; `fbgemm dynamic int8`: torch's fbgemm engine over the same int8 weights and scales "
-           "(per-tensor uint8 activations, int16-saturating on AVX2: inexact); `fp32` / `bf16`: dense torch. "
+           "(per-tensor uint8 activations, int16-saturating on AVX2: inexact); `oneDNN _int_mm`: torch's CPU int8 "
+           "GEMM (exact on VNNI and AMX hosts, saturating on AVX2) with torch around it; `fp32` / `bf16`: dense torch. "
            "GB/s counts weight bytes read (fp32: 4x the int8 bytes, bf16 2x). err: max |method - exact W8A8 "
            "reference| / max |ref| (the kernel's int32 products are exact; what differs is float32 scaling "
            "order).", "",
@@ -268,6 +316,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results/cpu_experts.md")
     p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
     args = p.parse_args()
     bw, rows = run(args)
     with open(args.out, "w") as f:
