@@ -99,7 +99,8 @@ def linear_shape(st: Stage, torch, name: str, n: int, k: int, ms, names: list[st
 
                     q, qs = triton_quantize_per_token(x)
                     if not (torch.equal(q, q_ref[0]) and torch.equal(qs, q_ref[1])):
-                        s["fails"].append(f"M={m}: quantization differs in {int((q != q_ref[0]).sum())} values")
+                        s["fails"].append(f"M={m}: quantization differs in {int((q != q_ref[0]).sum())} int8 "
+                                          f"values and {int((qs != q_ref[1]).sum())} of {m} scales")
             except Exception as exc:  # noqa: BLE001
                 s["fails"].append(f"M={m}: {type(exc).__name__}: {exc}")
         del ref, int_ref, x_q
