@@ -9,9 +9,9 @@
 // token the tile while it is in L1/L2, so DRAM sees each weight byte once per call and decode is memory-bound.
 //
 // Built twice from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2, and with HAQ_VNNI
-// defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where one vpdpbusd replaces vpmaddubsw +
-// vpmaddwd + vpaddd (it sums four u8 x s8 products into int32 without an int16 step, so it is exact for the same
-// operands). Nothing else differs: every tile, tail and epilogue is the same code.
+// defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where the tile drops the sign step: one
+// vpdpbusd of x + 128 (unsigned) and w per 32 products, the shift taken back with the weight rows' sums (see
+// tile), and 4 token rows per tile instead of 2. The integers are the same; every tail and epilogue is shared.
 //
 // moe_routes: all of one layer-step's experts served from one stacked store (host experts or cache slots) in
 // one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
@@ -36,46 +36,111 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// acc + the four-product sums of |w| (u8) and x * sign(w) (s8), per int32 lane. The AVX2 form's int16 pair sums
-// are at most 2 * 128 * 127 = 32512, so vpmaddubsw never saturates and both forms give the same integers.
-inline __m256i dot_acc(__m256i acc, __m256i aw, __m256i sx) {
-#ifdef HAQ_VNNI
-  return _mm256_dpbusd_epi32(acc, aw, sx);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1)));
-#endif
-}
-
-// out[r][t] = dot(w[r][0..K), x[t][0..K)) for RB weight rows and T token rows. ``next``: the next tile's
-// RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes: the tile reads RB
-// streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's K = 768 ran at 40%
-// of read bandwidth without this, Mixtral's K = 14336 at 95%).
-template <int T>
-inline void tile(const int8_t* const* w, const int8_t* const* x, int64_t K, int32_t out[RB][T], const int8_t* next) {
-  __m256i acc[RB][T];
+// Vector accumulators of T token rows against the tile's RB weight rows over k in [k0, k1) (multiples of 32).
+// ``next``: the next tile's RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes:
+// the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's
+// K = 768 ran at 40% of read bandwidth without this, Mixtral's K = 14336 at 95%).
+//
+// VNNI: no sign step. x + 128 (x ^ 0x80, in 1..255 since x >= -127) is the unsigned operand of vpdpbusd and w
+// the signed one, so one instruction per (row, token) and 32 bytes, and x . w = sum((x + 128) w) - 128 sum(w).
+// The row sums (``sums``) come from one more vpdpbusd with ones per row, in the first token group only (SUMS).
+// vpdpbusd wraps and never saturates, so the difference, taken modulo 2**32, is the exact product whenever that
+// fits in int32 (|x . w| <= 127 * 128 * K).
+template <int T, bool SUMS>
+inline void tile_chunk(const int8_t* const* w, const int8_t* const* x, int64_t k0, int64_t k1, __m256i* acc,
+                       __m256i* sums, const int8_t* next) {
+  __m256i a[RB][T];
   for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
-  const int64_t kv = K / 32 * 32;
-  for (int64_t k = 0; k < kv; k += 32) {
+    for (int t = 0; t < T; ++t) a[r][t] = acc[t * RB + r];
+#ifdef HAQ_VNNI
+  __m256i su[RB];
+  for (int r = 0; r < RB; ++r) su[r] = sums[r];
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(1);
+#endif
+  for (int64_t k = k0; k < k1; k += 32) {
     if (next) {  // RB * K bytes over K / 32 steps: 128 bytes (two lines) a step
       _mm_prefetch(reinterpret_cast<const char*>(next + k * RB), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(next + k * RB + 64), _MM_HINT_T0);
     }
     __m256i xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
+#ifdef HAQ_VNNI
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_xor_si256(xv[t], flip);
+    for (int r = 0; r < RB; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
+      if (SUMS) su[r] = _mm256_dpbusd_epi32(su[r], ones, wv);
+      for (int t = 0; t < T; ++t) a[r][t] = _mm256_dpbusd_epi32(a[r][t], xv[t], wv);
+    }
+#else
     for (int r = 0; r < RB; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
       const __m256i aw = _mm256_abs_epi8(wv);
       for (int t = 0; t < T; ++t)
-        acc[r][t] = dot_acc(acc[r][t], aw, _mm256_sign_epi8(xv[t], wv));
+        a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)),
+                                                              _mm256_set1_epi16(1)));
     }
+#endif
   }
   for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) {
-      int32_t s = hsum(acc[r][t]);
-      for (int64_t k = kv; k < K; ++k) s += int32_t(x[t][k]) * int32_t(w[r][k]);
-      out[r][t] = s;
+    for (int t = 0; t < T; ++t) acc[t * RB + r] = a[r][t];
+#ifdef HAQ_VNNI
+  if (SUMS)
+    for (int r = 0; r < RB; ++r) sums[r] = su[r];
+#endif
+}
+
+// Token rows per register tile: 4 with VNNI (32 vector registers hold 16 accumulators, 4 row sums and 4 token
+// rows), 2 on AVX2 (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1
+// (with whole rows, Mixtral's w2 tile of 4 x 14336 bytes and its token rows spilled to L2 between token groups).
+#ifdef HAQ_VNNI
+constexpr int TT = 4;
+#else
+constexpr int TT = 2;
+#endif
+constexpr int64_t TB = 16, KC = 1024;
+
+// One token group of T rows (at ``t`` of the block) over one chunk; the block's first group sums the rows.
+template <int T>
+inline void group_chunk(const int8_t* const* rows, const int8_t* x, int64_t t, int64_t K, int64_t k0, int64_t k1,
+                        __m256i* acc, __m256i* sums, const int8_t* next) {
+  const int8_t* xs[T];
+  for (int i = 0; i < T; ++i) xs[i] = x + (t + i) * K;
+  if (t == 0)
+    tile_chunk<T, true>(rows, xs, k0, k1, acc + t * RB, sums, next);
+  else
+    tile_chunk<T, false>(rows, xs, k0, k1, acc + t * RB, sums, nullptr);
+}
+
+// Products of the tile ``rows`` (RB rows of w, nb of them real) with m <= TB token rows of x; epi(r, t, int32).
+template <class Epi>
+void tile_block(const int8_t* const* rows, int nb, const int8_t* x, int64_t m, int64_t K, const int8_t* next,
+                Epi&& epi) {
+  __m256i acc[TB * RB], sums[RB];
+  for (auto& v : acc) v = _mm256_setzero_si256();
+  for (auto& v : sums) v = _mm256_setzero_si256();
+  const int64_t kv = K / 32 * 32;
+  for (int64_t k0 = 0; k0 < kv; k0 += KC) {
+    const int64_t k1 = std::min(kv, k0 + KC);
+    int64_t t = 0;
+    for (; t + TT <= m; t += TT) group_chunk<TT>(rows, x, t, K, k0, k1, acc, sums, next);
+    if (TT > 2 && t + 2 <= m) {
+      group_chunk<2>(rows, x, t, K, k0, k1, acc, sums, next);
+      t += 2;
     }
+    if (t < m) group_chunk<1>(rows, x, t, K, k0, k1, acc, sums, next);
+  }
+  for (int r = 0; r < nb; ++r) {
+#ifdef HAQ_VNNI
+    const uint32_t shift = 128u * static_cast<uint32_t>(hsum(sums[r]));
+#else
+    const uint32_t shift = 0;
+#endif
+    for (int64_t t = 0; t < m; ++t) {
+      int32_t s = static_cast<int32_t>(static_cast<uint32_t>(hsum(acc[t * RB + r])) - shift);
+      for (int64_t k = kv; k < K; ++k) s += int32_t(x[t * K + k]) * int32_t(rows[r][k]);
+      epi(r, t, s);
+    }
+  }
 }
 
 // Rows [n0, n1) of w [N, K] against the M contiguous token rows of x [M, K]; epi(n, t, int32) per product.
@@ -86,22 +151,9 @@ void gemm_rows(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t n1, co
     const int8_t* rows[RB];
     for (int r = 0; r < RB; ++r) rows[r] = w + (n + std::min(r, nb - 1)) * K;  // a short tile repeats its last row
     const int8_t* next = n + 2 * RB <= N ? w + (n + RB) * K : nullptr;
-    int64_t t = 0;
-    for (; t + 2 <= M; t += 2) {
-      const int8_t* xs[2] = {x + t * K, x + (t + 1) * K};
-      int32_t out[RB][2];
-      tile<2>(rows, xs, K, out, t == 0 ? next : nullptr);
-      for (int r = 0; r < nb; ++r) {
-        epi(n + r, t, out[r][0]);
-        epi(n + r, t + 1, out[r][1]);
-      }
-    }
-    if (t < M) {
-      const int8_t* xs[1] = {x + t * K};
-      int32_t out[RB][1];
-      tile<1>(rows, xs, K, out, t == 0 ? next : nullptr);
-      for (int r = 0; r < nb; ++r) epi(n + r, t, out[r][0]);
-    }
+    for (int64_t t0 = 0; t0 < M; t0 += TB)
+      tile_block(rows, nb, x + t0 * K, std::min(TB, M - t0), K, t0 == 0 ? next : nullptr,
+                 [&](int r, int64_t t, int32_t v) { epi(n + r, t0 + t, v); });
   }
 }
 
