@@ -4,8 +4,8 @@
 
 Experts are shrunk to hidden 64 (intermediate in the model's proportion) so that their compute is negligible
 and what is left is the per-layer-step host work: routing bookkeeping, planning, statistics, copies and the
-Python around each expert. Two topologies: Mixtral-8x7B (32 layers, top-2 of 8) and Qwen3-30B-A3B (48 layers,
-top-8 of 128); batch 1 and 16; torch and the CPU kernel on 1 thread; the same routing trace (skewed, locally
+Python around each expert. Three topologies: Mixtral-8x7B (32 layers, top-2 of 8), Qwen3-30B-A3B (48 layers,
+top-8 of 128) and DeepSeek-V2-Lite (26 MoE layers, top-6 of 64 routed experts); batch 1 and 16; torch and the CPU kernel on 1 thread; the same routing trace (skewed, locally
 repeating, as in tests/test_offload_engine.py) for every method, in one process. Rows:
 
 * ``floor``: plain eager torch computing the routed experts' fp32 MLPs (what any MoE must at least do);
@@ -39,8 +39,12 @@ from vllm_haq.kernels import cpu_moe_forward, int8_moe_forward  # noqa: E402
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine  # noqa: E402
 from vllm_haq.quant import quantize_weight_per_channel  # noqa: E402
 
+# Routed experts only: DeepSeek-V2-Lite's first layer is dense and its 2 shared experts per MoE layer are dense
+# MLPs beside the routed ones (vLLM computes them outside the MoE method, always resident), so its 26 MoE layers
+# of 64 routed experts, top-6, intermediate 1408 of hidden 2048 are what the engine serves.
 TOPOLOGIES = {"mixtral-8x7b": dict(layers=32, experts=8, top_k=2, hidden=64, inter=224),
-              "qwen3-30b-a3b": dict(layers=48, experts=128, top_k=8, hidden=64, inter=24)}
+              "qwen3-30b-a3b": dict(layers=48, experts=128, top_k=8, hidden=64, inter=24),
+              "deepseek-v2-lite": dict(layers=26, experts=64, top_k=6, hidden=64, inter=44)}
 from vllm_haq.offload import POLICIES  # noqa: E402
 BUDGETS = {"all": {}, "25%": {"expert_fraction": 0.25}}
 
@@ -173,7 +177,8 @@ def render(results, args):
                platform.machine())
     lines = [f"# Decode step: host time per MoE layer-step ({datetime.date.today()})", "",
              f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, 1 thread. Command: "
-             f"`.venv/bin/python benchmarks/decode_step.py --steps {args.steps} --out {args.out}`.", "",
+             f"`.venv/bin/python benchmarks/decode_step.py --steps {args.steps} --topologies {args.topologies} "
+             f"--out {args.out}`.", "",
              "Experts shrunk to hidden 64 (see the module docstring); µs per layer-step, median over steps; "
              "ratio to the plain-torch floor of the same run. `old`: the engine's per-expert path; `new`: one "
              "CPU kernel call per layer-step for the cache's hits and one for the CPU's misses.", "",
