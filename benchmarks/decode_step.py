@@ -5,7 +5,8 @@
 Experts are shrunk to hidden 64 (intermediate in the model's proportion) so that their compute is negligible
 and what is left is the per-layer-step host work: routing bookkeeping, planning, statistics, copies and the
 Python around each expert. Three topologies: Mixtral-8x7B (32 layers, top-2 of 8), Qwen3-30B-A3B (48 layers,
-top-8 of 128) and DeepSeek-V2-Lite (26 MoE layers, top-6 of 64 routed experts); batch 1 and 16; torch and the CPU kernel on 1 thread; the same routing trace (skewed, locally
+top-8 of 128) and DeepSeek-V2-Lite (26 MoE layers, top-6 of 64 routed experts); batch 1 and 16;
+torch and the CPU kernel on 1 thread; the same routing trace (skewed, locally
 repeating, as in tests/test_offload_engine.py) for every method, in one process. Rows:
 
 * ``floor``: plain eager torch computing the routed experts' fp32 MLPs (what any MoE must at least do);

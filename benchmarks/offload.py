@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/offload.py --device cpu --out benchmarks/results/offload.md
     python benchmarks/offload.py --device cuda --out benchmarks/results/offload.md   # GPU host, no vLLM needed
 
-A Mixtral-8x7B-shaped stack of MoE layers (GPU: 32 layers, hidden 4096, 8 experts of
-14336, top-2; ``--device cpu``: the same topology scaled down to hidden 256 / 896 so it
-runs anywhere) with random int8 weights, driven by routing traces:
+A stack of MoE layers of one ``--topology`` (default Mixtral-8x7B, GPU: 32 layers, hidden 4096,
+8 experts of 14336, top-2; also Qwen3-30B-A3B and DeepSeek-V2-Lite, see offload_traces.TOPOLOGIES;
+``--device cpu``: the same topology scaled down to hidden 256 so it runs anywhere) with random int8
+weights, driven by routing traces (the recorded ones exist for Mixtral's topology only):
 
 * real traces of ../shared/models/tiny-mixtral-32l (32 MoE layers, 8 experts, top-2) on
   wiki.test and sotu.test (``benchmarks/record_traces.py``; its wiki.train trace is the
@@ -51,31 +52,32 @@ from vllm_haq.kernels import RouteGroups, expert_routes, new_route_buffer  # noq
 from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine  # noqa: E402
 from vllm_haq.offload.store import copy_expert  # noqa: E402
 
-from offload_traces import EXPERTS, TOP_K, belady_misses, locality, prior_of, real_traces, streams, synthetic_trace  # noqa: E402
+from offload_traces import (RECORDED, TOPOLOGIES, belady_misses, locality, oracle_bound, prior_of,  # noqa: E402
+                            real_traces, streams, synthetic_trace)
 
-SHAPES = {"cuda": dict(layers=32, hidden=4096, inter=14336), "cpu": dict(layers=32, hidden=256, inter=896)}
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 POLICIES = ("all-resident", "UVA streaming", "LRU on-demand", "Fiddler (CPU misses)", "HAQ planner", "oracle bound")
 
 
 # ---- model and traces ------------------------------------------------------------------------
-def build_stack(layers: int, hidden: int, inter: int, seed: int = 0, device: str = "cpu") -> list[ExpertTensors]:
+def build_stack(layers: int, experts: int, hidden: int, inter: int, seed: int = 0, device: str = "cpu"
+                ) -> list[ExpertTensors]:
     """Random int8 experts with per-channel scales, in host memory (``device`` "cuda": generated there and
     copied to the host, ~100x faster than the CPU generator)."""
     if device == "cuda":
-        return [_gpu_experts(hidden, inter, seed * 1000 + i) for i in range(layers)]
+        return [_gpu_experts(experts, hidden, inter, seed * 1000 + i) for i in range(layers)]
     g = torch.Generator().manual_seed(seed)
     stack = []
     for _ in range(layers):
         stack.append(ExpertTensors(
-            torch.randint(-127, 128, (EXPERTS, 2 * inter, hidden), dtype=torch.int8, generator=g),
-            torch.rand(EXPERTS, 2 * inter, 1, generator=g) * 1e-3 + 1e-4,
-            torch.randint(-127, 128, (EXPERTS, hidden, inter), dtype=torch.int8, generator=g),
-            torch.rand(EXPERTS, hidden, 1, generator=g) * 1e-3 + 1e-4))
+            torch.randint(-127, 128, (experts, 2 * inter, hidden), dtype=torch.int8, generator=g),
+            torch.rand(experts, 2 * inter, 1, generator=g) * 1e-3 + 1e-4,
+            torch.randint(-127, 128, (experts, hidden, inter), dtype=torch.int8, generator=g),
+            torch.rand(experts, hidden, 1, generator=g) * 1e-3 + 1e-4))
     return stack
 
 
-def _gpu_experts(hidden: int, inter: int, seed: int) -> ExpertTensors:
+def _gpu_experts(experts: int, hidden: int, inter: int, seed: int) -> ExpertTensors:
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def on_host(t: torch.Tensor) -> torch.Tensor:
@@ -83,10 +85,10 @@ def _gpu_experts(hidden: int, inter: int, seed: int) -> ExpertTensors:
         host.copy_(t)
         return host
 
-    w13 = on_host(torch.randint(-127, 128, (EXPERTS, 2 * inter, hidden), dtype=torch.int8, device="cuda", generator=g))
-    w2 = on_host(torch.randint(-127, 128, (EXPERTS, hidden, inter), dtype=torch.int8, device="cuda", generator=g))
+    w13 = on_host(torch.randint(-127, 128, (experts, 2 * inter, hidden), dtype=torch.int8, device="cuda", generator=g))
+    w2 = on_host(torch.randint(-127, 128, (experts, hidden, inter), dtype=torch.int8, device="cuda", generator=g))
     scale = lambda *shape: on_host(torch.rand(*shape, device="cuda", generator=g) * 1e-3 + 1e-4)  # noqa: E731
-    return ExpertTensors(w13, scale(EXPERTS, 2 * inter, 1), w2, scale(EXPERTS, hidden, 1))
+    return ExpertTensors(w13, scale(experts, 2 * inter, 1), w2, scale(experts, hidden, 1))
 
 
 # ---- policies -------------------------------------------------------------------------------
@@ -104,8 +106,8 @@ def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, w
                            cost=_SHARED_COST.get("cost") if cuda else None, copy_thread=not cuda)
     for i, experts in enumerate(stack):
         engine.add_layer(i, experts)
-    batch, hidden = routes.shape[0], stack[0].w13.shape[2]
-    weights = torch.full((batch, TOP_K), 1.0 / TOP_K, device=device)
+    batch, hidden, top_k = routes.shape[0], stack[0].w13.shape[2], routes.shape[-1]
+    weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
     x = torch.randn(batch, hidden, device=device)
     elapsed = 0.0
     for step in range(warmup + steps):
@@ -131,9 +133,9 @@ def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, w
 def run_streaming(stack, routes: torch.Tensor, steps: int, warmup: int, device) -> dict:
     """No cache: every routed expert is copied host -> device into a staging buffer, every step."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch, hidden = routes.shape[0], stack[0].w13.shape[2]
-    staging = ExpertTensors.empty_like(stack[0], EXPERTS, device)  # at most E distinct experts per layer-step
-    weights = torch.full((batch, TOP_K), 1.0 / TOP_K, device=device)
+    batch, hidden, top_k, n_experts = routes.shape[0], stack[0].w13.shape[2], routes.shape[-1], stack[0].count
+    staging = ExpertTensors.empty_like(stack[0], min(n_experts, batch * top_k), device)  # distinct per layer-step
+    weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
     x = torch.randn(batch, hidden, device=device)
     elapsed, moved = 0.0, 0
     for step in range(warmup + steps):
@@ -141,8 +143,8 @@ def run_streaming(stack, routes: torch.Tensor, steps: int, warmup: int, device) 
         _sync(device)
         t0 = time.perf_counter()
         for layer, experts in enumerate(stack):
-            groups = RouteGroups(ids[:, layer], EXPERTS)
-            out = new_route_buffer(x, TOP_K)
+            groups = RouteGroups(ids[:, layer], n_experts)
+            out = new_route_buffer(x, top_k)
             for slot, e in enumerate(groups.routed):
                 n = _copy(staging, slot, experts, e, non_blocking=True)
                 g13, g2 = staging.gemms(slot, dtype)
@@ -186,24 +188,6 @@ def _on(groups: RouteGroups, device) -> RouteGroups:
     return groups
 
 
-def oracle_bound(resident_ms: float, misses, cost: dict, layers: int, steps: int) -> dict:
-    fetch_s = cost["expert_bytes"] / cost["h2d_bytes_per_s"]
-    window = resident_ms / 1e3 / layers  # one layer of resident compute per step
-    extra = 0.0
-    for step in misses:
-        for layer_misses in step:
-            pcie = cpu = 0.0
-            for e, n in sorted(layer_misses.items(), key=lambda kv: -kv[1]):
-                tc = cost["cpu_overhead_s"] + n * cost["cpu_s_per_token"]
-                if pcie + fetch_s <= cpu + tc:
-                    pcie += fetch_s
-                else:
-                    cpu += tc
-            extra += max(0.0, max(pcie, cpu) - window)
-    total_misses = sum(len(m) for step in misses for m in step)
-    return {"ms_per_step": resident_ms + extra / steps * 1e3, "miss_per_step": total_misses / steps}
-
-
 def best_of(repeats: int, runs: list) -> list[dict]:
     """Each run's fastest of ``repeats`` tries, the runs interleaved so that drifts of a shared machine hit
     every policy alike (timeit's rule: the minimum is the run least disturbed by other work)."""
@@ -231,23 +215,25 @@ def machine(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, help="MoE layers (default 32)")
+    p.add_argument("--topology", choices=tuple(TOPOLOGIES), default=RECORDED)
+    p.add_argument("--layers", type=int, help="MoE layers (default: the topology's)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per run (default cpu 24, cuda 96)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--repeats", type=int, default=None, help="tries per policy, fastest kept (default cpu 3, cuda 1)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--traces", default=None,
-                   help="comma-separated wiki,sotu,synthetic (default: all three on cpu; synthetic on cuda, "
-                        "whose hosts have neither ../shared nor the recorded traces)")
+                   help="comma-separated wiki,sotu,synthetic (default: all three on cpu with Mixtral's topology; "
+                        "synthetic on cuda, whose hosts have neither ../shared nor the recorded traces, and for "
+                        "the other topologies)")
     p.add_argument("--cpu-link-gbps", type=float, default=1.0,
                    help="--device cpu: emulated host->device link in GB/s (0: plain memcpy)")
     p.add_argument("--out", help="append the tables to this markdown file")
     p.add_argument("--json", help="write raw results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    shape = dict(SHAPES[args.device])
-    if args.layers:
-        shape["layers"] = args.layers
+    topo = TOPOLOGIES[args.topology]
+    hidden, inter = topo[args.device]
+    shape = dict(layers=args.layers or topo["layers"], experts=topo["experts"], hidden=hidden, inter=inter)
     steps = args.steps or (24 if device.type == "cpu" else 96)
     args.repeats = args.repeats or (3 if device.type == "cpu" else 1)
     batches = [int(b) for b in args.batches.split(",")]
@@ -260,18 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.cpu_link_gbps > 0:
             emulate_link(args.cpu_link_gbps)
 
-    traces, priors = {}, {}
-    args.traces = args.traces or ("synthetic" if device.type == "cuda" else "wiki,sotu,synthetic")
-    wanted = args.traces.split(",")
-    if {"wiki", "sotu"} & set(wanted):
-        real = real_traces()
-        for name in ("wiki", "sotu"):
-            if name in wanted:
-                traces[name] = real[name][:, :, : shape["layers"]]
-                priors[name] = prior_of(real["wiki-train"][:, :, : shape["layers"]])
-    if "synthetic" in wanted:
-        traces["synthetic"] = synthetic_trace(8, 512, shape["layers"], seed=1)
-        priors["synthetic"] = prior_of(synthetic_trace(4, 512, shape["layers"], seed=2))
+    traces, priors = _traces(args, shape, topo)
 
     t_build = time.time()
     stack = build_stack(**shape, device=device.type)
@@ -294,11 +269,32 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(rows, f, default=str)
 
 
+def _traces(args, shape: dict, topo: dict) -> tuple[dict, dict]:
+    """{name: trace} and {name: prior} of the traces asked for (the recorded ones: Mixtral's topology only)."""
+    recorded = args.topology == RECORDED
+    args.traces = args.traces or ("wiki,sotu,synthetic" if args.device == "cpu" and recorded else "synthetic")
+    wanted = args.traces.split(",")
+    if {"wiki", "sotu"} & set(wanted) and not recorded:
+        sys.exit(f"--traces wiki/sotu: recorded for {RECORDED} only, not --topology {args.topology}")
+    traces, priors, layers, experts = {}, {}, shape["layers"], shape["experts"]
+    if {"wiki", "sotu"} & set(wanted):
+        real = real_traces()
+        for name in ("wiki", "sotu"):
+            if name in wanted:
+                traces[name] = real[name][:, :, :layers]
+                priors[name] = prior_of(real["wiki-train"][:, :, :layers], experts)
+    if "synthetic" in wanted:
+        gen = dict(experts=experts, top_k=topo["top_k"])
+        traces["synthetic"] = synthetic_trace(8, 512, layers, seed=1, **gen)
+        priors["synthetic"] = prior_of(synthetic_trace(4, 512, layers, seed=2, **gen), experts)
+    return traces, priors
+
+
 def measure(args, device, shape, steps, batches, traces, priors, stack) -> list[dict]:
     """Every trace x batch x budget x policy."""
     rows = []
     for name, trace in traces.items():
-        loc = locality(trace)
+        loc = locality(trace, shape["experts"])
         for batch in batches:
             routes = streams(trace, batch)
             n = min(steps, routes.shape[1] - args.warmup)
@@ -317,7 +313,7 @@ def measure(args, device, shape, steps, batches, traces, priors, stack) -> list[
                 else:  # every expert fits: each policy serves all-resident (the same engine configuration)
                     res["LRU on-demand"] = res["Fiddler (CPU misses)"] = res["HAQ planner"] = resident
                 slots = res["HAQ planner"]["slots_per_layer"]
-                misses = belady_misses(routes, slots, args.warmup, n)
+                misses = belady_misses(routes, slots, args.warmup, n, shape["experts"])
                 res["oracle bound"] = oracle_bound(resident["ms_per_step"], misses, res["HAQ planner"]["cost"],
                                                    shape["layers"], n)
                 rows.append({"trace": name, "locality": loc, "batch": batch, "budget": budget, "steps": n,
@@ -332,9 +328,10 @@ def render(rows, args, device, shape, steps, build_s, stack) -> str:
     lines = [f"\n## {datetime.date.today().isoformat()} — `--device {device.type}`\n",
              f"- machine: {machine(device)}",
              f"- command: `python benchmarks/offload.py {' '.join(sys.argv[1:])}`",
-             f"- stack: {shape['layers']} MoE layers, hidden {shape['hidden']}, {EXPERTS} experts of {shape['inter']}, "
-             f"top-{TOP_K}, int8; one expert {expert_bytes / 2**20:.2f} MiB, all experts "
-             f"{shape['layers'] * EXPERTS * expert_bytes / 2**30:.2f} GiB (built in {build_s:.0f} s"
+             f"- stack ({args.topology}): {shape['layers']} MoE layers, hidden {shape['hidden']}, {shape['experts']} "
+             f"experts of {shape['inter']}, top-{TOPOLOGIES[args.topology]['top_k']}, int8; one expert "
+             f"{expert_bytes / 2**20:.2f} MiB, all experts "
+             f"{shape['layers'] * shape['experts'] * expert_bytes / 2**30:.2f} GiB (built in {build_s:.0f} s"
              + (", generated on the GPU, page-locked once for all engines" if device.type == "cuda" else "") + ")",
              f"- {steps} timed decode steps per run after {args.warmup} warm-up steps, fastest of {args.repeats} "
              "interleaved tries per policy; MoE layers only (no attention)",
@@ -375,7 +372,8 @@ def render(rows, args, device, shape, steps, build_s, stack) -> str:
     lines.append(f"- calibrated cost model ({first}): H2D {cost['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
                  f"(one expert {cost['fetch_ms']:.3f} ms), CPU expert {cost['cpu_overhead_s'] * 1e3:.3f} ms + "
                  f"{cost['cpu_s_per_token'] * 1e3:.3f} ms/token")
-    lines.append(mixtral_memory_line())
+    if args.topology == RECORDED:
+        lines.append(mixtral_memory_line())
     return "\n".join(lines) + "\n"
 
 
@@ -385,8 +383,9 @@ def mixtral_memory_line() -> str:
     expert = 3 * h * inter  # int8 bytes (+ per-channel scales below)
     scales = (2 * inter + h) * 4
     attn = layers * (h * h * 2 + h * kv * 2)  # q, o + k, v (int8)
-    bf16_total = 2 * (layers * EXPERTS * expert + attn + 2 * vocab * h + layers * (h * EXPERTS + 2 * h) + h)
-    int8_25 = (layers * EXPERTS * (expert + scales)) // 4 + attn + 2 * (2 * vocab * h + layers * (h * EXPERTS + 2 * h))
+    experts = TOPOLOGIES[RECORDED]["experts"]
+    bf16_total = 2 * (layers * experts * expert + attn + 2 * vocab * h + layers * (h * experts + 2 * h) + h)
+    int8_25 = (layers * experts * (expert + scales)) // 4 + attn + 2 * (2 * vocab * h + layers * (h * experts + 2 * h))
     return (f"- Mixtral-8x7B device memory (weights, from its config): bf16 {bf16_total / 1e9:.1f} GB; int8 with a 25% "
             f"expert budget {int8_25 / 1e9:.1f} GB = {int8_25 / bf16_total:.1%} of bf16 (embeddings, router, norms "
             f"stay bf16; KV cache not included)")
