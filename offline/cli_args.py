@@ -98,6 +98,10 @@ def _add_convert(sub) -> None:
                    help="print the --dry-run estimate, or the final summary, as one JSON object on stdout")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
+    c.add_argument("--device", default=option_default("device"), metavar="DEVICE",
+                   help="where each decoder layer is computed (calibration forward, Hessians, search, GPTQ): auto "
+                        "(CUDA if torch sees it, else cpu), cpu, cuda or cuda:N; one layer at a time either way, "
+                        "written from the host; not a recipe key (default: auto)")
 
 
 def given_options(argv: list[str]) -> set[str]:
