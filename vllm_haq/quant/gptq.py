@@ -172,11 +172,11 @@ class GPTQSolver:
         return q[:, self.inv_perm], scale
 
 
-def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> None:
-    """``h ← h[perm][:, perm]`` in place, one row (then column) at a time along the permutation's cycles (no n×n
-    temporary). Off the CPU, where one small copy per row would cost a kernel launch each and memory is not the
-    limit (``offline.device``), by two index_selects (exact either way: a permutation)."""
-    if h.device.type != "cpu":
+def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, by_rows: bool | None = None) -> None:
+    """``h ← h[perm][:, perm]`` in place, ``by_rows`` (the CPU's default) one row (then column) at a time along
+    the permutation's cycles, with no n×n temporary; else (a GPU's, where one small copy per row would cost a
+    kernel launch each and memory is not the limit) by two index_selects. Exact either way: a permutation."""
+    if not (h.device.type == "cpu" if by_rows is None else by_rows):
         h.copy_(h.index_select(0, perm).index_select(1, perm))
         return
     order = perm.tolist()
