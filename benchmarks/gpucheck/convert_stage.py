@@ -151,7 +151,7 @@ def build_wide(path: str, dry: bool, device: str) -> dict:
 
 def wide_child(argv: list[str]) -> int:
     """In the child: convert MODEL into OUT on DEVICE and print one ``WIDE {json}`` line of its measurements."""
-    model, out, calib, device = argv
+    model, out, calib, device, mode = argv
     import resource
 
     import torch
@@ -159,7 +159,7 @@ def wide_child(argv: list[str]) -> int:
     from offline.convert import ConvertOptions, convert
 
     t0 = time.monotonic()
-    reports = convert(model, out, ConvertOptions(method="haq", calib=[calib], device=device, **plan.CONVERT_WIDE))
+    reports = convert(model, out, ConvertOptions(method="haq", calib=[calib], device=device, **plan.CONVERT_WIDE[mode]))
     wall = time.monotonic() - t0
     cuda = device.startswith("cuda")
     print("WIDE " + json.dumps({
@@ -176,7 +176,10 @@ def convert_wide(work: str, calib: str, dry: bool, device: str) -> tuple[bool, s
     build_s = time.monotonic() - t0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "benchmarks"),
                                                        os.path.join(REPO, "tests")]))
-    cmd = [sys.executable, "-m", "gpucheck.convert_stage", WIDE_CHILD, model, out, calib, device]
+    if dry:  # one thread, as this stage's own (main): the dry driver runs two stages at once on a small host
+        env["OMP_NUM_THREADS"] = "1"
+    mode = "dry" if dry else "gpu"
+    cmd = [sys.executable, "-m", "gpucheck.convert_stage", WIDE_CHILD, model, out, calib, device, mode]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=plan.CONVERT_WIDE_TIMEOUT_S)
@@ -189,9 +192,10 @@ def convert_wide(work: str, calib: str, dry: bool, device: str) -> tuple[bool, s
     gib = 2**30
     gpu = f"{m['peak_gpu_bytes'] / gib:.2f} GiB" if m["peak_gpu_bytes"] is not None else "n/a"
     width = f"hidden {built['hidden']}, 8 experts x {built['intermediate']}"
+    windows = "{samples}x{seq_len}".format(**plan.CONVERT_WIDE[mode])
     return True, (f"{'dry: reduced width, ' if dry else ''}1 layer ({width}, {built['bytes'] / gib:.2f} GiB bf16) "
-                  f"--method haq --device {device}, {plan.CONVERT_WIDE['samples']}x{plan.CONVERT_WIDE['seq_len']} "
-                  f"tokens: {m['wall_s']:.1f} s (layer {m['layer_s']:.1f} s), peak GPU {gpu}, peak host RSS "
+                  f"--method haq --device {device}, {windows} tokens: {m['wall_s']:.1f} s (layer "
+                  f"{m['layer_s']:.1f} s), peak GPU {gpu}, peak host RSS "
                   f"{m['peak_rss_bytes'] / gib:.2f} GiB"), {**m, **built, "build_s": round(build_s, 1)}
 
 
@@ -201,8 +205,11 @@ def main() -> int:
     st = Stage("convert")
     names = plan.checks("convert")
     st.plan(names)
-    import torch  # noqa: F401 - imported before transformers, as the converter does
+    import torch  # imported before transformers, as the converter does
     from tiny_models import build_tiny_model
+
+    if st.dry:  # tiny shapes gain nothing from threads, and two stages share the dry host's cores: spinning OpenMP
+        torch.set_num_threads(1)  # threads of two processes made each tiny conversion 20x slower
 
     work = os.path.join(st.out, "work", "convert")  # under --out: a killed stage leaves nothing in /tmp
     shutil.rmtree(work, ignore_errors=True)

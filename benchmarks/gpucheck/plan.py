@@ -66,7 +66,7 @@ CONVERT_DEVICES = ("cpu", "device")  # the tiny MoE converted with --device cpu,
 CONVERT_PPL_REL = 1e-3  # perplexity of the two conversions within 0.1% (CUDA's float sums round differently)
 # the Mixtral-width layer (hidden 4096, 8 experts of 14336, top-2): calibration windows x tokens, few to bound
 # its time; the process converting it is killed after CONVERT_WIDE_TIMEOUT_S (the check fails, the stage goes on)
-CONVERT_WIDE = {"samples": 16, "seq_len": 128}
+CONVERT_WIDE = {"gpu": {"samples": 16, "seq_len": 128}, "dry": {"samples": 4, "seq_len": 64}}
 CONVERT_WIDE_TIMEOUT_S = 150
 
 
