@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --dry --out /tmp/gc      # CPU host: the same driver, tiny shapes (make test)
 
 Stages (``benchmarks/gpucheck/*_stage.py``; what each checks and why its tolerance, in its docstring;
-their time budgets in ``benchmarks/gpucheck/plan.py``): kernels, graphs, offload, syncs, e2e, benches.
+their time budgets in ``benchmarks/gpucheck/plan.py``): kernels, graphs, offload, syncs, e2e, benches,
+convert.
 Each runs in its own subprocess with a timeout, so a crash, a hang or a CUDA error in one stage costs
 only that stage. Nothing is read from the network, from vLLM or from ../shared: every input is generated.
 

@@ -98,6 +98,7 @@ def _add_convert(sub) -> None:
                    help="print the --dry-run estimate, or the final summary, as one JSON object on stdout")
     c.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
+    _add_device(c)
 
 
 def given_options(argv: list[str]) -> set[str]:
@@ -112,6 +113,14 @@ def given_options(argv: list[str]) -> set[str]:
                     action.default = argparse.SUPPRESS
     args, _ = parser.parse_known_args(argv)
     return set(vars(args))
+
+
+def _add_device(c) -> None:
+    """``haq convert --device`` (offline.device): where the layers are computed, not what is made."""
+    c.add_argument("--device", default=option_default("device"), metavar="DEVICE",
+                   help="where each decoder layer is computed (calibration forward, Hessians, search, GPTQ): auto "
+                        "(CUDA if torch sees it, else cpu), cpu, cuda or cuda:N; one layer at a time either way, "
+                        "written from the host; not a recipe key (default: auto)")
 
 
 def _add_source(c) -> None:

@@ -5,7 +5,8 @@ the calibration batch is embedded once, then each decoder layer is loaded
 from the safetensors, (for calibrated methods) run in float to collect input
 statistics, smoothed and quantized (offline.haq), run quantized — so the
 next layer calibrates on what the served model will really see — written as
-its own shard and freed.
+its own shard and freed. ``--device cuda`` computes each layer on the GPU (its weights and the calibration
+activations copied there for the layer, the results copied back before they are written; offline.device).
 
 Crash safety: all work happens in ``OUT_DIR.partial``; after every layer the
 shard, the calibration activations and the routing statistics are written
@@ -34,6 +35,7 @@ from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantiz
 from offline.haq.progress import NO_PROGRESS, LayerProgress, calibrated_units
 from offline.card import write_card_files
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
+from offline.device import resolve_device, to_device, to_host
 from offline.models import LayerTensors, ModelSpec, global_tensor_names
 from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, haq_target,
                           layer_targets, plan_conversion)
@@ -112,6 +114,7 @@ class _Conversion:
         self.fingerprint = _fingerprint(plan.model_dir, plan.opts)
         self.stats = RoutingStats(plan.moe_layers, self.spec.num_experts) if plan.routing_stats else None
         self.smoothing: dict[str, dict] = {}  # layer -> smoothing record (see ConversionPlan.quantization_config)
+        self.device = resolve_device(plan.opts.device)  # checked by plan_conversion: where each layer is computed
 
     def run(self, progress) -> list[LayerReport]:
         try:
@@ -167,19 +170,24 @@ class _Conversion:
         return hidden
 
     def _convert_layer(self, i: int, hidden: torch.Tensor | None):
+        """Convert layer ``i`` on ``self.device`` (its weights and ``hidden`` copied there, see offline.device);
+        returns the host's next calibration activations, the number of linears quantized and the worst error."""
         prefix = self.spec.layer_prefix(i)
         progress = self._layer_progress(i, hidden)
         progress.start("loading")
-        tensors = self.src.load_prefix(prefix)
+        tensors = to_device(self.src.load_prefix(prefix), self.device)
         if not tensors:
             raise SourceError(f"{self.model_dir}: no tensors for decoder layer {i} ({prefix}*)")
-        qtensors, n_quantized, err, record = quantize_layer(self.spec, i, prefix, tensors, self.opts, hidden,
-                                                            progress)
+        x = None if hidden is None else hidden.to(self.device)  # on the CPU: the same tensor
+        qtensors, n_quantized, err, record = quantize_layer(self.spec, i, prefix, tensors, self.opts, x, progress)
         if record:
             self.smoothing[str(i)] = record
-        if hidden is not None:
-            hidden = _run_layer(self.spec, i, LayerTensors(qtensors, rotations=record.get("rotation")), hidden,
-                                self.stats, self.opts.chunk, progress)
+        hidden = None
+        if x is not None:
+            hidden = _run_layer(self.spec, i, LayerTensors(qtensors, rotations=record.get("rotation")), x,
+                                self.stats, self.opts.chunk, progress).cpu()
+        del x
+        qtensors = to_host(qtensors)
         _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))
         return hidden, n_quantized, err
 
@@ -296,7 +304,7 @@ def _run_layer(spec: ModelSpec, i: int, lt: LayerTensors, hidden: torch.Tensor, 
             outs.append(spec.layer_forward(i, lt, hidden[s : s + chunk], sink))
             progress.unit("forward", f"samples {s + 1}-{min(s + chunk, hidden.shape[0])}")
     if sink is not None:
-        stats.record(i, torch.cat(routes))
+        stats.record(i, torch.cat(routes).cpu())  # the statistics are counted on the host
     return torch.cat(outs)
 
 
@@ -359,6 +367,7 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
     for k in ("resume", "overwrite", "format"):  # format: the work directory always holds a HAQ conversion
         d.pop(k)
     d.pop("cache_dir")  # where the hub cache is does not change the model (its snapshot's files are listed above)
+    d.pop("device")  # where the layers are computed: a conversion may resume on another device
     for k in ("calib_split", "calib_field", "calib_chat_template", "revision"):  # in only when given: older
         if not d[k]:  # .partial directories resume
             d.pop(k)

@@ -25,6 +25,7 @@ from vllm_haq.format import (DEFAULT_IGNORE, ROUTING_FILE, HAQQuantConfig, is_ig
 from vllm_haq.quant.gptq import GPTQConfig
 
 from offline.corpus import source_label
+from offline.device import device_problem
 from offline.haq import METHODS as METHOD_SPECS
 from offline.haq import MOE_SMOOTHING, ROTATION_MODES
 from offline.models import ModelSpec, spec_for
@@ -102,6 +103,10 @@ class ConvertOptions:
     # and the hub cache to read it from (None: HF_HUB_CACHE), where this run looks: see vllm_haq.format.hub
     revision: str | None = _option(None, key="revision", flag="--revision", note="null: main (Hugging Face ids)")
     cache_dir: str | None = _option(None, key=None, flag="--cache-dir")
+    # where the layers are computed (offline.device): "auto" (CUDA where available, else cpu), "cpu", "cuda" or
+    # "cuda:N". Like cache_dir, how this run proceeds, not what it makes: no recipe key, so a recipe replays on
+    # any host (a CUDA run's rounding may differ from the CPU's in the last bits; docs/configuration.md)
+    device: str = _option("auto", key=None, flag="--device")
 
     @property
     def rotation_mode(self) -> str:
@@ -136,12 +141,16 @@ def option_problem(f: dataclasses.Field, value) -> str | None:
 
 
 def check_options(opts: ConvertOptions, model_dir: str | None = None) -> None:
-    """Refuse values outside the choices and bounds (the library is called without argparse too), rotation without
-    haq, what compressed-tensors cannot express and a revision of a local directory, before any work."""
+    """Refuse values outside the choices and bounds (the library is called without argparse too), a device this
+    host cannot compute on, rotation without haq, what compressed-tensors cannot express and a revision of a local
+    directory, before any work."""
     for f in dataclasses.fields(ConvertOptions):
         problem = option_problem(f, getattr(opts, f.name))
         if problem:
             raise ConvertError(f"{f.metadata.get('flag') or f.name} {getattr(opts, f.name)!r} {problem}")
+    problem = device_problem(opts.device)
+    if problem:
+        raise ConvertError(f"--device {opts.device!r} {problem}")
     if opts.revision is not None and model_dir is not None and os.path.isdir(model_dir):
         raise ConvertError(f"--revision {opts.revision}: {model_dir} is a local directory; a revision selects the "
                            "version of a Hugging Face model id (ORG/NAME)")

@@ -19,9 +19,10 @@ Version 1 (``dump_recipe`` writes each key with the ``haq convert`` flag it stan
 Keys, types, choices and bounds are ``ConvertOptions``' (each field's metadata, ``offline.plan._option``), not a
 second list that could drift from the options. A missing key takes its default, so a recipe may hold only what
 it changes; unknown keys, wrong types and values outside the choices or bounds raise ``RecipeError`` naming the
-file and the key. ``resume`` and ``overwrite`` are no recipe keys: they say how a run proceeds, not what it
-makes. Paths (``calibration.dataset``) are kept as written and, as on the command line, relative ones resolve
-against the current directory, not the recipe's: the recipe a conversion writes records them as they were given.
+file and the key. ``resume``, ``overwrite``, ``cache_dir`` and ``device`` are no recipe keys: they say how a run
+proceeds, not what it makes. Paths (``calibration.dataset``) are kept as written and, as on the command line,
+relative ones resolve against the current directory, not the recipe's: the recipe a conversion writes records them
+as they were given.
 
 The file is named ``haq_recipe.yaml``, not llm-compressor's ``recipe.yaml``: a ``--format compressed-tensors``
 checkpoint carries it, and there ``recipe.yaml`` would be read as an llm-compressor modifier recipe (``haq
@@ -105,7 +106,7 @@ def _unknown(where: str, key: str, known: list[str], what: str = "key") -> Recip
                 if not f.metadata.get("recipe")}
     if key in run_only:
         return RecipeError(f"{where}: {key!r} is no recipe key: it says how a run proceeds, not what it makes; pass "
-                           f"{run_only[key]} (convert_model({key}=True)) instead")
+                           f"{run_only[key]} (convert_model({key}=...)) instead")
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return RecipeError(f"{where}: unknown {what} {key!r}{hint}; known: {', '.join(known)}")

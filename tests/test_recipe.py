@@ -173,11 +173,12 @@ def test_recipe_errors_through_the_command_line_and_the_api(tiny_dir, tmp_path, 
 
 
 def test_recipe_keys_are_the_options_and_round_trip():
-    """Every option but resume/overwrite/cache_dir has one key; a recipe of non-default values reads back as written
-    (floats such as 1e-05, YAML-special strings, paths with spaces); partial recipes take the defaults."""
+    """Every option but resume/overwrite/cache_dir/device has one key; a recipe of non-default values reads back as
+    written (floats such as 1e-05, YAML-special strings, paths with spaces); partial recipes take the defaults."""
     fields = recipe_fields()
     names = [f.name for f in dataclasses.fields(ConvertOptions)]
-    assert sorted(f.name for f in fields.values()) == sorted(set(names) - {"resume", "overwrite", "cache_dir"})
+    run_only = {"resume", "overwrite", "cache_dir", "device"}
+    assert sorted(f.name for f in fields.values()) == sorted(set(names) - run_only)
     odd = ConvertOptions(method="smoothquant", calib=["/a b/c.txt", "x: y", "#no comment", "yes"], calib_split="",
                          calib_field="null", calib_chat_template=True, samples=3, seq_len=7, seed=-2, ignore=[],
                          routing_stats=False, alpha=0.25, moe_smoothing="per-expert", rotation="none",

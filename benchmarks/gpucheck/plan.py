@@ -17,6 +17,10 @@ STAGES = {
     "syncs": (40, 60, "blocking device->host syncs per MoE layer-step (torch.cuda.set_sync_debug_mode)"),
     "e2e": (60, 120, "tiny MoE converted, generated offloaded vs all-resident: same greedy tokens"),
     "benches": (140, 150, "reduced benchmarks/kernels.py and benchmarks/offload.py tables"),
+    # last: on a GPU the Mixtral-width conversion is the longest single step, and a slow one must not starve the
+    # others of the total budget (expected ~100 s: two tiny conversions and evals, one 2.9 GB layer converted)
+    "convert": (200, 120, "haq convert --device cuda vs cpu on a tiny MoE: same perplexity; a Mixtral-width layer "
+                          "converted on cuda, timed"),
 }
 TOTAL_BUDGET_S = {"gpu": 470, "dry": 400}
 
@@ -58,6 +62,13 @@ E2E_RUNS = {"haq-1slot": {"policy": "haq", "slots_per_layer": 1}, "lru-1slot": {
             "haq-half": {"policy": "haq", "expert_fraction": 0.5}}
 GENERATE_MISSING = "offline.generate missing"
 
+CONVERT_DEVICES = ("cpu", "device")  # the tiny MoE converted with --device cpu, then cuda (dry: cpu again)
+CONVERT_PPL_REL = 1e-3  # perplexity of the two conversions within 0.1% (CUDA's float sums round differently)
+# the Mixtral-width layer (hidden 4096, 8 experts of 14336, top-2): calibration windows x tokens, few to bound
+# its time; the process converting it is killed after CONVERT_WIDE_TIMEOUT_S (the check fails, the stage goes on)
+CONVERT_WIDE = {"gpu": {"samples": 16, "seq_len": 128}, "dry": {"samples": 4, "seq_len": 64}}
+CONVERT_WIDE_TIMEOUT_S = 150
+
 
 def dry_dim(n: int) -> int:
     return max(8, n // DRY_DIVISOR)
@@ -79,4 +90,6 @@ def checks(stage: str, backends: tuple[str, ...] = GPU_BACKENDS) -> list[str]:
         return ["e2e/convert", "e2e/resident"] + [f"e2e/{r}" for r in E2E_RUNS]
     if stage == "benches":
         return ["benches/kernels", "benches/offload"]
+    if stage == "convert":
+        return [f"convert/tiny-{d}" for d in CONVERT_DEVICES] + ["convert/agree", "convert/mixtral-width"]
     raise ValueError(stage)

@@ -122,8 +122,10 @@ def smooth_expert_explicitly(t: WorkingTensors, e_in: str, targets: list[str], s
         g = SmoothGroup(consumers, observed=e_in)
         w_absmax = weight_absmax(t, consumers)
         a = search_alpha(t, g, consumers, stats, w_absmax)[0] if opts.method.search_alpha else opts.alpha
-    s = torch.ones(t[f"{consumers[0]}.weight"].shape[1]) if a is None else group_factors(stats.absmax[e_in],
-                                                                                         w_absmax, g, a)
+    if a is None:
+        s = torch.ones(t.shape(f"{consumers[0]}.weight")[1], device=t.device)
+    else:
+        s = group_factors(stats.absmax[e_in], w_absmax, g, a)
     for c in consumers:
         t.rescale(f"{c}.weight", lambda w, s=s: smooth_weight(w, s))
         explicit[f"{c}.input_smooth"] = s.float().clone()  # one tensor per name: safetensors refuses shared storage

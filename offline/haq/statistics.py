@@ -63,10 +63,10 @@ class InputStats:
         x2 = x.reshape(-1, x.shape[-1])
         if module not in self.count:
             self.count[module] = 0
-            self.absmax[module] = torch.zeros(x2.shape[-1], dtype=torch.float64)
+            self.absmax[module] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x2.device)
             self.rows[module] = []
             if self.wants_hessian(module):
-                self.hessians[module] = HessianAccumulator(x2.shape[-1])
+                self.hessians[module] = HessianAccumulator(x2.shape[-1], x2.device)
         if module in self.hessians:
             self.hessians[module].add(x2)
         if x2.shape[0]:
@@ -121,7 +121,7 @@ class InputStats:
             return self.hessians.pop(key)
         if self.recompute is None:
             raise RuntimeError(f"no Hessian was collected for {key} and it cannot be recomputed")
-        acc = HessianAccumulator(self.absmax[key].shape[0])
+        acc = HessianAccumulator(self.absmax[key].shape[0], self.absmax[key].device)
         s, block = self.scale.get(key), self.rotation.get(key)
         for x in self.recompute(key):
             x = x if s is None else x / s.float()

@@ -33,6 +33,11 @@ class WorkingTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.source
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layer's tensors are (``haq convert --device``; all on one); the CPU for an empty layer."""
+        return next(iter(self.source.values())).device if self.source else torch.device("cpu")
+
     def shape(self, name: str) -> torch.Size:
         """The tensor's shape, without materializing it."""
         return self.source[name].shape

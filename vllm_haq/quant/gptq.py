@@ -37,11 +37,12 @@ def hessian_dtype(in_features: int) -> torch.dtype:
 
 
 class HessianAccumulator:
-    """Running H = 2/n · Σ xᵀx and per-channel max |x| of one linear layer's inputs."""
+    """Running H = 2/n · Σ xᵀx and per-channel max |x| of one linear layer's inputs, on ``device`` (the inputs'
+    own: the converter accumulates on the device its layer runs on)."""
 
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=hessian_dtype(in_features))
-        self.absmax = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.h = torch.zeros(in_features, in_features, dtype=hessian_dtype(in_features), device=device)
+        self.absmax = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -87,6 +88,8 @@ class GPTQSolver:
     Factorizes in ``hessian_dtype`` (float64 up to FLOAT64_MAX_INPUTS inputs) and runs the column updates in
     float32 like the reference implementation (Frantar et al.); the lazy-batch update applies each block's
     accumulated error to the remaining columns with one matmul. The Hessian is factorized in its own memory.
+    Works on the Hessian's device: the quantized weights and scales are made there (weights given elsewhere are
+    copied there as they come); see :func:`_inverse_upper_cholesky_` for the factorization on each device.
     """
 
     def __init__(self, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()):
@@ -112,7 +115,8 @@ class GPTQSolver:
         self.cfg = cfg
         self.dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter on calibration data
         h[self.dead, self.dead] = 1.0
-        self.perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(n_in)
+        self.perm = (torch.argsort(torch.diag(h), descending=True) if cfg.act_order
+                     else torch.arange(n_in, device=h.device))
         self.inv_perm = torch.argsort(self.perm)
         if cfg.act_order:
             _permute_symmetric_(h, self.perm)
@@ -129,15 +133,16 @@ class GPTQSolver:
         if rows is None:
             parts = list(parts)
             rows = sum(p.shape[0] for p in parts)
-        scale = torch.empty(rows, 1, dtype=torch.float32)
-        work = torch.empty(rows, n_in, dtype=torch.float32)
+        dev = self.hinv.device
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=dev)
+        work = torch.empty(rows, n_in, dtype=torch.float32, device=dev)
         r = 0
         for part in parts:
             k = part.shape[0]
             if r + k > rows or part.dim() != 2 or part.shape[1] != n_in:
                 raise ValueError(f"GPTQ: weights of {rows} rows x {n_in} inputs expected, got one of shape "
                                  f"{tuple(part.shape)} at row {r}")
-            part = part.float()
+            part = part.to(device=dev, dtype=torch.float32)
             scale[r : r + k] = weight_scale_from_amax(torch.linalg.vector_norm(part, float("inf"), dim=1, keepdim=True))
             torch.index_select(part, 1, self.perm, out=work[r : r + k])
             r += k
@@ -147,7 +152,7 @@ class GPTQSolver:
         w = work
         w[:, self.dead[self.perm]] = 0.0
         hinv = self.hinv
-        q = torch.empty(w.shape, dtype=torch.int8)
+        q = torch.empty(w.shape, dtype=torch.int8, device=dev)
         bs = self.cfg.block_size
         for b0 in range(0, n_in, bs):
             b1 = min(b0 + bs, n_in)
@@ -167,8 +172,13 @@ class GPTQSolver:
         return q[:, self.inv_perm], scale
 
 
-def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> None:
-    """``h ← h[perm][:, perm]`` in place, one row (then column) at a time along the permutation's cycles."""
+def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, by_rows: bool | None = None) -> None:
+    """``h ← h[perm][:, perm]`` in place, ``by_rows`` (the CPU's default) one row (then column) at a time along
+    the permutation's cycles, with no n×n temporary; else (a GPU's, where one small copy per row would cost a
+    kernel launch each and memory is not the limit) by two index_selects. Exact either way: a permutation."""
+    if not (h.device.type == "cpu" if by_rows is None else by_rows):
+        h.copy_(h.index_select(0, perm).index_select(1, perm))
+        return
     order = perm.tolist()
     for view in (h, h.t()):  # rows, then columns (rows of the transposed view)
         done = [False] * len(order)
@@ -194,7 +204,11 @@ def _inverse_upper_cholesky_(h: torch.Tensor) -> torch.Tensor:
     hold three n×n matrices at once (1.6 GB of float32 beside a Mixtral expert's 14336-wide down projection
     Hessian, which is 0.8 GB itself). Where H is not numerically positive definite, dampening is added to its
     diagonal (1e-6, 1e-5, ... of its mean) until it is.
+
+    LAPACK through scipy needs the matrix in host memory: off the CPU, :func:`_inverse_upper_cholesky_torch`.
     """
+    if h.device.type != "cpu":
+        return _inverse_upper_cholesky_torch(h)
     from scipy.linalg import lapack  # noqa: PLC0415 (the converter's numerics only)
 
     if not h.is_contiguous() or h.dtype not in (torch.float32, torch.float64):
@@ -228,6 +242,35 @@ def _inverse_upper_cholesky_(h: torch.Tensor) -> torch.Tensor:
     if not (low.ctypes.data == h.data_ptr() and low.flags.f_contiguous):
         raise RuntimeError("GPTQ: LAPACK worked on a copy of the Hessian, not in place")
     return h.triu_()
+
+
+def _inverse_upper_cholesky_torch(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ by ``torch.linalg`` (cholesky, cholesky_inverse, cholesky(upper)) on
+    ``h``'s device — a GPU's, where scipy cannot reach — with the same extra dampening as the LAPACK path (1e-6,
+    1e-5, ... of the mean diagonal, added to ``h`` in place) where H is not numerically positive definite.
+
+    Holds up to three n×n matrices at once (``h``, the factor, the inverse; 2.4 GiB for a float32 14336-wide
+    Hessian), which a GPU converting one layer at a time has room for; the CPU keeps the in-place LAPACK path.
+    """
+    if h.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"expected a float32/float64 Hessian, got {h.dtype} {tuple(h.shape)}")
+    base = 1e-6 * float(h.diagonal().mean())
+    added = 0.0
+    for _ in range(8):
+        low, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            break
+        step = max(added * 9, base)  # total extra dampening: base, 10·base, 100·base, ...
+        h.diagonal().add_(step)
+        added += step
+    else:
+        raise RuntimeError("GPTQ: the input Hessian is not positive definite even after extra dampening")
+    inv = torch.cholesky_inverse(low)
+    del low
+    up, info = torch.linalg.cholesky_ex(inv, upper=True)
+    if int(info) != 0:
+        raise RuntimeError(f"GPTQ: the inverse Hessian is not numerically positive definite (cholesky info {info})")
+    return up
 
 
 def _restore_upper_(h: torch.Tensor, diag: torch.Tensor, block: int = 1024) -> None:

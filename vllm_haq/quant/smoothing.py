@@ -36,7 +36,7 @@ _ROWS_PER_CHUNK = 1024  # float64 temporaries of a few rows, not of a whole Mixt
 
 def _rowwise(w: torch.Tensor, dtype: torch.dtype, fn) -> torch.Tensor:
     """``fn(rows.double()).to(dtype)`` of ``w`` in row chunks: the same values as on the whole matrix."""
-    out = torch.empty(w.shape, dtype=dtype)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
     for r0 in range(0, w.shape[0], _ROWS_PER_CHUNK):
         out[r0 : r0 + _ROWS_PER_CHUNK] = fn(w[r0 : r0 + _ROWS_PER_CHUNK].double(), r0).to(dtype)
     return out
