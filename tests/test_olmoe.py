@@ -5,7 +5,10 @@ The reference forward equals transformers' (random q/k-norm weights, 128 and 64 
 is exact and none divides q_proj/k_proj's output; the options vLLM's OLMoE would silently compute otherwise are
 refused by name; ``haq convert`` (rtn and haq) writes valid checkpoints with routing statistics; vLLM serves the
 rtn conversion as the int8 reference computes it, and with one expert slot per layer gives the all-resident
-run's greedy tokens (two engine starts; checks shared with Qwen3-MoE: tests/moe_checks.py)."""
+run's greedy tokens (two engine starts; checks shared with Qwen3-MoE: tests/moe_checks.py). The rtn conversion
+served measured mean |Δ| 1.3e-5, max 3.3e-3 (0.4% of positions above 1e-3); the haq conversion, served once the
+same way outside the suite (one more engine start), mean 2.0e-7, max 1.4e-6, and 11 clear-margin greedy steps
+equal to the reference's."""
 
 import json
 import os
