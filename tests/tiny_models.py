@@ -14,7 +14,9 @@ FAMILIES = ("opt", "llama", "mixtral", "qwen2_moe")
 # and biases, so q/k-norm, qkv biases and the folds into norms are exercised with values other than 1 and 0.
 DENSE_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3")
 # Qwen3-MoE (Qwen3-30B-A3B's layout, scaled down): q/k-norm, 32 experts, top-8, renormalized top-k weights.
-NEW_MOE_FAMILIES = ("qwen3_moe",)
+# OLMoE (OLMoE-1B-7B's layout, scaled down): q/k-norm over the whole projections, 32 experts, top-8, the top-k
+# weights not renormalized.
+NEW_MOE_FAMILIES = ("qwen3_moe", "olmoe")
 # Llama 3.x RoPE on a tiny model: an original context of 32 positions puts most of head_dim 64's frequencies
 # in llama3's scaled band, so the scaling changes the tests' 48-64 position sequences visibly.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -40,6 +42,11 @@ def _config(family: str, **overrides):
         return Qwen3MoeConfig(**{**common, "head_dim": 64, "num_key_value_heads": 1, "intermediate_size": 256,
                                  "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 8,
                                  "norm_topk_prob": True, "tie_word_embeddings": False, **overrides})
+    if family == "olmoe":
+        from transformers import OlmoeConfig
+
+        return OlmoeConfig(**{**common, "num_key_value_heads": 1, "intermediate_size": 64, "num_experts": 32,
+                              "num_experts_per_tok": 8, "tie_word_embeddings": False, **overrides})
     if family == "opt":
         return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
     if family == "llama":

@@ -8,7 +8,8 @@ forward dispatches its linears on the stored tensors (:class:`LayerTensors`). Te
 against ``transformers``.
 
 Supported: OPT (pre-LayerNorm), Llama (incl. SmolLM2, Llama 3.x with every rope type transformers computes),
-Mistral, Qwen2/Qwen2.5, Qwen3 (q/k-norm), Mixtral, Qwen2-MoE.
+Mistral, Qwen2/Qwen2.5, Qwen3 (q/k-norm), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (q/k-norm over the whole
+projections).
 """
 
 from __future__ import annotations

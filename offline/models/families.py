@@ -9,8 +9,9 @@ Folds (:meth:`offline.models.spec.ModelSpec.smoothing_groups`): input-side smoot
 (``attn_norm`` -> q/k/v, ``mlp_norm`` -> the MLP's input linears) and multiplies the consumers' input columns;
 output-side smoothing divides a producer linear's output rows (v_proj -> o_proj, up_proj -> down_proj,
 fc1 -> fc2). A producer whose output passes through something that is not linear per channel before its
-consumer (q/k-norm: an RMSNorm over each head sits between q_proj/k_proj and attention) must never be an
-output-side producer: ``no_output_folds`` names them, and the spec refuses a group that would fold into one.
+consumer (q/k-norm: an RMSNorm over each head, or over the whole projection, sits between q_proj/k_proj and
+attention) must never be an output-side producer: ``no_output_folds`` names them, and the spec refuses a group
+that would fold into one.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ class Family:
     """One architecture. ``norm``: ``rms`` (RMSNorm, ``rms_norm_eps``) or ``layer`` (LayerNorm with bias,
     eps 1e-5). ``mlp``: ``swiglu`` (``mlp_linears`` = gate, up, down) or ``relu`` (= fc1, fc2). ``rope``:
     rotary positions (through :mod:`offline.models.rope`), else learned positions ``embed_positions`` (offset 2,
-    OPT). ``qk_norm``: the per-head RMSNorms of q and k (Qwen3). ``sliding``: how a layer's sliding window is
-    found (``all``: ``sliding_window`` on every layer, Mistral; ``layer_types``: Qwen2/Qwen3's
-    ``use_sliding_window`` / ``max_window_layers`` / ``layer_types``; None: never). ``vo_heads``: the v_proj ->
-    o_proj fold repeats factors over the query heads of a kv head (grouped-query attention)."""
+    OPT). ``qk_norm``: the RMSNorms of q and k before RoPE, over each head (``qk_norm_over`` ``head``, Qwen3) or
+    over the whole q_proj/k_proj output (``projection``, OLMoE: q's is num_heads x head_dim wide). ``sliding``:
+    how a layer's sliding window is found (``all``: ``sliding_window`` on every layer, Mistral; ``layer_types``:
+    Qwen2/Qwen3's ``use_sliding_window`` / ``max_window_layers`` / ``layer_types``; None: never).
+    ``vo_heads``: the v_proj -> o_proj fold repeats factors over the query heads of a kv head (grouped-query
+    attention)."""
 
     name: str
     layer_root: str = "model.layers."
@@ -64,6 +67,7 @@ class Family:
     mlp_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     rope: bool = True
     qk_norm: tuple[str, str] | None = None
+    qk_norm_over: str = "head"
     sliding: str | None = None
     vo_heads: bool = True
     tie_default: bool = False
@@ -75,8 +79,8 @@ class Family:
 
     @property
     def no_output_folds(self) -> tuple[str, ...]:
-        """Linears whose output may not absorb smoothing factors: q/k-norm normalizes q_proj/k_proj's output per
-        head, so x / s there would not come out of the norm as x / s."""
+        """Linears whose output may not absorb smoothing factors: q/k-norm normalizes q_proj/k_proj's output (per
+        head or as a whole), so x / s there would not come out of the norm as x / s."""
         return tuple(self.attn_linears[:2]) if self.qk_norm else ()
 
 
@@ -94,6 +98,18 @@ _OPT = Family(
 )
 
 _GUD = ("gate_proj", "up_proj", "down_proj")
+_QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
+# OLMoE: what vLLM's OLMoE model would silently compute otherwise is refused (it clamps nothing, has no attention
+# biases, never renormalizes the top-k weights, uses eps 1e-5 and head_dim = hidden_size / num_attention_heads).
+_OLMOE_REFUSED = (
+    ("OLMoE with clip_qkv (q/k/v clamping: vLLM's OLMoE does not clamp)", lambda c: c.get("clip_qkv") is not None),
+    ("OLMoE with attention_bias=true (vLLM's OLMoE has no attention biases)", lambda c: bool(c.get("attention_bias"))),
+    ("OLMoE with norm_topk_prob=true (vLLM's OLMoE does not renormalize the top-k weights)",
+     lambda c: bool(c.get("norm_topk_prob"))),
+    ("OLMoE with rms_norm_eps != 1e-5 (vLLM's OLMoE fixes 1e-5)", lambda c: c.get("rms_norm_eps", 1e-5) != 1e-5),
+    ("OLMoE with head_dim != hidden_size / num_attention_heads",
+     lambda c: c.get("head_dim") not in (None, c["hidden_size"] // c["num_attention_heads"])),
+)
 _QWEN_SHARED = dict(shared_expert="shared_expert", shared_gate="shared_expert_gate",
                     shared_size_key="shared_expert_intermediate_size")
 
@@ -102,14 +118,18 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama"),
     "mistral": Family("mistral", sliding="all"),
     "qwen2": Family("qwen2", sliding="layer_types"),
-    "qwen3": Family("qwen3", sliding="layer_types", qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    "qwen3": Family("qwen3", sliding="layer_types", qk_norm=_QK_NORM),
     "mixtral": Family("mixtral", moe=MoEFacts("block_sparse_moe", ("w1", "w3", "w2"), ("w1", "w2", "w3"),
                                               ("num_local_experts", "num_experts"))),
     "qwen2_moe": Family("qwen2_moe", moe=MoEFacts(
         "mlp", ("gate_proj", "up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj"),
         ("num_local_experts", "num_experts"), layers="sparse_step", renormalize="norm_topk_prob", **_QWEN_SHARED)),
     # transformers 5 writes num_local_experts; the Hub's Qwen3-MoE configs say num_experts
-    "qwen3_moe": Family("qwen3_moe", sliding="layer_types", qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+    "qwen3_moe": Family("qwen3_moe", sliding="layer_types", qk_norm=_QK_NORM,
                         moe=MoEFacts("mlp", _GUD, _GUD, ("num_local_experts", "num_experts"), layers="sparse_step",
                                      renormalize="norm_topk_prob")),
+    # OLMoE: q/k-norm over the whole projections, every layer MoE (num_experts; no shared expert), the top-k
+    # weights as the softmax gives them
+    "olmoe": Family("olmoe", qk_norm=_QK_NORM, qk_norm_over="projection", refused=_OLMOE_REFUSED,
+                    moe=MoEFacts("mlp", _GUD, _GUD, ("num_local_experts", "num_experts"), renormalize=False)),
 }

@@ -204,10 +204,11 @@ class ModelSpec:
         nh, hd = int(c["num_attention_heads"]), self.head_dim
         nkv = int(c.get("num_key_value_heads") or nh)
         q_proj, k_proj, v_proj, out = f.attn_linears
-        q = lt.linear(q_proj, x).view(b, t, nh, hd)
-        k = lt.linear(k_proj, x).view(b, t, nkv, hd)
-        if f.qk_norm:  # per head, before RoPE (Qwen3)
-            q, k = (rms_norm(y, lt[f"{n}.weight"], self._eps) for y, n in zip((q, k), f.qk_norm))
+        q, k = lt.linear(q_proj, x).view(b, t, nh, hd), lt.linear(k_proj, x).view(b, t, nkv, hd)
+        if f.qk_norm:  # before RoPE: over each head (Qwen3) or over the whole projection output (OLMoE)
+            whole = f.qk_norm_over == "projection"
+            q, k = (rms_norm(y.flatten(2) if whole else y, lt[f"{n}.weight"], self._eps).view(y.shape)
+                    for y, n in zip((q, k), f.qk_norm))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = lt.linear(v_proj, x).view(b, t, nkv, hd).transpose(1, 2)
         if f.rope:
