@@ -71,12 +71,12 @@ def test_dry_run_writes_summary_tables_and_logs(dry_run):
 
 def test_a_stage_that_dies_fails_its_checks_without_stopping_the_driver(tmp_path):
     """A timed-out stage: its checks are FAILs saying so, the next stage still runs, the exit status is 1."""
+    last = plan.checks("e2e", plan.DRY_BACKENDS)[-1]
+    env = dict(os.environ, HAQ_GPU_CHECK_STALL=last)  # that check hangs: the stage cannot finish on any host
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--dry", "--out",
                            str(tmp_path), "--stages", "e2e,graphs", "--budget-s", "6", "--jobs", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1, proc.stdout
-    # the stage's last check is never reached in 6 s (an idle host may finish the tiny conversion, the first one)
-    last = plan.checks("e2e", plan.DRY_BACKENDS)[-1]
     assert f"RESULT {last} FAIL not reached: stage e2e timed out after 6 s" in proc.stdout
     assert "RESULT e2e FAIL stage e2e timed out" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
