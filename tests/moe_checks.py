@@ -3,14 +3,14 @@ tests/test_olmoe.py): each family's tiny model (tests/tiny_models.py: 2 layers, 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from safetensors.torch import load_file
 
-from offline.haq import InputStats, WorkingTensors, apply_smoothing, group_factors, weight_absmax
-from offline.models import LayerTensors, spec_for
+from fold_walk import float64_layers
+from offline.haq import apply_smoothing, group_factors, weight_absmax
+from offline.models import LayerTensors
 from offline.perplexity import hf_token_nll
 from test_reference_models import reference_logits
 from vllm_haq.format import ROUTING_FILE, validate_checkpoint
@@ -34,14 +34,9 @@ def assert_reference_matches_transformers(model_dir: str) -> torch.Tensor:
 def assert_smoothing_folds_exact(model_dir: str) -> None:
     """Smoothing every group at α 0.5 leaves each layer's float output unchanged; no group folds into
     q_proj/k_proj's output, and the q/k-norm weights stay untouched."""
-    spec = spec_for(json.load(open(os.path.join(model_dir, "config.json"))))
-    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
     h = torch.randn(2, 24, 128, generator=torch.Generator().manual_seed(1))
-    for i in range(spec.num_layers):
-        p = spec.layer_prefix(i)
-        t = WorkingTensors({k[len(p):]: v.double() for k, v in tensors.items() if k.startswith(p)}, torch.float64)
-        stats = InputStats()
-        ref = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}, observer=stats), h)
+    for layer in float64_layers(model_dir, h):
+        spec, i, p, t, stats, ref = layer.spec, layer.index, layer.prefix, layer.t, layer.stats, layer.ref
         groups = spec.smoothing_groups(i)
         assert not {g.producer for g in groups} & QK
         for g in groups:
@@ -51,7 +46,7 @@ def assert_smoothing_folds_exact(model_dir: str) -> None:
         out = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}), h)
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
         for norm in spec.facts.qk_norm or ():
-            assert torch.equal(t[f"{norm}.weight"], tensors[f"{p}{norm}.weight"].double())
+            assert torch.equal(t[f"{norm}.weight"], layer.tensors[f"{p}{norm}.weight"].double())
 
 
 def assert_converted(out: str, src: str, experts: int, layers: int, top_k: int) -> None:

@@ -13,6 +13,7 @@ from offline.perplexity import hf_token_nll
 from offline.haq import (ALPHA_GRID, GPTQ_SHORTLIST, ExpertInputs, InputStats, WorkingTensors, apply_smoothing,
                          group_factors, search_alpha, weight_absmax)
 from offline.models import LayerTensors, SmoothGroup, spec_for
+from fold_walk import float64_layers
 from tiny_models import FAMILIES
 from vllm_haq.format import validate_checkpoint
 from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
@@ -22,16 +23,10 @@ from vllm_haq.quant.smoothing import smooth_weight
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folded_smoothing_leaves_each_layer_unchanged(family, tiny_dir):
-    d = tiny_dir(family)
-    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
-    tensors = load_file(os.path.join(d, "model.safetensors"))
     torch.manual_seed(0)
     h = torch.randn(2, 24, 128)
-    for i in range(spec.num_layers):
-        p = spec.layer_prefix(i)
-        t = WorkingTensors({k[len(p):]: v.double() for k, v in tensors.items() if k.startswith(p)}, torch.float64)
-        stats = InputStats()
-        ref = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}, observer=stats), h)
+    for layer in float64_layers(tiny_dir(family), h):
+        spec, i, t, stats, ref = layer.spec, layer.index, layer.t, layer.stats, layer.ref
         targets = spec.linear_modules(i)
         for g in spec.smoothing_groups(i):
             consumers = [c for c in g.consumers if c in targets]

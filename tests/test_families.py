@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offline.haq import InputStats, LayerRecord, WorkingTensors, group_factors, weight_absmax
+from offline.haq import LayerRecord, group_factors, weight_absmax
 from offline.haq.transforms import rotation_for, transform_group
 from offline.models import LayerTensors, UnsupportedModelError, spec_for
 from offline.models.rope import rope_cos_sin
 from offline.perplexity import hf_token_nll
 from test_reference_models import reference_logits
+from fold_walk import float64_layers
 from tiny_models import DENSE_FAMILIES, LLAMA3_ROPE, build_tiny_model
 from vllm_haq.format import validate_checkpoint
 from vllm_haq.quant.rotation import rotate
@@ -123,15 +124,10 @@ def test_every_fold_is_exact(family, tiny_dir):
     """Smoothing (α 0.5) and, where offered, rotation of every group (folded in float64) leave each layer's
     float32 output unchanged; no group of a q/k-norm family folds into q_proj/k_proj's output, and their q/k-norm
     weights stay untouched."""
-    d = tiny_dir(family)
-    spec = spec_for(json.load(open(os.path.join(d, "config.json"))))
-    tensors = load_file(os.path.join(d, "model.safetensors"))
     h = torch.randn(2, 40, 128, generator=torch.Generator().manual_seed(2))
-    for i in range(spec.num_layers):
-        p = spec.layer_prefix(i)
-        t = WorkingTensors({k[len(p):]: v.double() for k, v in tensors.items() if k.startswith(p)}, torch.float64)
-        stats, record = InputStats(), LayerRecord()
-        ref = spec.layer_forward(i, LayerTensors({k: t[k].float() for k in t.names()}, observer=stats), h)
+    for layer in float64_layers(tiny_dir(family), h):
+        spec, i, p, t, stats, ref = layer.spec, layer.index, layer.prefix, layer.t, layer.stats, layer.ref
+        record = LayerRecord()
         groups = spec.smoothing_groups(i)
         assert not {g.producer for g in groups} & set(spec.facts.no_output_folds)
         for g in groups:
@@ -144,7 +140,7 @@ def test_every_fold_is_exact(family, tiny_dir):
         out = spec.layer_forward(i, lt, h)
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
         for norm in spec.facts.qk_norm or ():
-            assert torch.equal(t[f"{norm}.weight"], tensors[f"{p}{norm}.weight"].double())
+            assert torch.equal(t[f"{norm}.weight"], layer.tensors[f"{p}{norm}.weight"].double())
 
 
 @pytest.mark.parametrize("method", ["rtn", "haq"])
