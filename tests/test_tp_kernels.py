@@ -15,7 +15,8 @@ from vllm_haq.quant import quantize_weight_per_channel
 @pytest.fixture(autouse=True)
 def _thread_safe_backend(monkeypatch):
     """The ranks here are threads of one process, and vLLM's oneDNN int8 handlers (the auto backend on CPUs
-    where that GEMM is exact: VNNI, AMX) share one process-wide scratchpad and primitive caches, so two rank
+    where that GEMM is exact: VNNI, AMX; vllm/_custom_ops.py 3765 create_onednn_scaled_mm, its handler in vLLM's
+    csrc/cpu/dnnl_helper.cpp) share one process-wide scratchpad and primitive caches, so two rank
     threads in them at once corrupt each other: on an AVX-512 VNNI host the per-rank offload test failed in
     about one fresh process in six, and never with this package's thread-safe backend. Real ranks are
     processes, each with its own oneDNN state; the arithmetic under test is the same on both backends."""

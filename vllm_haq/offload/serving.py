@@ -81,7 +81,9 @@ def cpu_worker_plan(fused: bool, requested: int | None, cores: int) -> tuple[int
     layer ends, so one worker is busy at a time: it gets the cores but the model thread's (or ``requested``).
     The first H200 run had 4 workers of cores / 4 threads each, so a step's experts ran on 4 of 16 cores.
     Otherwise each expert is a job of two ScaledInt8Gemm: ``requested`` or cores / 4 (<= 8) workers, each an
-    equal share of the cores."""
+    equal share of the cores. vLLM sets its GPU workers' OMP_NUM_THREADS (vllm/v1/executor/multiproc_executor.py
+    1112-1122, vllm/v1/engine/utils.py 221-232); the kernel passes its thread count to every parallel region
+    (``num_threads``), so that setting does not size these threads."""
     if fused:
         return 1, requested or max(1, cores - 1)
     workers = requested or max(1, min(8, cores // 4))

@@ -39,7 +39,8 @@ def weight_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """float32 symmetric scale that maps ``amax`` to 127, correctly rounded on every device.
 
     The divisor is a tensor on ``amax``'s device, not a Python number: for a number, torch's CUDA division
-    multiplies by its reciprocal (``div_true_kernel_cuda``: "may lose one bit of precision"). That moves 4.4%
+    multiplies by its reciprocal (pytorch aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu, lines 36-43:
+    ``iter.is_cpu_scalar(2)`` -> ``a * (1 / b)``, "may lose one bit of precision"). That moves 4.4%
     of random amaxes by an ulp, and then rare int8 roundings flip against the kernels (the Triton quantizer
     and the CPU kernel divide with IEEE rounding, as torch does on the CPU): seen in make gpu-check."""
     amax = amax.float().clamp(min=_MIN_AMAX)
