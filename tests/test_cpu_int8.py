@@ -253,6 +253,35 @@ def test_worker_threads_beside_the_model_thread_give_the_serial_bits():
     assert not errors, errors[:5]
 
 
+def test_the_kernel_lets_the_model_thread_run_while_it_computes():
+    """On a GPU host a layer-step's CPU experts are one moe_routes call on a worker thread while the model thread
+    issues the step's copies and device kernels. Holding the GIL, the call froze the model thread for its whole
+    length (the first H200 run: HAQ's CPU experts and fetches summed instead of overlapping). Here the model
+    thread counts loop turns between the worker entering the call and leaving it: none when the GIL is held."""
+    import threading
+
+    stack = _stack(2, 1024, 4096, seed=3)
+    x, routes, weights = torch.randn(1, 1024), torch.zeros(1, 2, 1024), torch.rand(1, 2)
+    tok, slot = torch.zeros(2, dtype=torch.int64), torch.arange(2)
+    inside, done = threading.Event(), threading.Event()
+
+    def worker():
+        for _ in range(3):  # ~25 MB of weights a call: milliseconds at one thread
+            inside.set()
+            cpu_int8.moe_routes(x, routes, weights, stack.w13, stack.w13_scale, stack.w2, stack.w2_scale, None,
+                                tok, slot, [0, 1], [0, 1], [1, 1], None, threads=1)
+        done.set()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait()
+    turns = 0
+    while not done.is_set():
+        turns += 1
+    t.join()
+    assert turns > 1000, f"the model thread ran {turns} loop turns during three kernel calls: the GIL is held"
+
+
 def test_a_fresh_process_compiles_a_linear_through_the_kernel():
     """vLLM's CPU build traces every linear with torch.compile (fullgraph) in a fresh worker process. Loading the
     kernel there happened under a lock at the first call, inside the trace, and Dynamo refuses a lock: every

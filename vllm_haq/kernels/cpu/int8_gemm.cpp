@@ -414,8 +414,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("isa") = "avx2";
 #endif
-  m.def("int8_mm", &int8_mm, "exact int8 GEMM");
-  m.def("scaled_mm", &scaled_mm, "exact int8 GEMM, scaled to float32 (+ bias)");
-  m.def("quantize_rows", &quantize_rows, "HAQ's per-token int8 quantization (smoothing, rotation)");
-  m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8");
+  // Every entry point releases the GIL while it computes (arguments are converted before, results after): the
+  // offload engine runs moe_routes on a worker thread beside the model thread, which must go on launching the
+  // step's copies and device kernels meanwhile. Holding it, a 3 ms CPU expert stalled the model thread for 3 ms
+  // (and the worker waited up to the 5 ms switch interval to start), so CPU experts and copies never overlapped.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int8_mm", &int8_mm, "exact int8 GEMM", nogil);
+  m.def("scaled_mm", &scaled_mm, "exact int8 GEMM, scaled to float32 (+ bias)", nogil);
+  m.def("quantize_rows", &quantize_rows, "HAQ's per-token int8 quantization (smoothing, rotation)", nogil);
+  m.def("moe_routes", &moe_routes, "one MoE layer-step's experts, W8A8", nogil);
 }
