@@ -176,9 +176,10 @@ def check_shard_gemm_quantizes_with_the_given_max(device):
 
 
 def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfloat16, config=None, inter=40,
-              down_rotation=None):
+              down_rotation=None, host_routing=False):
     """Ragged groups, experts without tokens, non-resident experts (slot -1), accumulation into ``out``, the
-    down projections' input rotated (``w2`` holds W R)."""
+    down projections' input rotated (``w2`` holds W R); ``host_routing``: the rows aligned on the host, as the
+    offload engine passes them."""
     from vllm_haq.kernels import triton_int8_moe_forward
     from vllm_haq.kernels.triton_gemm import GemmConfig
 
@@ -210,7 +211,8 @@ def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfl
     with _poisoned_allocations():
         got = triton_int8_moe_forward(x.to(device), weights.to(device), ids.int().to(device), expert_to_slot.to(device),
                                       w13.to(device), w13_scale.to(device), w2.to(device), w2_scale.to(device),
-                                      out=out, config=cfg, down_rotation=down_rotation)
+                                      out=out, config=cfg, down_rotation=down_rotation,
+                                      host_routing=(ids, expert_to_slot.tolist()) if host_routing else None)
     if accumulate:
         assert got.data_ptr() == out.data_ptr(), "must accumulate into the given output"
     ref = _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init, down_rotation)
@@ -326,6 +328,8 @@ def _cases():
     cases["moe-m37-small-blocks-no-out"] = (check_moe, dict(m=37, accumulate=False, config=(16, 32, 32)))
     cases["moe-k1-holes"] = (check_moe, dict(m=9, top_k=1))
     cases["moe-m17-down-rotation"] = (check_moe, dict(m=17, inter=64, down_rotation=32))
+    cases["moe-decode-m6-holes-host-aligned"] = (check_moe, dict(m=6, host_routing=True))
+    cases["moe-prefill-m300-host-aligned"] = (check_moe, dict(m=300, host_routing=True, accumulate=False))
     cases["moe-nothing-resident"] = (check_moe_nothing_resident_leaves_out_unchanged, {})
     cases["engine-hits-one-triton-launch"] = (check_engine_hits_in_one_triton_launch, {})
     return cases
@@ -457,6 +461,24 @@ def test_triton_kernel(name, interpreter_results):
     failure = interpreter_results[name]
     if failure is not None:
         pytest.fail(f"in the Triton interpreter (child process):\n{failure}", pytrace=False)
+
+
+@pytest.mark.parametrize("m,top_k,experts,slots,block_m", [(1, 2, 8, 2, 16), (5, 2, 8, 8, 16), (16, 8, 128, 32, 16),
+                                                           (3, 6, 64, 0, 16), (200, 2, 8, 3, 64), (40, 8, 16, 16, 4)])
+def test_host_alignment_gives_the_device_rows(m, top_k, experts, slots, block_m):
+    """The offload engine aligns the Triton MoE's rows on the host (its routing is there already): the same
+    three arrays as the torch version, in the plain-Python range and above it."""
+    from vllm_haq.kernels.triton_moe import align_routes, align_routes_host
+
+    g = torch.Generator().manual_seed(m * 131 + experts)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(m)])
+    slot_of = [-1] * experts
+    for s, e in enumerate(torch.randperm(experts, generator=g)[:slots].tolist()):
+        slot_of[e] = s
+    want = align_routes(ids, torch.tensor(slot_of, dtype=torch.int32), max(slots, 1), block_m)
+    got = align_routes_host(ids, slot_of, max(slots, 1), block_m, torch.device("cpu"))
+    for name, w, h in zip(("route_of_row", "slot_of_block", "slot_of_route"), want, got):
+        assert h.dtype == torch.int32 and torch.equal(h.long(), w.long()), name
 
 
 def test_importing_the_kernels_package_does_not_import_triton_kernels(interpreter_results):

@@ -317,12 +317,13 @@ class OffloadEngine(HostJobs, Reporting):
         slot_of = [-1] * layer.num_experts
         for e, s in ready:
             slot_of[e] = s
-        e2s = torch.tensor(slot_of, dtype=torch.int32).to(x.device, non_blocking=True)
         if outputs.summed is None:
             outputs.summed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         c = layer.cache
-        triton_int8_moe_forward(x, outputs.topk_weights, outputs.topk_ids, e2s, c.w13, c.w13_scale, c.w2, c.w2_scale,
-                                out=outputs.summed, down_rotation=c.down_rotation)
+        # the routing is on the host already (RouteGroups): the kernel's rows are aligned there, sent in one copy
+        triton_int8_moe_forward(x, outputs.topk_weights, outputs.topk_ids, None, c.w13, c.w13_scale, c.w2, c.w2_scale,
+                                out=outputs.summed, down_rotation=c.down_rotation,
+                                host_routing=(outputs.groups.ids_host, slot_of))
 
     def _down_projections(self, layer: Layer, x: torch.Tensor, outputs: StepOutputs) -> None:
         """Tensor parallelism: the down projections of every expert computed this step.
@@ -442,6 +443,8 @@ class OffloadEngine(HostJobs, Reporting):
     def _prefetch(self, nxt: Layer, layer: Layer, groups: RouteGroups, record: bool) -> None:
         if self.config.prefetch == "auto" and not self.cost.prefetch_pays(1.0):
             return  # not even a certain hit would repay issuing a copy on this machine
+        if nxt.slots >= nxt.num_experts:
+            return  # every expert of the next layer has a slot: no copy, no eviction to predict for
         counts = torch.tensor(groups.counts, dtype=torch.float64)
         pred = self.stats_model.predict_next(layer.pos, counts)
         nxt.predicted = pred
