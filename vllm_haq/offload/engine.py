@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_moe_forward, expert_mlp,
-                              new_route_buffer, select_backend, write_routes)
+                              select_backend, write_routes)
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.options import OffloadConfig
@@ -235,8 +235,9 @@ class OffloadEngine(HostJobs, Reporting):
             self._start()
         layer = self.layers[layer_index]
         # decode on CUDA: the activations and router weights come to the host with the ids (CPU experts need
-        # them; one blocking transfer per layer-step instead of three)
-        carry = (x, topk_weights) if x.device.type != "cpu" and x.shape[0] <= CARRY_MAX_TOKENS else ()
+        # them; one blocking transfer per layer-step instead of three), unless every expert has a slot
+        carry = ((x, topk_weights) if x.device.type != "cpu" and x.shape[0] <= CARRY_MAX_TOKENS
+                 and layer.slots < layer.num_experts else ())
         groups = RouteGroups(topk_ids, layer.num_experts, carry=carry)
         step = layer.step
         layer.step += 1
@@ -246,8 +247,7 @@ class OffloadEngine(HostJobs, Reporting):
         hits_s = sum(self.cost.device_s(routed[e]) for e in hits)
         fetch, cpu = self.policy.split(misses, self.cost, layer.slots, device_busy_s=hits_s,
                                   admission=lambda: self._admission_values(layer, misses, hits, step))
-        routes = new_route_buffer(x, topk_ids.shape[1])
-        outputs = StepOutputs(routes, topk_weights, groups, sharded=self.shard_amax is not None, topk_ids=topk_ids)
+        outputs = StepOutputs(x, topk_weights, groups, sharded=self.shard_amax is not None, topk_ids=topk_ids)
 
         jobs = self._submit_cpu(layer, x, groups, cpu, outputs)
         pending = list(fetch)
@@ -260,9 +260,7 @@ class OffloadEngine(HostJobs, Reporting):
         self._gather_cpu(layer, x, groups, cpu, jobs, outputs)
         if self.shard_amax is not None:
             self._down_projections(layer, x, outputs)
-        out = routes.sum(1)
-        if outputs.summed is not None:
-            out += outputs.summed
+        out = outputs.result()
 
         if record:
             self._record(layer, groups, topk_ids, hits, misses, fetch, cpu, moved)

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 import torch
 
-from vllm_haq.kernels import RouteGroups, expert_inter, write_routes
+from vllm_haq.kernels import RouteGroups, expert_inter, new_route_buffer, write_routes
 from vllm_haq.offload.store import ExpertTensors
 
 
@@ -50,11 +50,30 @@ class StepOutputs:
     under tensor parallelism its down-projection input and the cache slot it was computed from (None: from
     host memory), kept until the all-shard max is known."""
 
-    def __init__(self, routes: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool,
+    def __init__(self, x: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, sharded: bool,
                  topk_ids: torch.Tensor | None = None):
-        self.routes, self.topk_weights, self.groups, self.topk_ids = routes, topk_weights, groups, topk_ids
+        self.topk_weights, self.groups, self.topk_ids = topk_weights, groups, topk_ids
+        self._x, self._routes = x, None
         self.summed: torch.Tensor | None = None  # float32 [M, H]: the Triton MoE's hits, already summed over k
         self.inters: dict[int, tuple[torch.Tensor, int | None]] | None = {} if sharded else None
+
+    @property
+    def routes(self) -> torch.Tensor:
+        """The step's per-route rows [M, k, H], zeroed when first needed: a step whose experts all ran in the
+        fused Triton MoE (all-resident decode on a GPU) never allocates, zeroes or sums it."""
+        if self._routes is None:
+            self._routes = new_route_buffer(self._x, self.groups.top_k)
+        return self._routes
+
+    def result(self) -> torch.Tensor:
+        """The MoE output, float32 [M, H]: the routes summed over k, plus the fused MoE's sum."""
+        if self._routes is None:
+            return self.summed if self.summed is not None else torch.zeros(self._x.shape, dtype=torch.float32,
+                                                                            device=self._x.device)
+        out = self._routes.sum(1)
+        if self.summed is not None:
+            out += self.summed
+        return out
 
     def host_buffer(self) -> torch.Tensor:
         """Where experts computed from host memory write their routes: the step's route buffer itself on the CPU
