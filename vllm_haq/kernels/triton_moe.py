@@ -267,16 +267,13 @@ def triton_int8_moe_forward(
 ) -> torch.Tensor:
     """Sum over routes of ``weight * w2(silu(w1 x) * w3 x)`` for the experts that have a cache slot.
 
-    ``x`` [M, H] float; ``topk_weights`` [M, k]; ``topk_ids`` [M, k] expert ids;
-    ``expert_to_slot`` int32 [E] (-1: not resident, its routes are skipped);
-    ``w13`` int8 [S, 2I, H] (rows :I gate, I: up) with ``w13_scale`` [S, 2I, 1];
-    ``w2`` int8 [S, H, I] with ``w2_scale`` [S, H, 1]. ``out`` (float32 [M, H]),
-    when given, is accumulated into so the offload engine can add the
-    non-resident experts' contributions. ``down_rotation``: the block-Hadamard order
-    of the down projections' input (``w2`` holds W R), applied to the intermediate
-    rows before their quantization. ``host_routing``: (``topk_ids`` on the host, expert -> slot list), when
-    the caller has them (the offload engine): the rows are then aligned on the host (``expert_to_slot`` unused).
-    Returns float32 [M, H].
+    ``x`` [M, H] float; ``topk_weights`` [M, k]; ``topk_ids`` [M, k] expert ids; ``expert_to_slot`` int32 [E]
+    (-1: not resident, its routes are skipped); ``w13`` int8 [S, 2I, H] (rows :I gate, I: up) with ``w13_scale``
+    [S, 2I, 1]; ``w2`` int8 [S, H, I] with ``w2_scale`` [S, H, 1]. ``out`` (float32 [M, H]), when given, is
+    accumulated into (the offload engine adds the non-resident experts' contributions). ``down_rotation``: the
+    block-Hadamard order of the down projections' input (``w2`` holds W R), applied to the intermediate rows
+    before their quantization. ``host_routing``: (``topk_ids`` on the host, expert -> slot list) where the
+    caller has them (the offload engine): the rows are aligned on the host. Returns float32 [M, H].
     """
     m, hidden = x.shape
     num_slots, two_inter, _ = w13.shape
@@ -289,11 +286,9 @@ def triton_int8_moe_forward(
     w13, w13_scale, w2, w2_scale = _slot_operands(w13, w13_scale, w2, w2_scale)
     weights = topk_weights.reshape(-1).float().contiguous()
 
-    if host_routing is not None:
-        ids, slot_of = host_routing
-        route_of_row, slot_of_block, slot_of_route = align_routes_host(ids, slot_of, num_slots, cfg.block_m, x.device)
-    else:
-        route_of_row, slot_of_block, slot_of_route = align_routes(topk_ids, expert_to_slot, num_slots, cfg.block_m)
+    route_of_row, slot_of_block, slot_of_route = (
+        align_routes(topk_ids, expert_to_slot, num_slots, cfg.block_m) if host_routing is None
+        else align_routes_host(*host_routing, num_slots, cfg.block_m, x.device))
     rows, blocks = route_of_row.numel(), slot_of_block.numel()
     x_q, x_scale = triton_quantize_per_token(x)
     h = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
