@@ -11,7 +11,7 @@ only that stage. Nothing is read from the network, from vLLM or from ../shared: 
 
 Output: one ``RESULT <check> ok|FAIL|skip <detail>`` line per check as it finishes, one ``STAGE`` line
 per stage with its wall time, and at the end a JSON summary line. Files in ``--out``: ``results.txt``
-(the RESULT lines), ``summary.json``, ``checks.md`` (one table), ``kernels.md`` and ``offload.md`` (the
+(the RESULT lines), ``summary.json``, ``checks.md`` (one table), ``kernels.md``, ``offload.md`` and ``profile/`` (the
 benchmark tables), ``logs/<stage>.log`` (each stage's full output), ``stages/<stage>.json``.
 
 Dry mode (``--dry``, and the default where torch sees no CUDA device) runs every stage in its subprocess

@@ -63,7 +63,8 @@ def test_dry_run_writes_summary_tables_and_logs(dry_run):
     last = json.loads(proc.stdout.strip().splitlines()[-1])  # the JSON summary line
     assert last["gpu_check"] == "ok" and set(last["stages"]) == set(plan.STAGES)
     for table, heading in (("kernels.md", "## Linear layers"), ("offload.md", "### trace synthetic"),
-                           ("checks.md", "| check | status | detail |")):
+                           ("checks.md", "| check | status | detail |"), ("profile/summary.md", "| haq-25 |"),
+                           ("profile/haq-25.cprofile.txt", "engine.py")):
         assert heading in (out / table).read_text(), table
     assert (out / "results.txt").read_text().count("RESULT ") == sum(summary["counts"].values())
     assert not (out / "work").exists(), "the stages' scratch directory is removed"

@@ -1,5 +1,7 @@
 """Stage ``benches``: reduced runs of ``benchmarks/kernels.py`` and ``benchmarks/offload.py`` write their GPU
-tables into the output directory (``kernels.md``, ``offload.md``, ``offload.json``).
+tables into the output directory (``kernels.md``, ``offload.md``, ``offload.json``), and
+``benchmarks/profile_step.py`` the decode step's host-time profile (``profile/``: ``summary.md`` and the
+per-function tables).
 
 Reduced to fit the 8-minute budget on an H200: the kernel benchmark at the shapes that matter most
 (Mixtral attention, OPT-66B's widest FFN, both MoE shapes), M in {1, 16, 256, 4096} (MoE: 1, 16), 10
@@ -33,7 +35,14 @@ OFFLOAD = {
     "dry": ["--device", "cpu", "--layers", "2", "--steps", "4", "--warmup", "1", "--repeats", "1", "--batches", "1",
             "--traces", "synthetic"],
 }
-TIMEOUT_S = {"kernels": {"gpu": 60, "dry": 60}, "offload": {"gpu": 75, "dry": 60}}
+# the decode step's host time per function and device busy time (benchmarks/profile_step.py): all-resident, HAQ and
+# LRU at 25%, Mixtral width, batch 1 (dry: shrunk to hidden 256)
+PROFILE = {
+    "gpu": ["--device", "cuda", "--steps", "16"],
+    "dry": ["--device", "cpu", "--hidden", "256", "--steps", "4", "--warmup", "1", "--top", "20"],
+}
+TIMEOUT_S = {"kernels": {"gpu": 60, "dry": 60}, "offload": {"gpu": 75, "dry": 60},
+             "profile_step": {"gpu": 60, "dry": 60}}
 
 
 def bench(st: Stage, name: str, args: list[str], table: str):
@@ -69,6 +78,8 @@ def main() -> int:
            "kernels.md")
     st.run("benches/offload", bench, st, "offload", OFFLOAD[st.mode] + [
         "--out", os.path.join(st.out, "offload.md"), "--json", os.path.join(st.out, "offload.json")], "offload.md")
+    st.run("benches/profile_step", bench, st, "profile_step", PROFILE[st.mode] + [
+        "--out", os.path.join(st.out, "profile")], os.path.join("profile", "summary.md"))
     return st.finish()
 
 
