@@ -53,7 +53,7 @@ from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine  # noqa
 from vllm_haq.offload.store import copy_expert  # noqa: E402
 
 from offload_traces import (RECORDED, TOPOLOGIES, belady_misses, locality, oracle_bound, prior_of,  # noqa: E402
-                            real_traces, streams, synthetic_trace)
+                            real_traces, serve_like_vllm, streams, synthetic_trace)
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 POLICIES = ("all-resident", "UVA streaming", "LRU on-demand", "Fiddler (CPU misses)", "HAQ planner", "oracle bound")
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write raw results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    serve_like_vllm(device)
     topo = TOPOLOGIES[args.topology]
     hidden, inter = topo[args.device]
     shape = dict(layers=args.layers or topo["layers"], experts=topo["experts"], hidden=hidden, inter=inter)

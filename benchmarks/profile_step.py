@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from offload import _SHARED_COST, build_stack  # noqa: E402
-from offload_traces import TOPOLOGIES, prior_of, streams, synthetic_trace  # noqa: E402
+from offload_traces import TOPOLOGIES, prior_of, serve_like_vllm, streams, synthetic_trace  # noqa: E402
 
 from vllm_haq.offload import OffloadConfig, OffloadEngine  # noqa: E402
 
@@ -126,6 +126,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
+    serve_like_vllm(device)
     topo = TOPOLOGIES[args.topology]
     hidden, inter = topo[args.device]
     if args.hidden:
