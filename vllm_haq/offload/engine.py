@@ -460,9 +460,10 @@ class OffloadEngine(HostJobs, Reporting):
         nxt.predicted = pred
         if nxt.slots == 0:
             return
-        want = [e for e in sorted(range(nxt.num_experts), key=lambda e: -float(pred[e]))
-                if float(pred[e]) >= PREFETCH_MIN_P and nxt.slot_of_expert[e] < 0
-                and (self.config.prefetch == "always" or self.cost.prefetch_pays(float(pred[e])))]
+        p = pred.tolist()  # one read, not one tensor index per expert (128 experts: ~0.4 ms a layer-step)
+        want = [e for e in sorted(range(nxt.num_experts), key=lambda e: -p[e])
+                if p[e] >= PREFETCH_MIN_P and nxt.slot_of_expert[e] < 0
+                and (self.config.prefetch == "always" or self.cost.prefetch_pays(p[e]))]
         planned: set[int] = set()
         for e in want[: max(1, nxt.slots // 2)]:
             # evict only experts predicted less likely than the one coming in
