@@ -222,6 +222,28 @@ def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfl
         assert torch.equal(got[0].cpu(), out_init[0])
 
 
+def check_moe_fused_x_quantization(device):
+    """At decode the w13 kernel quantizes x itself: the same bits as quantizing it in its own launch first."""
+    from vllm_haq.kernels import triton_moe
+
+    m, hidden, inter, experts = 5, 200, 40, 4
+    w13 = torch.randint(-127, 128, (experts, 2 * inter, hidden), dtype=torch.int8)
+    w2 = torch.randint(-127, 128, (experts, hidden, inter), dtype=torch.int8)
+    s13, s2 = torch.rand(experts, 2 * inter, 1) * 1e-3, torch.rand(experts, hidden, 1) * 1e-3
+    x = (torch.randn(m, hidden) * torch.logspace(-2, 2, m).unsqueeze(1)).to(torch.bfloat16)  # unlike scales
+    ids = torch.stack([torch.randperm(experts)[:2] for _ in range(m)]).int()
+    args = [t.to(device) for t in (x, torch.rand(m, 2), ids, torch.arange(experts, dtype=torch.int32), w13, s13,
+                                   w2, s2)]
+    fused = triton_moe.triton_int8_moe_forward(*args)
+    limit = triton_moe.QUANTIZE_IN_W13_TOKENS
+    triton_moe.QUANTIZE_IN_W13_TOKENS = 0
+    try:
+        separate = triton_moe.triton_int8_moe_forward(*args)
+    finally:
+        triton_moe.QUANTIZE_IN_W13_TOKENS = limit
+    assert m <= limit and torch.equal(fused, separate), float((fused - separate).abs().max())
+
+
 def check_moe_nothing_resident_leaves_out_unchanged(device):
     from vllm_haq.kernels import triton_int8_moe_forward
 
@@ -330,6 +352,7 @@ def _cases():
     cases["moe-m17-down-rotation"] = (check_moe, dict(m=17, inter=64, down_rotation=32))
     cases["moe-decode-m6-holes-host-aligned"] = (check_moe, dict(m=6, host_routing=True))
     cases["moe-prefill-m300-host-aligned"] = (check_moe, dict(m=300, host_routing=True, accumulate=False))
+    cases["moe-x-quantized-in-w13-same-bits"] = (check_moe_fused_x_quantization, {})
     cases["moe-nothing-resident"] = (check_moe_nothing_resident_leaves_out_unchanged, {})
     cases["engine-hits-one-triton-launch"] = (check_engine_hits_in_one_triton_launch, {})
     return cases
@@ -433,12 +456,17 @@ def _compile_child() -> None:
     for m in (1, 4096):
         cfg = triton_moe.moe_config(m)
         consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+        w13_consts = {**consts, "QUANTIZE_X": m <= triton_moe.QUANTIZE_IN_W13_TOKENS, "INT8_LIMIT": 127.0,
+                      "MIN_AMAX": 1e-8, "LIBDEVICE_EXP": True}
         ptrs = {"route_of_row_ptr": "*i32", "slot_of_block_ptr": "*i32"}
         text = ptx(triton_moe._moe_w13_swiglu_kernel,
-                   {"xq_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "h_ptr": "*fp32", **ptrs,
+                   {"xq_ptr": "*bf16" if w13_consts["QUANTIZE_X"] else "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8",
+                    "ws_ptr": "*fp32", "h_ptr": "*fp32", **ptrs,
                     "__ints__": ("num_routes", "top_k", "inter", "hidden", "stride_xm", "stride_w_slot", "stride_wn",
-                                 "stride_ws_slot", "stride_hm")}, consts, cfg.num_warps, cfg.num_stages)
+                                 "stride_ws_slot", "stride_hm")}, w13_consts, cfg.num_warps, cfg.num_stages)
         out[f"moe-w13-m{m}"] = {"block_m": cfg.block_m, "wgmma": "wgmma" in text, "cp.async": "cp.async" in text}
+        if w13_consts["QUANTIZE_X"]:  # x quantized in the kernel: exact divisions, as in the quant kernel
+            out[f"moe-w13-m{m}"].update({"div.full": text.count("div.full"), "div.rn": text.count("div.rn.f32")})
         text = ptx(triton_moe._moe_w2_kernel,
                    {"hq_ptr": "*i8", "hs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "topk_weights_ptr": "*fp32",
                     "route_out_ptr": "*fp32", **ptrs,
@@ -506,7 +534,7 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ptx = json.loads(proc.stdout.strip().splitlines()[-1])
-    for variant in ("quant-one-sweep-True", "quant-one-sweep-False"):
+    for variant in ("quant-one-sweep-True", "quant-one-sweep-False", "moe-w13-m1"):
         # an approximate division (Triton's plain / on float32) would break bit-exactness with torch
         assert ptx[variant]["div.full"] == 0 and ptx[variant]["div.rn"] > 0, ptx[variant]
     for name, info in ptx.items():

@@ -6,7 +6,7 @@ same row identically), ``h = silu(gate) * up`` is computed in float32 from the
 scaled int32 products and quantized per token again before w2, and
 ``weight * w2(h)`` is summed over a token's routes in float32.
 
-Steps (four launches, no host synchronization, so nothing waits on the GPU):
+Steps (four or five launches, no host synchronization, so nothing waits on the GPU):
 
 1. :func:`align_routes` (torch): routes sorted by cache slot and padded to whole
    ``block_m`` row blocks; routes whose expert has no slot (-1) are dropped. Where the
@@ -14,7 +14,9 @@ Steps (four launches, no host synchronization, so nothing waits on the GPU):
    builds the same rows there and sends them in one copy: on the device the ~17 small
    torch ops cost ~0.9 ms of host time per MoE layer-step on an H200 host.
 2. ``_moe_w13_swiglu_kernel``: grouped GEMM of gathered x rows with the block's
-   slot of w13, gate and up tiles side by side, SwiGLU in the epilogue.
+   slot of w13, gate and up tiles side by side, SwiGLU in the epilogue. At decode
+   (up to ``QUANTIZE_IN_W13_TOKENS``) it quantizes its x rows itself; above, x is
+   quantized per token by :func:`triton_quantize_per_token` first (one more launch).
 3. :func:`triton_quantize_per_token` on the intermediate rows (rotated first when
    the checkpoint rotates the down projections' input).
 4. ``_moe_w2_kernel``: grouped GEMM with w2, router weight in the epilogue, one
@@ -36,8 +38,15 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from vllm_haq.kernels.triton_gemm import GemmConfig
-from vllm_haq.kernels.triton_quant import triton_quantize_per_token
+from vllm_haq.kernels.triton_quant import _quantize, triton_quantize_per_token
+from vllm_haq.quant.int8 import _MIN_AMAX, INT8_MAX
 from vllm_haq.quant.rotation import rotate
+
+
+# Up to this many tokens (decode) the w13 kernel quantizes x itself: one launch fewer per MoE layer-step, where
+# host launch time (~30-50 us a Triton launch) exceeds the kernels' device time. Every program re-quantizes its
+# rows, which costs nothing at decode but would re-read x (inter / BLOCK_N) times over at prefill.
+QUANTIZE_IN_W13_TOKENS = 32
 
 
 def moe_config(num_tokens: int) -> GemmConfig:
@@ -122,12 +131,27 @@ def align_routes_host(topk_ids: torch.Tensor, slot_of: list[int], num_slots: int
 
 
 @triton.jit
+def _row_scales(x_ptrs, offs_k, n_cols, k_end, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                INT8_LIMIT: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """Per-token scales of the float rows at ``x_ptrs`` [BLOCK_M, BLOCK_K] (columns < n_cols, read up to
+    ``k_end``), as _quant_per_token_kernel computes them: max |x| is exact in any order."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k_start in range(0, k_end, BLOCK_K):
+        xv = tl.load(x_ptrs + k_start, mask=offs_k[None, :] < n_cols - k_start, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
+    return tl.math.div_rn(tl.maximum(amax, MIN_AMAX), INT8_LIMIT)
+
+
+@triton.jit
 def _moe_w13_swiglu_kernel(
     xq_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, route_of_row_ptr, slot_of_block_ptr,
     num_routes, top_k, inter, hidden,
     stride_xm, stride_w_slot, stride_wn, stride_ws_slot, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    QUANTIZE_X: tl.constexpr = False, INT8_LIMIT: tl.constexpr = 127.0, MIN_AMAX: tl.constexpr = 1e-8,
 ):
+    # QUANTIZE_X (decode): ``xq_ptr`` is x itself (float), quantized per token here, as _quant_per_token_kernel
+    # does (same operations, so the same int8 values and scales; ``xs_ptr`` unused), sparing a launch
     block = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,9 +169,17 @@ def _moe_w13_swiglu_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     k_end = tl.where(slot >= 0, hidden, 0)  # blocks past the end skip the GEMM and write zeros
+    if QUANTIZE_X:
+        x_scale = _row_scales(a_ptrs, offs_k, hidden, k_end, BLOCK_M, BLOCK_K, INT8_LIMIT, MIN_AMAX)
+    else:
+        x_scale = tl.load(xs_ptr + token)
     for k_start in range(0, k_end, BLOCK_K):
         k_left = hidden - k_start
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        if QUANTIZE_X:
+            xv = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0).to(tl.float32)
+            a = _quantize(xv, x_scale[:, None], INT8_LIMIT)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
         acc_gate = tl.dot(a, tl.load(gate_ptrs, mask=offs_k[:, None] < k_left, other=0), acc_gate,
                           out_dtype=tl.int32)
         acc_up = tl.dot(a, tl.load(up_ptrs, mask=offs_k[:, None] < k_left, other=0), acc_up,
@@ -156,7 +188,6 @@ def _moe_w13_swiglu_kernel(
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
 
-    x_scale = tl.load(xs_ptr + token)
     ws_slot = ws_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_ws_slot
     gate = acc_gate.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + cols)[None, :]
     up = acc_up.to(tl.float32) * x_scale[:, None] * tl.load(ws_slot + inter + cols)[None, :]
@@ -273,8 +304,7 @@ def triton_int8_moe_forward(
     accumulated into (the offload engine adds the non-resident experts' contributions). ``down_rotation``: the
     block-Hadamard order of the down projections' input (``w2`` holds W R), applied to the intermediate rows
     before their quantization. ``host_routing``: (``topk_ids`` on the host, expert -> slot list) where the
-    caller has them (the offload engine): the rows are aligned on the host. Returns float32 [M, H].
-    """
+    caller has them (the offload engine): the rows are aligned on the host. Returns float32 [M, H]."""
     m, hidden = x.shape
     num_slots, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -289,14 +319,15 @@ def triton_int8_moe_forward(
     route_of_row, slot_of_block, slot_of_route = (
         align_routes(topk_ids, expert_to_slot, num_slots, cfg.block_m) if host_routing is None
         else align_routes_host(*host_routing, num_slots, cfg.block_m, x.device))
-    rows, blocks = route_of_row.numel(), slot_of_block.numel()
-    x_q, x_scale = triton_quantize_per_token(x)
+    rows, blocks, fuse = route_of_row.numel(), slot_of_block.numel(), m <= QUANTIZE_IN_W13_TOKENS
+    x_q, x_scale = (x.contiguous(), weights) if fuse else triton_quantize_per_token(x)  # (weights: unused)
     h = torch.empty(rows, inter, dtype=torch.float32, device=x.device)
     _moe_w13_swiglu_kernel[(blocks, triton.cdiv(inter, cfg.block_n))](
         x_q, x_scale, w13, w13_scale, h, route_of_row, slot_of_block,
         m * top_k, top_k, inter, hidden,
         x_q.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, LIBDEVICE_EXP=x.is_cuda,
+        QUANTIZE_X=fuse, INT8_LIMIT=float(INT8_MAX), MIN_AMAX=_MIN_AMAX,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if down_rotation is not None:  # batch-invariant butterflies: each row as the per-expert loop rotates it
