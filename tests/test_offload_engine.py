@@ -354,9 +354,11 @@ def test_calibration_times_each_cpu_expert_cold():
 
 
 def test_cpu_worker_plan_gives_the_fused_call_the_host():
-    """With the CPU kernel a layer-step's CPU experts are one call: one worker with all cores but the model
-    thread's (the H200 host's first run used 4 of 16); without it, cores/4 workers share the cores."""
-    assert cpu_worker_plan(True, None, 16) == (1, 15)
+    """With the CPU kernel a layer-step's CPU experts are one call: one worker with all cores but two (the model
+    thread's and one for the rest of the server; the H200 host's first run used 4 of 16); without it, cores/4
+    workers share the cores."""
+    assert cpu_worker_plan(True, None, 16) == (1, 14)  # the model thread's core and one for the server's rest
+    assert cpu_worker_plan(True, None, 2) == (1, 1)
     assert cpu_worker_plan(True, 6, 16) == (1, 6)
     assert cpu_worker_plan(True, None, 1) == (1, 1)
     assert cpu_worker_plan(False, None, 16) == (4, 4)

@@ -97,14 +97,18 @@ def cpu_worker_plan(fused: bool, requested: int | None, cores: int) -> tuple[int
     them inline). ``requested``: the ``cpu_threads`` option.
 
     Fused (the CPU kernel): a layer-step's CPU experts are one call, and the step waits for it before the
-    layer ends, so one worker is busy at a time: it gets the cores but the model thread's (or ``requested``).
-    The first H200 run had 4 workers of cores / 4 threads each, so a step's experts ran on 4 of 16 cores.
+    layer ends, so one worker is busy at a time: it gets the cores but two (or ``requested``): one for the model
+    thread, one for the rest of a vLLM server (the API server process, the engine core's I/O threads). The call's
+    OpenMP team waits at its barrier for its slowest thread, so one thread too many makes a rare call wait a
+    scheduler slice: on a 2-core host with one other busy process, a team of 2 took 0.10 ms median but up to
+    24 ms, a team of 1 at most 0.47 ms (a Qwen3 expert pair, 200 calls). The first H200 run had 4 workers of
+    cores / 4 threads each, so a step's experts ran on 4 of 16 cores.
     Otherwise each expert is a job of two ScaledInt8Gemm: ``requested`` or cores / 4 (<= 8) workers, each an
     equal share of the cores. vLLM sets its GPU workers' OMP_NUM_THREADS (vllm/v1/executor/multiproc_executor.py
     1112-1122, vllm/v1/engine/utils.py 221-232); the kernel passes its thread count to every parallel region
     (``num_threads``), so that setting does not size these threads."""
     if fused:
-        return 1, requested or max(1, cores - 1)
+        return 1, requested or max(1, cores - 2 if cores >= 4 else cores - 1)
     workers = requested or max(1, min(8, cores // 4))
     return workers, max(1, cores // workers)
 
