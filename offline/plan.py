@@ -254,7 +254,7 @@ class ConversionPlan:
         each producer -> alpha, null if left unsmoothed; "explicit" blocks; "rotation": module -> block)."""
         method = METHOD_SPECS[self.opts.method]
         qcfg = HAQQuantConfig(
-            ignore=list(self.opts.ignore),
+            ignore=list(self.opts.ignore) + [p for p in self.spec.facts.kept_float if p not in self.opts.ignore],
             smoothing={
                 "method": "none" if not method.smooth else ("searched" if method.search_alpha else "fixed"),
                 "alpha": records, "folded": bool(records),

@@ -1,0 +1,149 @@
+"""DeepSeek-V2 (DeepSeek-V2's layout scaled down, tests/tiny_models.py: latent attention with q_lora_rank 64 and
+kv_lora_rank 512, layer 0 dense, layer 1 an MoE of 2 shared + 16 routed experts, top-4 of the 2 best of 4 groups,
+routed_scaling_factor 2.5) and V2-Lite's variant (q_proj instead of q_a/q_b, greedy routing over one group).
+
+The reference forward equals transformers' for both; the routing equals vLLM's CPU router and transformers'
+router on random logits; every smoothing fold is exact and none divides q_a_proj/kv_a_proj_with_mqa's output
+(the latent norms follow them), the q_a_layernorm fold is input-side; kv_b_proj stays float (vLLM's MLA folds it
+into the attention) and is listed in quantization_config.ignore; the options transformers and vLLM would compute
+differently are refused by name; ``haq convert`` (rtn and haq) writes valid checkpoints with routing statistics of
+the MoE layer only; vLLM serves the rtn conversion as the int8 reference computes it (CPU_MLA attention backend),
+and with one expert slot per layer gives the all-resident greedy tokens (tests/moe_checks.py)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_checks import (assert_converted, assert_reference_matches_transformers, assert_served_and_offloaded,
+                        assert_smoothing_folds_exact)
+from offline.models import UnsupportedModelError, spec_for
+from offline.models.deepseek import grouped_topk
+from tiny_models import DEEPSEEK_V2_LITE, build_tiny_model
+from vllm_haq.format import moe_layout, validate_checkpoint
+
+FAMILY = "deepseek_v2"
+LATENT = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
+
+
+@pytest.fixture(scope="module")
+def lite_dir(tmp_path_factory):
+    return build_tiny_model(FAMILY, str(tmp_path_factory.mktemp("tiny-deepseek-lite")), **DEEPSEEK_V2_LITE)
+
+
+def _config(d: str) -> dict:
+    return json.load(open(os.path.join(d, "config.json")))
+
+
+def test_reference_forward_matches_transformers(tiny_dir, lite_dir):
+    """Random latent-norm weights (q_a_layernorm 64 wide, kv_a_layernorm 512); both attention variants."""
+    src = load_file(os.path.join(tiny_dir(FAMILY), "model.safetensors"))
+    assert src["model.layers.0.self_attn.kv_a_layernorm.weight"].shape == (512,)
+    assert float(src["model.layers.1.self_attn.q_a_layernorm.weight"].float().std()) > 0.1
+    assert "model.layers.0.self_attn.q_proj.weight" in load_file(os.path.join(lite_dir, "model.safetensors"))
+    for d in (tiny_dir(FAMILY), lite_dir):
+        assert_reference_matches_transformers(d)
+
+
+def _logits(seed: int, m: int = 64, e: int = 16) -> torch.Tensor:
+    return torch.randn(m, e, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5),
+    dict(topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0),
+])
+def test_routing_matches_transformers_router(cfg):
+    """DeepseekV2TopkRouter (softmax, the limited groups, the scaling) chooses the same experts, same weights; the
+    groups matter: plain top-4 of the softmax chooses differently for some tokens."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    config = DeepseekV2Config(hidden_size=16, num_attention_heads=2, n_routed_experts=16, num_experts_per_tok=4, **cfg)
+    router = DeepseekV2TopkRouter(config)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(6)))
+        logits, w_ref, id_ref = router(x)
+    w, ids = grouped_topk(logits, 4, cfg, renormalize=False)
+    order, order_ref = ids.argsort(-1), id_ref.argsort(-1)
+    assert torch.equal(ids.gather(1, order), id_ref.gather(1, order_ref))
+    assert torch.allclose(w.gather(1, order), w_ref.gather(1, order_ref), atol=1e-6)
+    plain = logits.softmax(-1).topk(4).indices.sort(-1).values
+    assert torch.equal(plain, ids.sort(-1).values) == (cfg["n_group"] == 1)
+
+
+@pytest.mark.parametrize("scoring,bias,renorm", [("softmax", False, False), ("sigmoid", True, True),
+                                                 ("sigmoid", False, True)])
+def test_routing_matches_vllm_cpu_router(scoring, bias, renorm):
+    """vLLM's own CPU grouped top-k (what FusedMoE hands the MoE method, cpu_router.py:_grouped_topk): the same
+    experts and weights, for V2's softmax and V3's sigmoid with and without e_score_correction_bias."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import _grouped_topk
+
+    logits = _logits(7)
+    b = torch.randn(16, generator=torch.Generator().manual_seed(8)) * 0.3 if bias else None
+    cfg = dict(scoring_func=scoring, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    w, ids = grouped_topk(logits, 4, cfg, renorm, b)
+    w_ref, id_ref = _grouped_topk(logits, 4, renorm, 4, 2, scoring, 2.5, b)
+    order, order_ref = ids.argsort(-1), id_ref.long().argsort(-1)
+    assert torch.equal(ids.gather(1, order), id_ref.long().gather(1, order_ref))
+    assert torch.allclose(w.gather(1, order), w_ref.gather(1, order_ref), atol=1e-6)
+
+
+def test_layout_and_folds(tiny_dir, lite_dir):
+    """Layer 0 dense, layer 1 MoE (n_routed_experts 16, shared experts ungated); the latent attention's linears
+    (kv_b_proj not among them); every fold exact at α 0.5, none into q_a_proj/kv_a_proj_with_mqa's output."""
+    for d, attn in ((tiny_dir(FAMILY), ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "o_proj"]),
+                    (lite_dir, ["q_proj", "kv_a_proj_with_mqa", "o_proj"])):
+        spec = spec_for(_config(d))
+        assert moe_layout(_config(d)) == ([1], 16) and spec.num_experts == 16 and spec.top_k == 4
+        assert spec.moe_block(0) is None and spec.moe_block(1) == ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        assert spec.attention_linears == [f"self_attn.{n}" for n in attn]
+        assert len(spec.linear_modules(1)) == len(attn) + 16 * 3 + 3
+        assert spec.linear_modules(1)[-3:] == [f"mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj",
+                                                                                    "down_proj")]
+        assert set(spec.facts.no_output_folds) == set(LATENT)
+        norms = {g.norm for i in range(2) for g in spec.smoothing_groups(i)}
+        assert ("self_attn.q_a_layernorm" in norms) == (d != lite_dir)
+        assert_smoothing_folds_exact(d)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("n_group", None), ("topk_method", "noaux_tc"), ("norm_topk_prob", True), ("scoring_func", "sigmoid"),
+    ("rms_norm_eps", 1e-5), ("moe_layer_freq", 2), ("attention_bias", True), ("num_key_value_heads", 1),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+])
+def test_options_transformers_and_vllm_disagree_on_are_refused(option, value, tiny_dir):
+    cfg = _config(tiny_dir(FAMILY))
+    with pytest.raises(UnsupportedModelError, match=r"^x/config.json: DeepSeek.* is not supported"):
+        spec_for({**cfg, option: value}, "x/config.json")
+    greedy = {**cfg, "topk_method": "greedy"}
+    with pytest.raises(UnsupportedModelError, match="greedy and topk_group < n_group"):
+        spec_for(greedy)
+    spec_for({**greedy, "n_group": 1, "topk_group": 1, "moe_layer_freq": 1})
+
+
+@pytest.mark.parametrize("method", ["rtn", "haq"])
+def test_conversion(method, tiny_dir, converted):
+    """Routing statistics of the one MoE layer; kv_b_proj and the latent norms' unfolded parts float; q_b_proj int8
+    and, with haq, its input factors folded into q_a_layernorm."""
+    out = converted(FAMILY, method=method)
+    assert_converted(out, tiny_dir(FAMILY), experts=16, layers=1, top_k=4)
+    qcfg = validate_checkpoint(out)
+    assert qcfg.is_ignored("model.layers.1.self_attn.kv_b_proj") and not qcfg.is_ignored(
+        "model.layers.1.self_attn.q_b_proj")
+    ours = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(f"{out}/{f}").items()}
+    src = load_file(os.path.join(tiny_dir(FAMILY), "model.safetensors"))
+    p = "model.layers.1.self_attn."
+    assert ours[f"{p}kv_b_proj.weight"].dtype == torch.bfloat16 and torch.equal(ours[f"{p}kv_b_proj.weight"],
+                                                                                 src[f"{p}kv_b_proj.weight"])
+    assert torch.equal(ours[f"{p}kv_a_layernorm.weight"], src[f"{p}kv_a_layernorm.weight"])
+    for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"):
+        assert ours[f"{p}{name}.weight"].dtype == torch.int8, name
+    assert torch.equal(ours[f"{p}q_a_layernorm.weight"], src[f"{p}q_a_layernorm.weight"]) == (method == "rtn")
+
+
+def test_served_and_offloaded_by_vllm(converted):
+    print(f"{FAMILY} rtn: {assert_served_and_offloaded(converted(FAMILY, method='rtn'), experts=16)}")
