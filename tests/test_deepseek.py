@@ -134,6 +134,7 @@ def test_conversion(method, tiny_dir, converted):
     qcfg = validate_checkpoint(out)
     assert qcfg.is_ignored("model.layers.1.self_attn.kv_b_proj") and not qcfg.is_ignored(
         "model.layers.1.self_attn.q_b_proj")
+    assert "kv_b_proj" in open(os.path.join(out, "README.md")).read()  # the model card says it is kept float
     ours = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(f"{out}/{f}").items()}
     src = load_file(os.path.join(tiny_dir(FAMILY), "model.safetensors"))
     p = "model.layers.1.self_attn."
