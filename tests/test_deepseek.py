@@ -1,6 +1,7 @@
 """DeepSeek-V2 (DeepSeek-V2's layout scaled down, tests/tiny_models.py: latent attention with q_lora_rank 64 and
 kv_lora_rank 512, layer 0 dense, layer 1 an MoE of 2 shared + 16 routed experts, top-4 of the 2 best of 4 groups,
-routed_scaling_factor 2.5) and V2-Lite's variant (q_proj instead of q_a/q_b, greedy routing over one group).
+routed_scaling_factor 2.5), V2-Lite's variant (q_proj instead of q_a/q_b, greedy routing over one group) and
+DeepSeek-V3 (the same layout, V3's routing: sigmoid scores, a random e_score_correction_bias, renormalized top-k).
 
 The reference forward equals transformers' for both; the routing equals vLLM's CPU router and transformers'
 router on random logits; every smoothing fold is exact and none divides q_a_proj/kv_a_proj_with_mqa's output
@@ -25,6 +26,7 @@ from tiny_models import DEEPSEEK_V2_LITE, build_tiny_model
 from vllm_haq.format import moe_layout, validate_checkpoint
 
 FAMILY = "deepseek_v2"
+BOTH = ("deepseek_v2", "deepseek_v3")
 LATENT = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 
 
@@ -43,7 +45,9 @@ def test_reference_forward_matches_transformers(tiny_dir, lite_dir):
     assert src["model.layers.0.self_attn.kv_a_layernorm.weight"].shape == (512,)
     assert float(src["model.layers.1.self_attn.q_a_layernorm.weight"].float().std()) > 0.1
     assert "model.layers.0.self_attn.q_proj.weight" in load_file(os.path.join(lite_dir, "model.safetensors"))
-    for d in (tiny_dir(FAMILY), lite_dir):
+    v3 = load_file(os.path.join(tiny_dir("deepseek_v3"), "model.safetensors"))
+    assert float(v3["model.layers.1.mlp.gate.e_score_correction_bias"].float().std()) > 0.05
+    for d in (tiny_dir(FAMILY), lite_dir, tiny_dir("deepseek_v3")):
         assert_reference_matches_transformers(d)
 
 
@@ -90,13 +94,16 @@ def test_routing_matches_vllm_cpu_router(scoring, bias, renorm):
     order, order_ref = ids.argsort(-1), id_ref.long().argsort(-1)
     assert torch.equal(ids.gather(1, order), id_ref.long().gather(1, order_ref))
     assert torch.allclose(w.gather(1, order), w_ref.gather(1, order_ref), atol=1e-6)
+    if bias:  # the bias steers the choice (on the tiny V3 model's calibration tokens: 74% of the routes)
+        assert not torch.equal(ids.sort(-1).values, grouped_topk(logits, 4, cfg, renorm)[1].sort(-1).values)
 
 
 def test_layout_and_folds(tiny_dir, lite_dir):
     """Layer 0 dense, layer 1 MoE (n_routed_experts 16, shared experts ungated); the latent attention's linears
     (kv_b_proj not among them); every fold exact at α 0.5, none into q_a_proj/kv_a_proj_with_mqa's output."""
     for d, attn in ((tiny_dir(FAMILY), ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "o_proj"]),
-                    (lite_dir, ["q_proj", "kv_a_proj_with_mqa", "o_proj"])):
+                    (lite_dir, ["q_proj", "kv_a_proj_with_mqa", "o_proj"]),
+                    (tiny_dir("deepseek_v3"), ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "o_proj"])):
         spec = spec_for(_config(d))
         assert moe_layout(_config(d)) == ([1], 16) and spec.num_experts == 16 and spec.top_k == 4
         assert spec.moe_block(0) is None and spec.moe_block(1) == ("mlp", ("gate_proj", "up_proj", "down_proj"))
@@ -125,18 +132,30 @@ def test_options_transformers_and_vllm_disagree_on_are_refused(option, value, ti
     spec_for({**greedy, "n_group": 1, "topk_group": 1, "moe_layer_freq": 1})
 
 
+@pytest.mark.parametrize("option,value", [("scoring_func", "softmax"), ("topk_method", "greedy"),
+                                          ("rope_interleave", False), ("topk_group", None)])
+def test_v3_options_vllm_would_compute_otherwise_are_refused(option, value, tiny_dir):
+    cfg = _config(tiny_dir("deepseek_v3"))
+    with pytest.raises(UnsupportedModelError, match=r"^x/config.json: DeepSeek-V3 .* is not supported"):
+        spec_for({**cfg, option: value}, "x/config.json")
+    spec_for({**cfg, "rope_interleave": True})
+
+
 @pytest.mark.parametrize("method", ["rtn", "haq"])
-def test_conversion(method, tiny_dir, converted):
+@pytest.mark.parametrize("family", BOTH)
+def test_conversion(family, method, tiny_dir, converted):
     """Routing statistics of the one MoE layer; kv_b_proj and the latent norms' unfolded parts float; q_b_proj int8
-    and, with haq, its input factors folded into q_a_layernorm."""
-    out = converted(FAMILY, method=method)
-    assert_converted(out, tiny_dir(FAMILY), experts=16, layers=1, top_k=4)
+    and, with haq, its input factors folded into q_a_layernorm; V3's router bias unchanged."""
+    out = converted(family, method=method)
+    assert_converted(out, tiny_dir(family), experts=16, layers=1, top_k=4)
     qcfg = validate_checkpoint(out)
     assert qcfg.is_ignored("model.layers.1.self_attn.kv_b_proj") and not qcfg.is_ignored(
         "model.layers.1.self_attn.q_b_proj")
     assert "kv_b_proj" in open(os.path.join(out, "README.md")).read()  # the model card says it is kept float
     ours = {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(f"{out}/{f}").items()}
-    src = load_file(os.path.join(tiny_dir(FAMILY), "model.safetensors"))
+    src = load_file(os.path.join(tiny_dir(family), "model.safetensors"))
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert (bias in src) == (family == "deepseek_v3") and (bias not in src or torch.equal(ours[bias], src[bias]))
     p = "model.layers.1.self_attn."
     assert ours[f"{p}kv_b_proj.weight"].dtype == torch.bfloat16 and torch.equal(ours[f"{p}kv_b_proj.weight"],
                                                                                  src[f"{p}kv_b_proj.weight"])
@@ -146,5 +165,6 @@ def test_conversion(method, tiny_dir, converted):
     assert torch.equal(ours[f"{p}q_a_layernorm.weight"], src[f"{p}q_a_layernorm.weight"]) == (method == "rtn")
 
 
-def test_served_and_offloaded_by_vllm(converted):
-    print(f"{FAMILY} rtn: {assert_served_and_offloaded(converted(FAMILY, method='rtn'), experts=16)}")
+@pytest.mark.parametrize("family", BOTH)
+def test_served_and_offloaded_by_vllm(family, converted):
+    print(f"{family} rtn: {assert_served_and_offloaded(converted(family, method='rtn'), experts=16)}")

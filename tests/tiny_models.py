@@ -20,7 +20,8 @@ DENSE_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3")
 # the one latent width vLLM's CPU MLA decode kernel compiles), layer 0 dense, then 2 shared + 16 routed experts,
 # top-4 of the 2 best of 4 groups, routed_scaling_factor 2.5. "deepseek_v2_lite": V2-Lite's q_proj (no
 # q_lora_rank) and greedy routing over one group.
-NEW_MOE_FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2")
+# DeepSeek-V3: the same layout with V3's routing (sigmoid scores, a random e_score_correction_bias, renormalized).
+NEW_MOE_FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 DEEPSEEK_V2_LITE = dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)
 # Llama 3.x RoPE on a tiny model: an original context of 32 positions puts most of head_dim 64's frequencies
 # in llama3's scaled band, so the scaling changes the tests' 48-64 position sequences visibly.
@@ -52,16 +53,18 @@ def _config(family: str, **overrides):
 
         return OlmoeConfig(**{**common, "num_key_value_heads": 1, "intermediate_size": 64, "num_experts": 32,
                               "num_experts_per_tok": 8, "tie_word_embeddings": False, **overrides})
-    if family == "deepseek_v2":
-        from transformers import DeepseekV2Config
+    if family in ("deepseek_v2", "deepseek_v3"):
+        from transformers import DeepseekV2Config, DeepseekV3Config
 
-        return DeepseekV2Config(**{**common, "num_key_value_heads": 2, "intermediate_size": 256,
-                                   "moe_intermediate_size": 64, "n_shared_experts": 2, "n_routed_experts": 16,
-                                   "num_experts_per_tok": 4, "first_k_dense_replace": 1, "q_lora_rank": 64,
-                                   "kv_lora_rank": 512, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
-                                   "v_head_dim": 64, "topk_method": "group_limited_greedy", "n_group": 4,
-                                   "topk_group": 2, "routed_scaling_factor": 2.5, "tie_word_embeddings": False,
-                                   **overrides})
+        v3 = family == "deepseek_v3"
+        return (DeepseekV3Config if v3 else DeepseekV2Config)(**{
+            **common, "num_key_value_heads": 2, "intermediate_size": 256, "moe_intermediate_size": 64,
+            "n_shared_experts": 2, "n_routed_experts": 16, "num_experts_per_tok": 4, "first_k_dense_replace": 1,
+            "q_lora_rank": 64, "kv_lora_rank": 512, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
+            "v_head_dim": 64, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+            "tie_word_embeddings": False, "norm_topk_prob": v3,
+            "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
+            **({"scoring_func": "sigmoid"} if v3 else {}), **overrides})
     if family == "opt":
         return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
     if family == "llama":
@@ -124,6 +127,9 @@ def build_tiny_model(family: str, out_dir: str, seed: int = 0, **overrides) -> s
                 p.mul_(4.0)
             elif p.dim() == 1 and family in DENSE_FAMILIES + NEW_MOE_FAMILIES:  # norms around 1, biases around 0
                 p.copy_(torch.randn_like(p) * 0.2 + (0.0 if name.endswith(".bias") else 1.0))
+        for name, b in model.named_buffers():  # DeepSeek-V3's router bias steers the expert choice
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir)
     build_tokenizer(out_dir)

@@ -160,6 +160,17 @@ _DS_V2_REFUSED = (
      lambda c: bool(c.get("norm_topk_prob"))),
     ("DeepSeek-V2 with scoring_func other than softmax", lambda c: c.get("scoring_func", "softmax") != "softmax"),
 )
+# DeepSeek-V3: transformers' DeepseekV3 always routes by sigmoid scores with e_score_correction_bias; vLLM does so
+# only when the config says scoring_func sigmoid and topk_method noaux_tc (else softmax, no bias), and always
+# rotates interleaved pairs (transformers' rope_interleave=false rotates halves).
+_DS_V3_REFUSED = (
+    ("DeepSeek-V3 without scoring_func sigmoid and topk_method noaux_tc (vLLM would route by softmax without the "
+     "correction bias, transformers' DeepseekV3 by sigmoid with it)",
+     lambda c: c.get("scoring_func") != "sigmoid" or c.get("topk_method") != "noaux_tc"),
+    ("DeepSeek-V3 with rope_interleave=false (vLLM's DeepSeek always rotates interleaved pairs)",
+     lambda c: c.get("rope_interleave", True) is False),
+    ("DeepSeek-V3 without n_group/topk_group", lambda c: not c.get("n_group") or not c.get("topk_group")),
+)
 # Both versions: vLLM's latent norms use rms_norm_eps where transformers fixes 1e-6; vLLM places MoE layers by
 # moe_layer_freq, transformers does not; vLLM's MLA has no biases; YaRN's attention scaling is not computed here.
 _DS_REFUSED = (
@@ -202,4 +213,6 @@ FAMILIES: dict[str, Family] = {
     # (softmax, greedy or group-limited top-k, routed_scaling_factor) plus always-on shared experts (no gate)
     "deepseek_v2": Family("deepseek_v2", latent=LatentAttention(), moe=_DS_MOE,
                           refused=_DS_V2_REFUSED + _DS_REFUSED),
+    # DeepSeek-V3: the same layout; sigmoid scores, e_score_correction_bias (mlp.gate's), renormalized top-k
+    "deepseek_v3": Family("deepseek_v3", latent=LatentAttention(), moe=_DS_MOE, refused=_DS_V3_REFUSED + _DS_REFUSED),
 }
