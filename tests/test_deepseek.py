@@ -1,9 +1,10 @@
 """DeepSeek-V2 (DeepSeek-V2's layout scaled down, tests/tiny_models.py: latent attention with q_lora_rank 64 and
 kv_lora_rank 512, layer 0 dense, layer 1 an MoE of 2 shared + 16 routed experts, top-4 of the 2 best of 4 groups,
-routed_scaling_factor 2.5), V2-Lite's variant (q_proj instead of q_a/q_b, greedy routing over one group) and
-DeepSeek-V3 (the same layout, V3's routing: sigmoid scores, a random e_score_correction_bias, renormalized top-k).
+routed_scaling_factor 2.5, default RoPE), V2-Lite's variant (q_proj instead of q_a/q_b, greedy routing over one
+group, YaRN RoPE) and DeepSeek-V3 (the same layout, V3's routing: sigmoid scores, a random e_score_correction_bias,
+renormalized top-k; YaRN RoPE, so the served V3 checks YaRN's tables and softmax scale in vLLM too).
 
-The reference forward equals transformers' for both; the routing equals vLLM's CPU router and transformers'
+The reference forward equals transformers' for all three; the routing equals vLLM's CPU router and transformers'
 router on random logits; every smoothing fold is exact and none divides q_a_proj/kv_a_proj_with_mqa's output
 (the latent norms follow them), the q_a_layernorm fold is input-side; kv_b_proj stays float (vLLM's MLA folds it
 into the attention) and is listed in quantization_config.ignore; the options transformers and vLLM would compute
@@ -120,7 +121,9 @@ def test_layout_and_folds(tiny_dir, lite_dir):
 @pytest.mark.parametrize("option,value", [
     ("n_group", None), ("topk_method", "noaux_tc"), ("norm_topk_prob", True), ("scoring_func", "sigmoid"),
     ("rms_norm_eps", 1e-5), ("moe_layer_freq", 2), ("attention_bias", True), ("num_key_value_heads", 1),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+    ("rope_parameters", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 1.0}),
+    ("rope_parameters", {**DEEPSEEK_V2_LITE["rope_parameters"], "attention_factor": 1.0}),
 ])
 def test_options_transformers_and_vllm_disagree_on_are_refused(option, value, tiny_dir):
     cfg = _config(tiny_dir(FAMILY))

@@ -18,11 +18,21 @@ DENSE_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3")
 # weights not renormalized.
 # DeepSeek-V2 (DeepSeek-V2's layout scaled down): latent attention (q_lora_rank 64; kv_lora_rank 512 + rope 64 = 576,
 # the one latent width vLLM's CPU MLA decode kernel compiles), layer 0 dense, then 2 shared + 16 routed experts,
-# top-4 of the 2 best of 4 groups, routed_scaling_factor 2.5. "deepseek_v2_lite": V2-Lite's q_proj (no
-# q_lora_rank) and greedy routing over one group.
-# DeepSeek-V3: the same layout with V3's routing (sigmoid scores, a random e_score_correction_bias, renormalized).
+# top-4 of the 2 best of 4 groups, routed_scaling_factor 2.5, default RoPE. DEEPSEEK_V2_LITE: V2-Lite's q_proj (no
+# q_lora_rank), greedy routing over one group and V2-Lite's YaRN RoPE (factor 40, mscale = mscale_all_dim = 0.707,
+# an original context of 32 positions). DeepSeek-V3: the same layout with V3's routing (sigmoid scores, a random
+# e_score_correction_bias, renormalized) and V3's YaRN (mscale = mscale_all_dim = 1).
 NEW_MOE_FAMILIES = ("qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
-DEEPSEEK_V2_LITE = dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)
+
+
+def deepseek_yarn(mscale: float) -> dict:
+    return dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32,
+                                 "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale,
+                                 "original_max_position_embeddings": 32}, max_position_embeddings=1280)
+
+
+DEEPSEEK_V2_LITE = dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                        **deepseek_yarn(0.707))
 # Llama 3.x RoPE on a tiny model: an original context of 32 positions puts most of head_dim 64's frequencies
 # in llama3's scaled band, so the scaling changes the tests' 48-64 position sequences visibly.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -64,7 +74,7 @@ def _config(family: str, **overrides):
             "v_head_dim": 64, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
             "tie_word_embeddings": False, "norm_topk_prob": v3,
             "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
-            **({"scoring_func": "sigmoid"} if v3 else {}), **overrides})
+            **({"scoring_func": "sigmoid", **deepseek_yarn(1.0)} if v3 else {}), **overrides})
     if family == "opt":
         return OPTConfig(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, **common)
     if family == "llama":

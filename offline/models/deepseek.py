@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from offline.models.rope import rope_cos_sin
+import math
+
+from offline.models.rope import rope_cos_sin, rope_parameters
 from offline.models.tensors import LayerTensors, rms_norm
 
 if TYPE_CHECKING:
@@ -49,8 +51,19 @@ def latent_attention(spec: ModelSpec, lt: LayerTensors, x: torch.Tensor) -> torc
     k_pe = k_pe.unsqueeze(1) * cos + rotate_pairs(k_pe.unsqueeze(1)) * sin  # one rope key shared by the heads
     q = torch.cat((q_nope, q_pe), dim=-1)
     k = torch.cat((k_nope, k_pe.expand(-1, nh, -1, -1)), dim=-1)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=(nope + rope) ** -0.5)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale(c, nope + rope))
     return lt.linear(la.o, a.transpose(1, 2).reshape(b, t, nh * vd))
+
+
+def softmax_scale(config: dict, qk_head_dim: int) -> float:
+    """1 / sqrt(qk_head_dim), times YaRN's mscale(factor, mscale_all_dim) squared (transformers'
+    ``yarn_apply_mscale``; vLLM ``models/deepseek_v2.py:1129-1136``). YaRN's own attention factor (mscale /
+    mscale_all_dim) is in the cos/sin tables (:func:`offline.models.rope.rope_cos_sin`)."""
+    params, scale = rope_parameters(config), qk_head_dim ** -0.5
+    factor, m = float(params.get("factor") or 1.0), float(params.get("mscale_all_dim") or 0.0)
+    if params["rope_type"] != "default" and m and factor > 1:
+        scale *= (0.1 * m * math.log(factor) + 1.0) ** 2
+    return scale
 
 
 def grouped_topk(logits: torch.Tensor, top_k: int, config: dict, renormalize: bool,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import re
 from typing import Callable
 
+from offline.models.rope import rope_parameters
+
 
 @dataclass(frozen=True)
 class MoEFacts:
@@ -182,9 +184,13 @@ _DS_REFUSED = (
      lambda c: bool(c.get("attention_bias")) or bool(c.get("mlp_bias"))),
     ("DeepSeek with num_key_value_heads != num_attention_heads",
      lambda c: c.get("num_key_value_heads", c["num_attention_heads"]) != c["num_attention_heads"]),
-    ("DeepSeek with rope scaling (rope_type other than default: YaRN's mscale is not computed here)",
-     lambda c: (c.get("rope_parameters") or c.get("rope_scaling") or {}).get(
-         "rope_type", (c.get("rope_scaling") or {}).get("type", "default")) != "default"),
+    ("DeepSeek with a rope type other than default and yarn (vLLM's DeepSeek computes every other one as yarn)",
+     lambda c: rope_parameters(c)["rope_type"] not in ("default", "yarn")),
+    ("DeepSeek with yarn RoPE without both mscale and mscale_all_dim, or with attention_factor or truncate=false "
+     "(vLLM's deepseek_yarn and transformers' yarn scale differently then)",
+     lambda c: rope_parameters(c)["rope_type"] == "yarn" and (
+         not rope_parameters(c).get("mscale") or not rope_parameters(c).get("mscale_all_dim")
+         or "attention_factor" in rope_parameters(c) or rope_parameters(c).get("truncate", True) is False)),
 )
 _DS_MOE = MoEFacts("mlp", _GUD, _GUD, ("n_routed_experts",),
                    layers="dense_first", renormalize="norm_topk_prob", shared_expert="shared_experts",
