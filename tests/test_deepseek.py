@@ -168,6 +168,21 @@ def test_conversion(family, method, tiny_dir, converted):
     assert torch.equal(ours[f"{p}q_a_layernorm.weight"], src[f"{p}q_a_layernorm.weight"]) == (method == "rtn")
 
 
+def test_offline_generation_offloaded_equals_resident_and_reference(converted):
+    """Without vLLM: offline.generate serves V3's experts through the runtime's MoE kernel (all resident) and its
+    offload engine (one slot per layer, lru), both after the family's routing: the same tokens and logits, and
+    the first step's logits are the int8 reference's."""
+    from offline.generate import generate
+    from test_vllm_e2e import reference_next_logits
+
+    out, prompt = converted("deepseek_v3", method="rtn"), list(range(5, 21))
+    resident = generate(out, prompt, 8)
+    offloaded = generate(out, prompt, 8, offload={"slots_per_layer": 1, "policy": "lru"})
+    assert offloaded.tokens == resident.tokens and torch.equal(offloaded.logits, resident.logits)
+    assert offloaded.offload_stats["misses"] > 0 and resident.offload_stats is None
+    assert float((resident.logits[0] - reference_next_logits(out, prompt)).abs().max()) < 1e-3
+
+
 @pytest.mark.parametrize("family", BOTH)
 def test_served_and_offloaded_by_vllm(family, converted):
     print(f"{family} rtn: {assert_served_and_offloaded(converted(family, method='rtn'), experts=16)}")
