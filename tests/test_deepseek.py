@@ -118,6 +118,30 @@ def test_layout_and_folds(tiny_dir, lite_dir):
         assert_smoothing_folds_exact(d)
 
 
+def test_alpha_search_scores_each_expert_on_the_rows_routed_to_it(tiny_dir):
+    """The α search measures an expert's error on the search rows the calibration run routed to it (V3: sigmoid
+    scores, groups, bias), not on the top-k of the router's logits, which picks other experts for many rows."""
+    from offline.haq import LayerOptions, WorkingTensors, collect_statistics, routed_rows
+    from offline.haq.methods import METHODS
+    from offline.models import LayerTensors
+
+    d = tiny_dir("deepseek_v3")
+    spec, p = spec_for(_config(d)), "model.layers.1."
+    src = {k[len(p):]: v for k, v in load_file(os.path.join(d, "model.safetensors")).items() if k.startswith(p)}
+    t = WorkingTensors(src)
+    hidden = torch.randn(4, 32, 128, generator=torch.Generator().manual_seed(9))
+    stats = collect_statistics(spec, 1, t, spec.linear_modules(1), hidden, LayerOptions(METHODS["haq"]))
+    g = next(g for g in spec.smoothing_groups(1) if g.experts)
+    x = stats.sample(g.observed_module)
+    assert 0 < x.shape[0] < 4 * 32  # a strided sample
+    rows = routed_rows(t, g, stats, x)
+    _, ids = spec.moe_route(1, LayerTensors({k: t[k] for k in t.names()}), x, "mlp", renormalize=True)
+    plain = (x @ t["mlp.gate.weight"].float().t()).topk(4, dim=-1).indices
+    for e in range(16):
+        assert torch.equal(rows(f"mlp.experts.{e}.gate_proj"), (ids == e).any(-1).nonzero().squeeze(-1)), e
+    assert not torch.equal(ids.sort(-1).values, plain.sort(-1).values)
+
+
 @pytest.mark.parametrize("option,value", [
     ("n_group", None), ("topk_method", "noaux_tc"), ("norm_topk_prob", True), ("scoring_func", "sigmoid"),
     ("rms_norm_eps", 1e-5), ("moe_layer_freq", 2), ("attention_bias", True), ("num_key_value_heads", 1),
