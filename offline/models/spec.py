@@ -202,8 +202,7 @@ class ModelSpec:
     ) -> torch.Tensor:
         """One decoder layer on float32 hidden states [B, T, H]."""
         f = self.facts
-        attention = (lambda _i, t, y: latent_attention(self, t, y)) if f.latent else self._attention
-        h = h + attention(i, lt, self._norm(lt, f.attn_norm, h))
+        h = h + self._attention(i, lt, self._norm(lt, f.attn_norm, h))
         x = self._norm(lt, f.mlp_norm, h)
         if f.mlp == "relu":
             fc1, fc2 = f.mlp_linears
@@ -225,6 +224,8 @@ class ModelSpec:
     # ------------------------------------------------------------------ blocks
     def _attention(self, i: int, lt: LayerTensors, x: torch.Tensor) -> torch.Tensor:
         c, f = self.config, self.facts
+        if f.latent:  # DeepSeek
+            return latent_attention(self, lt, x)
         b, t, _ = x.shape
         nh, hd = int(c["num_attention_heads"]), self.head_dim
         nkv = int(c.get("num_key_value_heads") or nh)
