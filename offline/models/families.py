@@ -174,7 +174,8 @@ _DS_V3_REFUSED = (
     ("DeepSeek-V3 without n_group/topk_group", lambda c: not c.get("n_group") or not c.get("topk_group")),
 )
 # Both versions: vLLM's latent norms use rms_norm_eps where transformers fixes 1e-6; vLLM places MoE layers by
-# moe_layer_freq, transformers does not; vLLM's MLA has no biases; YaRN's attention scaling is not computed here.
+# moe_layer_freq, transformers does not; vLLM's MLA has no biases; vLLM computes every scaled RoPE as its
+# deepseek_yarn, whose scaling equals transformers' yarn only with both mscales and no attention_factor.
 _DS_REFUSED = (
     ("DeepSeek with rms_norm_eps != 1e-6 (transformers' latent norms fix 1e-6, vLLM's use rms_norm_eps)",
      lambda c: c.get("rms_norm_eps", 1e-6) != 1e-6),
