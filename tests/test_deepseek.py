@@ -14,7 +14,7 @@ and with one expert slot per layer gives the all-resident greedy tokens (tests/m
 suite (rtn): V2 mean |Δ| 1.0e-4, max 7.1e-3 (1.6% of positions above 1e-3); V3 (YaRN) mean 2.3e-7, max 1.4e-6. The
 haq conversions, served once the same way outside the suite (two more engine starts each): V2 mean 4.4e-6, max
 1.0e-3 (0.4% above 1e-3), V3 mean 2.0e-6, max 4.4e-4, each with 9 clear-margin greedy steps equal to the
-reference's."""
+reference's. The rtn V2 conversion served compiled (vLLM's default on CPU, torch.compile) once: the same numbers."""
 
 import json
 import os
