@@ -135,8 +135,9 @@ class ModelSpec:
 
     def _attention_groups(self) -> list[SmoothGroup]:
         """attn_norm -> q/k/v and v_proj -> o_proj; latent attention: attn_norm -> q_a (or q) and kv_a, and
-        q_a_layernorm -> q_b. Its o_proj has no exact producer here (its input comes out of kv_b_proj through the
-        attention, and vLLM folds kv_b_proj into the attention): it is quantized unsmoothed."""
+        q_a_layernorm -> q_b. o_proj is quantized unsmoothed: its only producer is kv_b_proj's value rows (attention
+        is linear in the values), which stay in the source's bf16 as vLLM reads them; folding factors there would
+        re-round them, and on the tiny test models it gained nothing and made o_proj's int8 input flip-prone."""
         f, c = self.facts, self.config
         la = f.latent
         if la is not None:
