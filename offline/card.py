@@ -68,7 +68,7 @@ def quantization_section(plan) -> str:
         order = "activation order" if opts.act_order else "column order"
         lines.append(f"- GPTQ: block size {opts.gptq_block_size}, dampening {opts.gptq_dampening}, {order}")
     lines += [f"- Calibration: {_calibration(plan)}",
-              f"- Kept unquantized: {', '.join(f'`{p}`' for p in opts.ignore) or 'nothing'}"]
+              f"- Kept unquantized: {', '.join(f'`{p}`' for p in plan.ignore) or 'nothing'}"]
     if plan.routing_stats:
         lines.append(f"- Routing statistics: `{ROUTING_FILE}` (expert routing counts on the calibration text; they "
                      "seed vllm-haq's expert offloading)")

@@ -249,12 +249,18 @@ class ConversionPlan:
             **({"base_model": self.hub_source} if self.hub_source else {}),
         }
 
+    @property
+    def ignore(self) -> list[str]:
+        """``quantization_config.ignore``: ``--ignore`` plus what the family always keeps float (DeepSeek's
+        kv_b_proj)."""
+        return list(self.opts.ignore) + [p for p in self.spec.facts.kept_float if p not in self.opts.ignore]
+
     def quantization_config(self, records: dict[str, dict]) -> dict:
         """The checkpoint's ``quantization_config``, given each layer's smoothing record (layer -> first consumer of
         each producer -> alpha, null if left unsmoothed; "explicit" blocks; "rotation": module -> block)."""
         method = METHOD_SPECS[self.opts.method]
         qcfg = HAQQuantConfig(
-            ignore=list(self.opts.ignore),
+            ignore=self.ignore,
             smoothing={
                 "method": "none" if not method.smooth else ("searched" if method.search_alpha else "fixed"),
                 "alpha": records, "folded": bool(records),

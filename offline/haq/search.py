@@ -144,12 +144,18 @@ def _rtn_scores(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: 
 def routed_rows(t: WorkingTensors, g: SmoothGroup, stats: InputStats, x: torch.Tensor
                 ) -> Callable[[str], torch.Tensor | None]:
     """consumer -> the search rows ``x`` it computes: for the routed experts of the shared gate/up group, the rows
-    whose top-k routes (the router applied to them) include that expert, so each expert's error is measured on
-    the tokens it serves (and a quarter of the work for Mixtral's top-2 of 8); None (every row) elsewhere."""
+    whose routes (the calibration run's, by the family's routing: DeepSeek's groups and bias too) include that
+    expert, so each expert's error is measured on the tokens it serves (and a quarter of the work for Mixtral's
+    top-2 of 8); None (every row) elsewhere. Without recorded search-row indices: the top-k of the router's
+    logits (the same experts for softmax routing)."""
     if not g.experts or stats.recompute is None:
         return lambda c: None
-    top_k = stats.recompute.ids.shape[1]
-    ids = (x @ t[f"{g.observed_module}.weight"].float().t()).topk(top_k, dim=-1).indices
+    index = stats.search_index.get(g.observed_module)
+    if index:
+        ids = stats.recompute.ids[torch.cat(index)]
+    else:
+        top_k = stats.recompute.ids.shape[1]
+        ids = (x @ t[f"{g.observed_module}.weight"].float().t()).topk(top_k, dim=-1).indices
 
     def rows(c: str) -> torch.Tensor | None:
         e = stats.recompute.expert_of(input_key(c))

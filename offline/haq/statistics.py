@@ -49,6 +49,8 @@ class InputStats:
         self.hessians: dict[str, HessianAccumulator] = {}
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.all_rows: dict[str, list[torch.Tensor]] = {key: [] for key in keep_all}
+        # inputs kept whole: the indices (among all their rows) of the search rows, so rows and routes line up
+        self.search_index: dict[str, list[torch.Tensor]] = {key: [] for key in keep_all}
         self.scale: dict[str, torch.Tensor] = {}  # inputs without a Hessian yet: the divisor applied since observed
         self.rotation: dict[str, int] = {}  # inputs without a Hessian yet: the rotation applied after that divisor
         self.every = keep_rows_every
@@ -77,6 +79,9 @@ class InputStats:
         kept = sum(r.shape[0] for r in self.rows[module])
         if kept < SEARCH_ROWS:
             self.rows[module].append(x2[:: self.every][: SEARCH_ROWS - kept].float().clone())
+            if module in self.search_index:
+                first = self.count[module] - x2.shape[0]
+                self.search_index[module].append(first + torch.arange(self.rows[module][-1].shape[0]) * self.every)
 
     def seen(self, module: str) -> bool:
         """Whether ``module``'s input was observed at all (an expert may receive no calibration token)."""

@@ -9,7 +9,7 @@ against ``transformers``.
 
 Supported: OPT (pre-LayerNorm), Llama (incl. SmolLM2, Llama 3.x with every rope type transformers computes),
 Mistral, Qwen2/Qwen2.5, Qwen3 (q/k-norm), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (q/k-norm over the whole
-projections).
+projections), DeepSeek-V2 (latent attention and grouped routing: :mod:`offline.models.deepseek`).
 """
 
 from __future__ import annotations

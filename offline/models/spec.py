@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from offline.models.deepseek import grouped_topk, latent_attention
 from offline.models.families import FAMILIES, Family, MoEFacts
 from offline.models.rope import rope_cos_sin, rope_theta, rotate_half
 from offline.models.tensors import LayerTensors, layer_norm, rms_norm, sliding_causal_mask, swiglu
@@ -68,6 +69,8 @@ class ModelSpec:
         if moe.layers == "all":
             return True
         c = self.config
+        if moe.layers == "dense_first":  # DeepSeek (moe_layer_freq other than 1 is refused)
+            return self.num_experts > 0 and i >= int(c.get("first_k_dense_replace") or 0)
         step = int(c.get("decoder_sparse_step", 1) or 1)
         return self.num_experts > 0 and i not in (c.get("mlp_only_layers") or []) and (i + 1) % step == 0
 
@@ -93,9 +96,17 @@ class ModelSpec:
             return None
         return moe.shared_expert
 
+    @property
+    def attention_linears(self) -> list[str]:
+        """The attention's quantization targets: q/k/v/o, or the latent attention's (its kv_b_proj stays float)."""
+        la = self.facts.latent
+        if la is None:
+            return list(self.facts.attn_linears)
+        return ([la.q_a, la.kv_a, la.q_b] if self.config.get("q_lora_rank") else [la.q, la.kv_a]) + [la.o]
+
     def linear_modules(self, i: int) -> list[str]:
         """Quantization targets of layer ``i``, relative to its prefix."""
-        names = list(self.facts.attn_linears)
+        names = self.attention_linears
         if not self.is_moe_layer(i):
             return names + list(self.facts.mlp_linears)
         moe = self.facts.moe
@@ -107,14 +118,8 @@ class ModelSpec:
 
     def smoothing_groups(self, i: int) -> list[SmoothGroup]:
         """Where activation smoothing of layer ``i`` can be folded exactly into the producer."""
-        f, c = self.facts, self.config
-        q, k, v, o = f.attn_linears
-        heads = None
-        if f.vo_heads:
-            nh = int(c["num_attention_heads"])
-            nkv = int(c.get("num_key_value_heads") or nh)
-            heads = (nkv, nh // nkv, self.head_dim)
-        groups = [SmoothGroup([q, k, v], norm=f.attn_norm), SmoothGroup([o], producer=v, heads=heads)]
+        f = self.facts
+        groups = self._attention_groups()
         if self.is_moe_layer(i):
             groups += self._moe_groups(f.moe)
         elif f.mlp == "relu":  # relu(x / s) = relu(x) / s for s > 0, so fc1's rows can absorb fc2's factors
@@ -127,6 +132,25 @@ class ModelSpec:
         if bad:
             raise AssertionError(f"{self.family}: a smoothing fold into {bad}'s output would not be exact (q/k-norm)")
         return groups
+
+    def _attention_groups(self) -> list[SmoothGroup]:
+        """attn_norm -> q/k/v and v_proj -> o_proj; latent attention: attn_norm -> q_a (or q) and kv_a, and
+        q_a_layernorm -> q_b. o_proj is quantized unsmoothed: its only producer is kv_b_proj's value rows (attention
+        is linear in the values), which stay in the source's bf16 as vLLM reads them; folding factors there would
+        re-round them, and on the tiny test models it gained nothing and made o_proj's int8 input flip-prone."""
+        f, c = self.facts, self.config
+        la = f.latent
+        if la is not None:
+            if c.get("q_lora_rank"):
+                return [SmoothGroup([la.q_a, la.kv_a], norm=f.attn_norm), SmoothGroup([la.q_b], norm=la.q_a_norm)]
+            return [SmoothGroup([la.q, la.kv_a], norm=f.attn_norm)]
+        q, k, v, o = f.attn_linears
+        heads = None
+        if f.vo_heads:
+            nh = int(c["num_attention_heads"])
+            nkv = int(c.get("num_key_value_heads") or nh)
+            heads = (nkv, nh // nkv, self.head_dim)
+        return [SmoothGroup([q, k, v], norm=f.attn_norm), SmoothGroup([o], producer=v, heads=heads)]
 
     def _moe_groups(self, moe: MoEFacts) -> list[SmoothGroup]:
         """The MoE input (all experts' and the shared expert's gate/up, the router and shared gate scaled
@@ -193,13 +217,16 @@ class ModelSpec:
         out = self._moe(i, lt, x, *moe, renormalize, sink)
         shared = f.moe.shared_expert and f"{f.moe.block}.{f.moe.shared_expert}"
         if shared and lt.get(f"{shared}.{f.moe.linears[0]}.weight") is not None:
-            y = swiglu(lt, shared, f.moe.linears, x)
-            out = out + torch.sigmoid(lt.linear(f"{f.moe.block}.{f.moe.shared_gate}", x)) * y
+            y = swiglu(lt, shared, f.moe.linears, x)  # always on; Qwen-MoE's is gated
+            gate = f.moe.shared_gate and torch.sigmoid(lt.linear(f"{f.moe.block}.{f.moe.shared_gate}", x))
+            out = out + (y if gate is None else gate * y)
         return h + out
 
     # ------------------------------------------------------------------ blocks
     def _attention(self, i: int, lt: LayerTensors, x: torch.Tensor) -> torch.Tensor:
         c, f = self.config, self.facts
+        if f.latent:  # DeepSeek
+            return latent_attention(self, lt, x)
         b, t, _ = x.shape
         nh, hd = int(c["num_attention_heads"]), self.head_dim
         nkv = int(c.get("num_key_value_heads") or nh)
@@ -248,11 +275,16 @@ class ModelSpec:
     def moe_route(self, i: int, lt: LayerTensors, x2: torch.Tensor, block: str, renormalize: bool,
                   sink: RoutingSink | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router of MoE layer ``i`` on tokens ``x2`` [M, H]: (top-k weights float32 [M, k], expert ids [M, k])."""
-        logits = lt.linear(f"{block}.{self.facts.moe.router}", x2)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        router = f"{block}.{self.facts.moe.router}"
+        logits = lt.linear(router, x2)
+        if self.facts.moe.routing == "grouped":  # DeepSeek
+            weights, ids = grouped_topk(logits, self.top_k, self.config, renormalize,
+                                        lt.get(f"{router}.e_score_correction_bias"))
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, ids = torch.topk(probs, self.top_k, dim=-1)
+            if renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         if sink is not None:
             sink(i, ids)
         return weights, ids

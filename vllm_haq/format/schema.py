@@ -215,11 +215,15 @@ def parse_quantization_config(cfg: Any, source: str = "quantization_config") -> 
 # --------------------------------------------------------------------------- compressed-tensors interop
 
 
-# Config keys giving the routed experts per MoE layer (first present wins): Mixtral's, and the Qwen-MoE style
-# (Qwen2-MoE, Qwen3-MoE; transformers 5 writes Qwen3-MoE's as num_local_experts, the Hub's configs num_experts).
-MOE_EXPERT_KEYS = ("num_local_experts", "num_experts")
+# Config keys giving the routed experts per MoE layer (first present wins): Mixtral's, the Qwen-MoE style
+# (Qwen2-MoE, Qwen3-MoE; transformers 5 writes Qwen3-MoE's as num_local_experts, the Hub's configs num_experts),
+# and DeepSeek's (n_routed_experts; its n_shared_experts are always-on linears, not routed experts).
+MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Keys that place MoE layers among dense ones (Qwen-MoE style): without them every layer is an MoE layer.
 MOE_SPARSITY_KEYS = ("decoder_sparse_step", "mlp_only_layers")
+# DeepSeek's: the first first_k_dense_replace layers are dense, then every moe_layer_freq-th layer is MoE
+# (vLLM 0.32 model_executor/models/deepseek_v2.py:1293-1297).
+MOE_DENSE_FIRST_KEYS = ("first_k_dense_replace", "moe_layer_freq")
 
 
 def moe_layout(hf_config: dict) -> tuple[list[int], int] | None:
@@ -228,6 +232,9 @@ def moe_layout(hf_config: dict) -> tuple[list[int], int] | None:
     experts = next((int(hf_config[k]) for k in MOE_EXPERT_KEYS if hf_config.get(k)), 0)
     if not experts:
         return None
+    if any(k in hf_config for k in MOE_DENSE_FIRST_KEYS):
+        first, freq = int(hf_config.get("first_k_dense_replace") or 0), int(hf_config.get("moe_layer_freq") or 1)
+        return [i for i in range(n_layers) if i >= first and i % freq == 0], experts
     if not any(k in hf_config for k in MOE_SPARSITY_KEYS):  # Mixtral: every layer
         return list(range(n_layers)), experts
     step = int(hf_config.get("decoder_sparse_step", 1) or 1)

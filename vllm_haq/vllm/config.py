@@ -37,6 +37,7 @@ class HAQConfig(QuantizationConfig):
     # the local directory of the validated checkpoint (a hub id's snapshot); (id, revision) until it is resolved
     checkpoint_dir: str | None = None
     pending_model: tuple[str, str | None] | None = None
+    _checked_rope = False  # native_latent_rope_on_cpu ran (once, at the first layer of the model build)
 
     def __init__(self, qcfg: HAQQuantConfig | None = None):
         super().__init__()
@@ -124,7 +125,9 @@ class HAQConfig(QuantizationConfig):
 
         if self.pending_model is not None:
             self._resolve_pending()
-
+        if not self._checked_rope:
+            self._checked_rope = True
+            native_latent_rope_on_cpu()
         if isinstance(layer, LinearBase):
             if self._skipped(prefix):
                 return UnquantizedLinearMethod()
@@ -155,3 +158,27 @@ class HAQConfig(QuantizationConfig):
             return [prefix]
         base = prefix[: -len(last)]
         return [base + p for p in parts]
+
+
+def native_latent_rope_on_cpu() -> None:
+    """Serve DeepSeek's latent attention on vLLM's CPU build with the torch RoPE instead of the C++ one.
+
+    vLLM 0.32's CPU ``rotary_embedding`` op (``model_executor/layers/rotary_embedding/base.py:298-318``,
+    ``_custom_ops.rotary_embedding``) rotates a 3-D query [tokens, heads, rotary dim] wrongly when heads > 1 (the
+    2-D [tokens, heads * dim] tensors of other models are right), and the latent attention passes exactly that
+    (``model_executor/layers/mla.py:227-230``): stock vLLM's DeepSeek on CPU drifts from position 1 on
+    (tests/test_deepseek.py measured |Δ log p| up to 0.8 on a tiny model; 2e-6 with the torch path). Called while
+    the model is built (the current config is set, and the first linear comes before the attention's RoPE is
+    made): adds ``-rotary_embedding`` to ``compilation_config.custom_ops`` unless the user named the op."""
+    from vllm.config import get_current_vllm_config
+
+    if not current_platform.is_cpu():
+        return
+    vllm_config = get_current_vllm_config()
+    if vllm_config.model_config is None or not getattr(vllm_config.model_config, "use_mla", False):
+        return
+    ops = vllm_config.compilation_config.custom_ops
+    if "+rotary_embedding" not in ops and "-rotary_embedding" not in ops:
+        ops.append("-rotary_embedding")
+        log.warning("vllm-haq: latent attention on CPU: RoPE runs in torch (vLLM's CPU rotary_embedding op "
+                    "mis-rotates multi-head 3-D queries)")

@@ -201,7 +201,17 @@ def _expert_rotation(qcfg, prefix: str, num_experts: int, explicit_smoothing: bo
 
 
 class HAQMoEMethod(FusedMoEMethodBase):
-    """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales."""
+    """Experts as int8 ``w13_weight`` [E, 2I, H] / ``w2_weight`` [E, H, I] with per-channel scales.
+
+    Routing is vLLM's, done before ``apply`` (``fused_moe/runner/moe_runner.py:629``, ``router.select_experts``):
+    ``apply`` gets the top-k weights and ids and returns the routed experts' weighted sum, for every family. For
+    DeepSeek that includes the grouped top-k, softmax or sigmoid scores and ``e_score_correction_bias``
+    (``router/cpu_router.py:26-79``); ``routed_scaling_factor`` is left out of the weights
+    (``fused_moe/layer.py:305-311``, DeepSeek's layers ask for it on the output,
+    ``models/deepseek_v2.py:1335-1336``) and applied by the runner to what ``apply`` returns
+    (``runner/moe_runner.py:403-419``), and the shared experts are computed by the runner beside the routed ones
+    (``moe_runner.py:924``), so neither is this method's business. The offline reference puts the same factor on
+    the weights (``offline/models/deepseek.py:grouped_topk``): the same sum."""
 
     @property
     def requires_device_loading(self) -> bool:
