@@ -6,9 +6,11 @@ One expert as the offload engine computes it on the host (``vllm_haq.kernels.exp
 Methods, interleaved in one process: ``one call`` and ``kernel`` (vllm_haq.kernels.cpu_int8), ``blas`` (the
 previous exact path: fp32 BLAS in K-chunks), fbgemm's dynamic int8 linear (torch's quantized engine, the
 same int8 weights), dense ``fp32`` and ``bf16`` torch. Int8 experts are rotated through enough copies to come
-from DRAM. Read bandwidth: a streaming int64 sum over 1 GiB with the same thread count, measured in the same
-run. Error: max |method - exact W8A8 reference| / max |reference|. KTransformers' kt-kernel and llama.cpp are
-not run (see the note the report carries: NOT_RUN).
+from DRAM. Read bandwidth: a streaming int64 sum over 1 GiB with the same thread count, measured right
+before each row's timing (the host's memory bandwidth moved by up to 2x within one run on the shared
+2-core machines, so one measurement at the start made "% of bandwidth" move with it). Error: max |method -
+exact W8A8 reference| / max |reference|. KTransformers' kt-kernel and llama.cpp are not run (see the note
+the report carries: NOT_RUN).
 
     .venv/bin/python benchmarks/cpu_experts.py --out benchmarks/results/cpu_experts.md
 """
@@ -67,9 +69,14 @@ def _time(fn, reps):
     return statistics.median(ts)
 
 
+_BIG: list[torch.Tensor] = []
+
+
 def _bandwidth(threads):
     torch.set_num_threads(threads)
-    big = torch.ones(2**27, dtype=torch.int64)  # 1 GiB
+    if not _BIG:
+        _BIG.append(torch.ones(2**27, dtype=torch.int64))  # 1 GiB, allocated once
+    big = _BIG[0]
     s = _time(lambda: big.sum(), 5)
     return big.numel() * 8 / s / 1e9
 
@@ -236,7 +243,7 @@ def run(args):
 
     gen = torch.Generator().manual_seed(0)
     thread_counts = sorted(set(args.threads or [1, len(os.sched_getaffinity(0))]))
-    bw = {t: _bandwidth(t) for t in thread_counts}
+    bw: dict[int, list[float]] = {t: [] for t in thread_counts}  # every row's adjacent measurement
     rows = []
     for name, (hidden, inter, copies) in SHAPES.items():
         experts = _experts(hidden, inter, _copies(hidden, inter, copies), gen)
@@ -247,10 +254,11 @@ def run(args):
             x = torch.randn(m, hidden, generator=gen)
             for threads in thread_counts:
                 for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads):
+                    bw[threads].append(_bandwidth(threads))
                     fn()
                     s = _time(fn, 3 if method == "blas" else args.reps) / per_call
-                    rows.append((name, m, threads, method, s * 1e3, read / s / 1e9, 100 * read / s / 1e9 / bw[threads],
-                                 err))
+                    rows.append((name, m, threads, method, s * 1e3, read / s / 1e9,
+                                 100 * read / s / 1e9 / bw[threads][-1], err))
                     print(rows[-1], flush=True)
         del experts, stack, packs
     return bw, rows
@@ -289,8 +297,9 @@ def render(bw, rows, args):
            f"{platform.python_version()}; CPU int8 kernel build: {_kernel_isa()}. "
            f"Command: `python benchmarks/cpu_experts.py {' '.join(sys.argv[1:])}`. Int8 experts rotate through "
            f"copies beyond twice the last-level cache ({_llc_bytes() / 2**20:.0f} MiB).", "",
-           "Read bandwidth (int64 sum over 1 GiB, same process): "
-           + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v:.1f} GB/s" for t, v in bw.items()) + ".", "",
+           "Read bandwidth (int64 sum over 1 GiB, same process, measured before each row: its range over the run): "
+           + ", ".join(f"{t} thread{'s' if t > 1 else ''} {min(v):.1f}-{max(v):.1f} GB/s" for t, v in bw.items())
+           + ". Each row's % is against the measurement taken right before it.", "",
            "ms per expert MLP (w13, SwiGLU, w2, with per-token quantization). `one call`: one `moe_routes` call "
            "serving a layer-step's experts (Mixtral top-2, Qwen3 top-8) as the engine now does, per expert; "
            "`kernel`: the same int8 GEMM kernel called per expert from Python (two ScaledInt8Gemm); `blas`: the "
