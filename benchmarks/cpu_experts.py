@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import glob
 import math
 import os
@@ -69,14 +70,14 @@ def _time(fn, reps):
     return statistics.median(ts)
 
 
-_BIG: list[torch.Tensor] = []
+@functools.cache
+def _big() -> torch.Tensor:
+    return torch.ones(2**27, dtype=torch.int64)  # 1 GiB, allocated once: read before every row
 
 
 def _bandwidth(threads):
     torch.set_num_threads(threads)
-    if not _BIG:
-        _BIG.append(torch.ones(2**27, dtype=torch.int64))  # 1 GiB, allocated once
-    big = _BIG[0]
+    big = _big()
     s = _time(lambda: big.sum(), 5)
     return big.numel() * 8 / s / 1e9
 

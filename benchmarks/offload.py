@@ -53,7 +53,7 @@ from vllm_haq.offload import ExpertTensors, OffloadConfig, OffloadEngine  # noqa
 from vllm_haq.offload.store import copy_expert  # noqa: E402
 
 from offload_traces import (RECORDED, TOPOLOGIES, belady_misses, locality, oracle_bound, prior_of,  # noqa: E402
-                            real_traces, serve_like_vllm, streams, synthetic_trace)
+                            real_traces, streams, synthetic_trace)
 
 BUDGETS = (0.125, 0.25, 0.5, 1.0)
 POLICIES = ("all-resident", "UVA streaming", "LRU on-demand", "Fiddler (CPU misses)", "HAQ planner", "oracle bound")
@@ -100,12 +100,37 @@ def _sync(device: torch.device) -> None:
 _SHARED_COST: dict = {}  # CUDA: the first engine's calibrated cost model, reused by the later engines
 
 
-def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, warmup: int, device, prior) -> dict:
+def serve_like_vllm(device: torch.device) -> None:
+    """On CUDA, run the model thread's torch with one intra-op thread, as vLLM serves: its GPU worker calls
+    ``set_torch_threads_for_runtime`` (vllm/v1/worker/gpu_worker.py 610; vllm/utils/torch_utils.py 269-300:
+    multi-threaded CPU ops in the step's hot loop leave OpenMP workers spin-waiting). With torch's default
+    (all cores) the engine's small host-side torch ops compete with the CPU expert worker's threads (the
+    first H200 profiles: ~0.5 ms per routing-statistics ``index_add_``). The CPU build computes with torch's
+    threads: left as they are."""
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+
+
+def new_engine(stack, config: OffloadConfig, device, prior) -> OffloadEngine:
+    """An engine over ``stack``'s layers as the benchmarks run it (CUDA: bf16 out, the first engine's calibrated
+    costs reused, copies on the copy stream; CPU: float32, a copier thread)."""
     cuda = device.type == "cuda"
     engine = OffloadEngine(config, device, torch.bfloat16 if cuda else torch.float32, routing=prior,
                            cost=_SHARED_COST.get("cost") if cuda else None, copy_thread=not cuda)
     for i, experts in enumerate(stack):
         engine.add_layer(i, experts)
+    return engine
+
+
+def close_engine(engine: OffloadEngine, device) -> None:
+    """Close ``engine``; on CUDA its calibrated costs serve the later engines (calibration is slow there)."""
+    if device.type == "cuda":
+        _SHARED_COST.setdefault("cost", engine.cost)
+    engine.close()
+
+
+def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, warmup: int, device, prior) -> dict:
+    engine = new_engine(stack, config, device, prior)
     batch, hidden, top_k = routes.shape[0], stack[0].w13.shape[2], routes.shape[-1]
     weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
     x = torch.randn(batch, hidden, device=device)
@@ -120,9 +145,7 @@ def run_engine(stack, config: OffloadConfig, routes: torch.Tensor, steps: int, w
         if step >= warmup:
             elapsed += time.perf_counter() - t0
     s = engine.stats()
-    if cuda:
-        _SHARED_COST.setdefault("cost", engine.cost)
-    engine.close()
+    close_engine(engine, device)
     return {"ms_per_step": elapsed / steps * 1e3, "hit_rate": s["hit_rate"],
             "mb_h2d_per_step": s["bytes_h2d"] / steps / 2**20,
             "cpu_tokens_per_step": s["cpu_expert_tokens"] / steps, "slots_per_layer": s["slots_per_layer"],

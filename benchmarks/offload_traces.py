@@ -23,17 +23,6 @@ TOPOLOGIES = {
 RECORDED = "mixtral-8x7b"  # the recorded traces' topology (tiny-mixtral-32l: 8 experts, top-2)
 
 
-def serve_like_vllm(device: torch.device) -> None:
-    """On CUDA, run the model thread's torch with one intra-op thread, as vLLM serves: its GPU worker calls
-    ``set_torch_threads_for_runtime`` (vllm/v1/worker/gpu_worker.py 610; vllm/utils/torch_utils.py 269-300:
-    multi-threaded CPU ops in the step's hot loop leave OpenMP workers spin-waiting). With torch's default
-    (all cores) the engine's small host-side torch ops compete with the CPU expert worker's threads (the
-    first H200 profiles: ~0.5 ms per routing-statistics ``index_add_``). The CPU build computes with torch's
-    threads: left as they are."""
-    if device.type == "cuda":
-        torch.set_num_threads(1)
-
-
 def real_traces() -> dict[str, torch.Tensor]:
     if not all(os.path.exists(os.path.join(TRACE_DIR, f"{n}.pt")) for n in ("wiki", "sotu", "wiki-train")):
         subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "record_traces.py")], check=True)

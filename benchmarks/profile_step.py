@@ -30,27 +30,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from offload import _SHARED_COST, build_stack  # noqa: E402
-from offload_traces import TOPOLOGIES, prior_of, serve_like_vllm, streams, synthetic_trace  # noqa: E402
+from offload import _sync, build_stack, close_engine, new_engine, serve_like_vllm  # noqa: E402
+from offload_traces import TOPOLOGIES, prior_of, streams, synthetic_trace  # noqa: E402
 
-from vllm_haq.offload import OffloadConfig, OffloadEngine  # noqa: E402
+from vllm_haq.offload import OffloadConfig  # noqa: E402
 
 CONFIGS = {"resident": {}, "haq-25": {"policy": "haq", "expert_fraction": 0.25},
            "lru-25": {"policy": "lru", "expert_fraction": 0.25}}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _engine(stack, cfg, device, prior):
-    cuda = device.type == "cuda"
-    engine = OffloadEngine(OffloadConfig(**cfg), device, torch.bfloat16 if cuda else torch.float32, routing=prior,
-                           cost=_SHARED_COST.get("cost") if cuda else None, copy_thread=not cuda)
-    for i, experts in enumerate(stack):
-        engine.add_layer(i, experts)
-    return engine
 
 
 def _steps(engine, routes, first, count, x, weights, device) -> float:
@@ -85,7 +71,7 @@ def profile_config(name, cfg, stack, routes, prior, device, args) -> str:
     batch, top_k, hidden = routes.shape[0], routes.shape[-1], stack[0].w13.shape[2]
     weights = torch.full((batch, top_k), 1.0 / top_k, device=device)
     x = torch.randn(batch, hidden, device=device)
-    engine = _engine(stack, cfg, device, prior)
+    engine = new_engine(stack, OffloadConfig(**cfg), device, prior)
     n, w = args.steps, args.warmup
     _steps(engine, routes, 0, w, x, weights, device)
     plain = _steps(engine, routes, w, n, x, weights, device)
@@ -98,9 +84,7 @@ def profile_config(name, cfg, stack, routes, prior, device, args) -> str:
     with torch.profiler.profile(activities=acts) as tprof:
         under_torch = _steps(engine, routes, w + 2 * n, n, x, weights, device)
     stats = engine.stats()
-    if device.type == "cuda":
-        _SHARED_COST.setdefault("cost", engine.cost)
-    engine.close()
+    close_engine(engine, device)
     with open(os.path.join(args.out, f"{name}.cprofile.txt"), "w") as f:
         f.write(_cprofile_text(prof, args.top))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from vllm_haq.kernels.triton_gemm import GemmConfig
-from vllm_haq.kernels.triton_quant import _quantize, triton_quantize_per_token
+from vllm_haq.kernels.triton_quant import _quantize, _token_scale, triton_quantize_per_token
 from vllm_haq.quant.int8 import _MIN_AMAX, INT8_MAX
 from vllm_haq.quant.rotation import rotate
 
@@ -98,10 +98,17 @@ def align_routes_host(topk_ids: torch.Tensor, slot_of: list[int], num_slots: int
     a slot in route order, padding R, ``slot_of_block`` -1 past the last block), all three int32."""
     if topk_ids.numel() > HOST_PY_ROUTES:
         parts = align_routes(topk_ids, torch.tensor(slot_of, dtype=torch.int32), num_slots, block_m)
-        packed = torch.cat([p.to(torch.int32) for p in parts]).to(device, non_blocking=True)
-        rows, blocks = parts[0].numel(), parts[1].numel()
-        return packed[:rows], packed[rows:rows + blocks], packed[rows + blocks:]
-    ids = topk_ids.reshape(-1).tolist()
+        sizes, packed = [p.numel() for p in parts], torch.cat([p.to(torch.int32) for p in parts])
+    else:
+        lists = _align_lists(topk_ids.reshape(-1).tolist(), slot_of, num_slots, block_m)
+        sizes, packed = [len(v) for v in lists], torch.tensor([i for v in lists for i in v], dtype=torch.int32)
+    return tuple(packed.to(device, non_blocking=True).split(sizes))  # one copy, split again on the device
+
+
+def _align_lists(ids: list[int], slot_of: list[int], num_slots: int, block_m: int
+                 ) -> tuple[list[int], list[int], list[int]]:
+    """:func:`align_routes` of the flat routed ids in plain Python (a decode step's few routes: a handful of
+    torch ops would cost more)."""
     routes = len(ids)
     slot_of_route = [slot_of[e] for e in ids]
     counts = [0] * num_slots
@@ -124,10 +131,7 @@ def align_routes_host(topk_ids: torch.Tensor, slot_of: list[int], num_slots: int
         while s < num_slots and padded_end[s] <= b * block_m:
             s += 1
         slot_of_block.append(s if s < num_slots else -1)
-    packed = torch.tensor(route_of_row + slot_of_block + slot_of_route, dtype=torch.int32)
-    packed = packed.to(device, non_blocking=True)
-    rows = blocks * block_m
-    return packed[:rows], packed[rows:rows + blocks], packed[rows + blocks:]
+    return route_of_row, slot_of_block, slot_of_route
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def _row_scales(x_ptrs, offs_k, n_cols, k_end, BLOCK_M: tl.constexpr, BLOCK_K: t
     for k_start in range(0, k_end, BLOCK_K):
         xv = tl.load(x_ptrs + k_start, mask=offs_k[None, :] < n_cols - k_start, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(xv), axis=1))
-    return tl.math.div_rn(tl.maximum(amax, MIN_AMAX), INT8_LIMIT)
+    return _token_scale(amax, INT8_LIMIT, MIN_AMAX)
 
 
 @triton.jit

@@ -38,6 +38,13 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _token_scale(amax, INT8_LIMIT: tl.constexpr, MIN_AMAX: tl.constexpr):
+    # vllm_haq.quant.quantize_per_token's scale, max(amax, MIN_AMAX) / 127, correctly rounded; every Triton kernel
+    # that quantizes a token row takes its scale from here
+    return tl.math.div_rn(tl.maximum(amax, MIN_AMAX), INT8_LIMIT)
+
+
+@triton.jit
 def _quantize(x, scale, INT8_LIMIT: tl.constexpr):
     q = _round_half_even(tl.math.div_rn(x, scale))
     return tl.minimum(tl.maximum(q, -INT8_LIMIT), INT8_LIMIT).to(tl.int8)
@@ -58,7 +65,7 @@ def _quant_per_token_kernel(
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = tl.math.div_rn(x, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX), INT8_LIMIT)
+        scale = _token_scale(tl.max(tl.abs(x), axis=0), INT8_LIMIT, MIN_AMAX)
         tl.store(q_row + cols, _quantize(x, scale, INT8_LIMIT), mask=mask)
     else:
         running_max = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -68,7 +75,7 @@ def _quant_per_token_kernel(
             if HAS_SMOOTH:
                 x = tl.math.div_rn(x, tl.load(smooth_ptr + start + cols, mask=mask, other=1.0))
             running_max = tl.maximum(running_max, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(running_max, axis=0), MIN_AMAX), INT8_LIMIT)
+        scale = _token_scale(tl.max(running_max, axis=0), INT8_LIMIT, MIN_AMAX)
         for start in range(0, n_cols, BLOCK):
             mask = start + cols < n_cols
             x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
