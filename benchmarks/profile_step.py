@@ -108,6 +108,9 @@ def main(argv=None):
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
     serve_like_vllm(device)
