@@ -394,7 +394,8 @@ def render(rows, args, device, shape, steps, build_s, stack) -> str:
     cost = rows[0]["results"]["HAQ planner"]["cost"]
     first = "the first engine's, shared by all" if device.type == "cuda" else "first HAQ run"
     lines.append(f"- calibrated cost model ({first}): H2D {cost['h2d_bytes_per_s'] / 1e9:.2f} GB/s "
-                 f"(one expert {cost['fetch_ms']:.3f} ms), CPU expert {cost['cpu_overhead_s'] * 1e3:.3f} ms + "
+                 f"(one expert {cost['fetch_ms']:.3f} ms), CPU: a layer-step's call "
+                 f"{cost.get('cpu_call_s', 0) * 1e3:.3f} ms + {cost['cpu_overhead_s'] * 1e3:.3f} ms an expert + "
                  f"{cost['cpu_s_per_token'] * 1e3:.3f} ms/token")
     if args.topology == RECORDED:
         lines.append(mixtral_memory_line())

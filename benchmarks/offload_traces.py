@@ -119,6 +119,7 @@ def oracle_bound(resident_ms: float, misses, cost: dict, layers: int, steps: int
             pcie = cpu = 0.0
             for e, n in sorted(layer_misses.items(), key=lambda kv: -kv[1]):
                 tc = cost["cpu_overhead_s"] + n * cost["cpu_s_per_token"]
+                tc += 0.0 if cpu else cost.get("cpu_call_s", 0.0)  # a layer-step's CPU experts are one call
                 if pcie + fetch_s <= cpu + tc:
                     pcie += fetch_s
                 else:

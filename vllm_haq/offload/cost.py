@@ -2,8 +2,11 @@
 
 Calibrated once at engine start on this machine: host-to-device bandwidth from
 timed copies of real experts into a cache slot, and CPU expert throughput from
-timed runs of a real expert's int8 MLP at two token counts (a line: fixed
-overhead plus time per token). The H200 host of docs/architecture.md: one Mixtral expert
+timed calls of real experts' int8 MLPs: one expert at 1 and 16 tokens, and
+CPU_CALL_EXPERTS experts in one call (a layer-step's CPU experts are one call:
+its fixed cost, the hand-off to a worker and the start of its thread team, is
+paid once per layer-step, and each expert in it costs reading its weights plus
+time per token). The H200 host of docs/architecture.md: one Mixtral expert
 (176 MB int8) is 3.3 ms over PCIe, and the CPU needs about as long for a few
 tokens — so which is faster depends on the tokens routed, and both run at once.
 
@@ -27,16 +30,18 @@ import torch
 class CostModel:
     h2d_bytes_per_s: float  # measured copy bandwidth into a cache slot
     expert_bytes: int  # bytes of one expert (weights + scales)
-    cpu_overhead_s: float  # CPU expert MLP: fixed cost per call
+    cpu_overhead_s: float  # CPU expert MLP: fixed cost of each expert in a layer-step's call ...
     cpu_s_per_token: float  # ... plus this per routed token
     prefetch_issue_s: float = 0.0  # model-thread cost of one asynchronous prefetch copy (hand-off, not the copy)
     device_overhead_s: float = 0.0  # device expert MLP from a slot: fixed cost per call (tiny on a GPU) ...
     device_s_per_token: float = 0.0  # ... plus this per routed token
+    cpu_call_s: float = 0.0  # fixed cost of the one call serving a layer-step's CPU experts, once per layer-step
 
     def fetch_s(self) -> float:
         return self.expert_bytes / self.h2d_bytes_per_s
 
     def cpu_s(self, tokens: int) -> float:
+        """One more expert in a layer-step's CPU call (the call's own cost: ``cpu_call_s``)."""
         return self.cpu_overhead_s + tokens * self.cpu_s_per_token
 
     def device_s(self, tokens: int) -> float:
@@ -44,7 +49,7 @@ class CostModel:
 
     def miss_s(self, tokens: int) -> float:
         """A miss served the cheaper way: on the CPU, or fetched and then computed on the device."""
-        return min(self.cpu_s(tokens), self.fetch_s() + self.device_s(tokens))
+        return min(self.cpu_call_s + self.cpu_s(tokens), self.fetch_s() + self.device_s(tokens))
 
     def prefetch_pays(self, p_used: float) -> bool:
         """Whether prefetching an expert used next with probability ``p_used`` saves more than issuing it
@@ -56,6 +61,7 @@ class CostModel:
         d = asdict(self)
         d["fetch_ms"] = round(self.fetch_s() * 1e3, 4)
         d["cpu_ms_1_token"] = round(self.cpu_s(1) * 1e3, 4)
+        d["cpu_call_ms"] = round(self.cpu_call_s * 1e3, 4)
         d["prefetch_issue_ms"] = round(self.prefetch_issue_s * 1e3, 4)
         d["device_ms_1_token"] = round(self.device_s(1) * 1e3, 4)
         return d
@@ -81,25 +87,42 @@ def _line(mlp: Callable[[int], None], repeats: int, sync: Callable[[], None]) ->
     return max(t1 - per_token, 0.0), per_token
 
 
-def cold_experts(layers: Sequence) -> Iterator[tuple[object, int]]:
-    """(layer, expert) for each timed CPU expert: every expert of every layer in turn, so that an expert comes
-    back only after all the others, from DRAM as in decode (where all experts exceed the host's caches).
+CPU_CALL_EXPERTS = 8  # experts in the calibration's many-expert call (Qwen3's and DeepSeek-V3's top-8)
+
+
+def cpu_costs(t1: float, t16: float, tk: float, k: int) -> tuple[float, float, float]:
+    """(call s, per-expert s, per-token s) from the times of one call with one expert at 1 token (``t1``) and at
+    16 tokens (``t16``), and with ``k`` experts at 1 token each (``tk``): t(n experts, m tokens each) = call +
+    n·(per expert + m·per token). Noise never makes a part negative (a negative part is 0)."""
+    per_token = max((t16 - t1) / 15, 1e-8)
+    one_expert = max((tk - t1) / (k - 1), per_token) if k > 1 else t1  # an expert more, at one token
+    return max(t1 - one_expert, 0.0), one_expert - per_token, per_token
+
+
+def cold_experts(layers: Sequence, k: int = 1) -> Iterator[tuple[object, list[int]]]:
+    """(layer, k of its experts) for each timed CPU call: every expert of every layer in turn, so that an expert
+    comes back only after all the others, from DRAM as in decode (where all experts exceed the host's caches).
 
     Timing one expert again and again times it from the last-level cache: on the H200 host (300 MiB L3) a
     176 MB Mixtral expert stays there, and the first GPU run (make gpu-check, 2026-12-04) calibrated 3.0 ms
     per CPU expert against 3.2 ms per fetch, so the planner sent misses to a CPU slower than it measured."""
-    return itertools.cycle([(layer, e) for layer in layers for e in range(layer.num_experts)])
+    return itertools.cycle([(layer, [(e + i) % layer.num_experts for i in range(min(k, layer.num_experts))])
+                            for layer in layers for e in range(0, layer.num_experts, k)])
 
 
-def calibrate(copy_one: Callable[[], int], cpu_mlp: Callable[[int], None], device: torch.device,
-              issue_prefetch: Callable[[], None], device_mlp: Callable[[int], None], repeats: int = 3) -> CostModel:
-    """Measure ``copy_one()`` (copies one expert, returns its bytes), ``cpu_mlp(tokens)`` (one expert's
-    tokens on a CPU worker, waited for), ``issue_prefetch()`` (an asynchronous copy, waited for) and
-    ``device_mlp(tokens)`` (one expert's tokens computed from a cache slot)."""
+def calibrate(copy_one: Callable[[], int], cpu_mlp: Callable[[int, int], None], device: torch.device,
+              issue_prefetch: Callable[[], None], device_mlp: Callable[[int], None], repeats: int = 3,
+              cpu_call_experts: int = CPU_CALL_EXPERTS) -> CostModel:
+    """Measure ``copy_one()`` (copies one expert, returns its bytes), ``cpu_mlp(tokens, experts)`` (that many
+    experts' tokens each, as one layer-step's CPU job on a worker, waited for), ``issue_prefetch()`` (an
+    asynchronous copy, waited for) and ``device_mlp(tokens)`` (one expert's tokens computed from a cache slot)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     nbytes = copy_one()  # also warms the path up
     copy_s = max(_best_of(copy_one, repeats, sync), 1e-7)
-    cpu_fixed, per_token = _line(cpu_mlp, repeats, lambda: None)
+    k = max(cpu_call_experts, 1)
+    cpu_mlp(1, 1)
+    times = [_best_of(lambda t=t, n=n: cpu_mlp(t, n), repeats, lambda: None) for t, n in ((1, 1), (16, 1), (1, k))]
+    call_s, cpu_fixed, per_token = cpu_costs(*times, k)
     device_fixed, device_per_token = _line(device_mlp, repeats, sync)
     issue_prefetch()
     if device.type == "cuda":  # the copy runs on its own stream: the model thread pays the launch only
@@ -108,4 +131,4 @@ def calibrate(copy_one: Callable[[], int], cpu_mlp: Callable[[int], None], devic
         issue_s = max(_best_of(issue_prefetch, repeats, sync) - copy_s, 0.0)
     return CostModel(h2d_bytes_per_s=nbytes / copy_s, expert_bytes=nbytes, cpu_overhead_s=cpu_fixed,
                      cpu_s_per_token=per_token, prefetch_issue_s=issue_s, device_overhead_s=device_fixed,
-                     device_s_per_token=device_per_token)
+                     device_s_per_token=device_per_token, cpu_call_s=call_s)

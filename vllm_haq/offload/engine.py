@@ -44,7 +44,7 @@ from vllm_haq.kernels import (RouteGroups, cpu_expert_routes, cpu_fused_ok, cpu_
 from vllm_haq.kernels.moe import all_shard_route_amax, route_rows
 from vllm_haq.kernels import cpu_int8
 from vllm_haq.offload.options import OffloadConfig
-from vllm_haq.offload.cost import CostModel, calibrate, cold_experts
+from vllm_haq.offload.cost import CPU_CALL_EXPERTS, CostModel, calibrate, cold_experts
 from vllm_haq.offload.planner import eviction_scores
 from vllm_haq.offload.policy import make_policy
 from vllm_haq.offload.routing_stats import OffloadCounters, RoutingStatistics
@@ -160,10 +160,10 @@ class OffloadEngine(HostJobs, Reporting):
             })
             self._started = True
             log.info("vllm-haq offload (%s): policy %s, %d/%d experts on %s (%.1f MiB), slots per layer %s, "
-                     "%d CPU workers of %d threads; H2D %.2f GB/s, CPU expert %.3f ms + %.3f ms/token", self.name,
-                     self.config.policy, sum(per_layer), num_layers * num_experts, self.device,
-                     cache_bytes / 2**20, per_layer, threads, share, self.cost.h2d_bytes_per_s / 1e9,
-                     self.cost.cpu_overhead_s * 1e3, self.cost.cpu_s_per_token * 1e3)
+                     "%d CPU workers of %d threads; H2D %.2f GB/s, CPU call %.3f ms + %.3f ms an expert + "
+                     "%.3f ms/token", self.name, self.config.policy, sum(per_layer), num_layers * num_experts,
+                     self.device, cache_bytes / 2**20, per_layer, threads, share, self.cost.h2d_bytes_per_s / 1e9,
+                     self.cost.cpu_call_s * 1e3, self.cost.cpu_overhead_s * 1e3, self.cost.cpu_s_per_token * 1e3)
 
     def _routing_statistics(self, num_layers: int, num_experts: int) -> RoutingStatistics:
         r = self.routing
@@ -192,23 +192,28 @@ class OffloadEngine(HostJobs, Reporting):
         first = self.order[0]
         scratch = ExpertTensors.empty_like(first.host, 1, self.device)
         hidden = first.host.w13.shape[2]
-        cold = cold_experts(self.order)
+        k = min(CPU_CALL_EXPERTS, first.num_experts)
+        cold = cold_experts(self.order, k)
 
-        def fused(stack: ExpertTensors, tokens: int, expert: int = 0) -> None:  # one expert's tokens, one call
-            cpu_moe_forward(torch.randn(tokens, hidden), torch.ones(tokens, 1),
-                            torch.full((tokens, 1), expert, dtype=torch.int64), stack)
+        def fused(stack: ExpertTensors, tokens: int, experts: list[int]) -> None:  # these experts' tokens, one call
+            n = len(experts)
+            cpu_moe_forward(torch.randn(tokens, hidden), torch.ones(tokens, n),
+                            torch.tensor(experts, dtype=torch.int64).expand(tokens, n), stack)
 
-        def cpu_mlp(tokens: int) -> None:  # as the engine runs it: on a worker, waited for; a cold expert
-            layer, e = next(cold)
+        def cpu_mlp(tokens: int, n: int) -> None:  # as the engine runs a layer-step's CPU experts: on workers,
+            layer, experts = next(cold)  # waited for; cold experts
+            experts = experts[:n]
             if self._fused:
-                self._pool.submit(in_inference_mode, fused, layer.host, tokens, e).result()
+                self._pool.submit(in_inference_mode, fused, layer.host, tokens, experts).result()
             else:
-                x = torch.randn(tokens, hidden)
-                self._pool.submit(in_inference_mode, expert_mlp, x, *layer.host.gemms(e, self.out_dtype)).result()
+                jobs = [self._pool.submit(in_inference_mode, expert_mlp, torch.randn(tokens, hidden),
+                                          *layer.host.gemms(e, self.out_dtype)) for e in experts]
+                for job in jobs:
+                    job.result()
 
         def device_mlp(tokens: int) -> None:  # from a cache slot, as hits are computed
             if self._fused and self.device.type == "cpu":
-                return fused(scratch, tokens)
+                return fused(scratch, tokens, [0])
             rows = torch.randn(tokens, hidden, device=self.device)
             expert_mlp(rows, *scratch.gemms(0, self.out_dtype, self._backend))
 
@@ -220,7 +225,7 @@ class OffloadEngine(HostJobs, Reporting):
                 self._copier.submit(in_inference_mode, copy_expert, scratch, 0, first.host, 0).result()
 
         cost = calibrate(lambda: copy_expert(scratch, 0, first.host, 0, non_blocking=True), cpu_mlp, self.device,
-                         issue_prefetch, device_mlp)
+                         issue_prefetch, device_mlp, cpu_call_experts=k)
         if isinstance(self._copier, InlineExecutor):  # a prefetch is the copy itself, in the model thread
             cost.prefetch_issue_s = cost.fetch_s()
         if self._copy_stream is not None:

@@ -52,7 +52,8 @@ def list_schedule(misses: dict[int, int], order: list[int], cost: CostModel, dev
     List scheduling: each miss goes to the side where it finishes earlier —
     fetched: after the copies before it, then computed on the device once the device is free
     (``device_busy_s``: the hits, computed while the first copies run); on the CPU: after the
-    CPU jobs before it. So the step's makespan over copy engine, device and CPU workers is
+    CPU jobs before it (the first CPU miss also pays the call's fixed cost, ``cost.cpu_call_s``: a
+    layer-step's CPU experts are one call). So the step's makespan over copy engine, device and CPU workers is
     balanced with the calibrated costs, whatever the hardware's ratios. A fetch also evicts:
     with ``admission`` (called once, when a fetch is first worth considering: the keep-values
     of the misses and of the residents, lowest first), the i-th fetch pays for evicting a more
@@ -70,7 +71,7 @@ def list_schedule(misses: dict[int, int], order: list[int], cost: CostModel, dev
     victims: list[float] = []
     for e in order:
         fetched_done = max(device_t, pcie_t + cost.fetch_s()) + cost.device_s(misses[e])
-        cpu_done = cpu_t + cost.cpu_s(misses[e])
+        cpu_done = (cpu_t if cpu else cost.cpu_call_s) + cost.cpu_s(misses[e])
         penalty = 0.0
         if admission is not None and fetched_done <= cpu_done:
             if keep is None:
