@@ -1,6 +1,8 @@
 """The int8 numerics (vllm_haq.quant) and the CPU kernels (vllm_haq.kernels) against float64 references."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,6 +111,39 @@ def test_onednn_self_check_recognises_the_arithmetic_of_this_cpu():
     assert arithmetic in (ONEDNN_EXACT, ONEDNN_SATURATING), f"{arithmetic} (CPU's VNNI/AMX flags: {int8_dot})"
     if not int8_dot:
         assert arithmetic == ONEDNN_SATURATING, "no VNNI/AMX, yet oneDNN's int8 GEMM does not saturate"
+
+
+@pytest.mark.parametrize("isa", [None, "AVX2"])
+def test_int8_products_stay_exact_whichever_path_the_probe_picks(isa):
+    """``int8_products`` takes oneDNN's int8 GEMM only where a probe found it exact. With oneDNN held to AVX2
+    (``ONEDNN_MAX_CPU_ISA``: the arithmetic of CPUs without VNNI, which saturates int16 pair sums) the probe
+    must refuse it, and the products must stay exact on data that saturates that path."""
+    code = """if True:
+        import torch
+        from vllm_haq.quant.int8 import _probe_onednn, int8_products
+        exact, why = _probe_onednn()
+        x = torch.full((9, 700), 127, dtype=torch.int8)
+        w = torch.randint(-127, 128, (700, 33), dtype=torch.int8)
+        w[:, 0] = 127
+        ok = torch.equal(int8_products(x, w).long(), x.long() @ w.long())
+        raw = torch.equal(torch._int_mm(x, w).long(), x.long() @ w.long())
+        print(exact, ok, raw, why)
+    """
+    env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {}))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    exact, ok, raw = out.stdout.split()[:3]
+    assert ok == "True", out.stdout
+    if raw == "False":  # oneDNN saturates here: the probe must have seen it
+        assert exact == "False", out.stdout
+    if isa == "AVX2":
+        assert (exact, raw) == ("False", "False"), out.stdout
+
+
+def test_int8_products_switched_off_uses_blas(monkeypatch):
+    from vllm_haq.quant import int8 as int8_mod
+
+    monkeypatch.setenv("HAQ_ONEDNN_INT8", "off")
+    assert int8_mod._probe_onednn() == (False, "HAQ_ONEDNN_INT8=off")
 
 
 def test_int16_saturating_model_saturates_pairs_and_is_exact_below():

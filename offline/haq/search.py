@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from vllm_haq.quant import quantize_per_token, quantize_weight_per_channel
+from vllm_haq.quant import int8_products, quantize_per_token, quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver
 from vllm_haq.quant.rotation import rotate, rotate_hessian
 from vllm_haq.quant.smoothing import smooth_weight
@@ -165,9 +165,11 @@ def routed_rows(t: WorkingTensors, g: SmoothGroup, stats: InputStats, x: torch.T
 
 
 def output_error(y: torch.Tensor, xq: QuantizedRows, wq: QuantizedRows) -> float:
-    """‖Q(x)·Q(W)ᵀ − y‖² of a W8A8 product (per-token activation scales, per-channel weight scales)."""
+    """‖Q(x)·Q(W)ᵀ − y‖² of a W8A8 product (per-token activation scales, per-channel weight scales); the
+    integer products exact (:func:`int8_products`; on the CPU ~9x faster than float32 where oneDNN is exact)."""
     (xi, xsc), (wi, wsc) = xq, wq
-    return float(((xi.float() @ wi.float().t()) * xsc * wsc.t() - y).pow(2).sum())
+    acc = int8_products(xi, wi.t()) if xi.device.type == "cpu" else xi.float() @ wi.float().t()
+    return float((acc.float() * xsc * wsc.t() - y).pow(2).sum())
 
 
 def gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor, s: torch.Tensor | None,

@@ -55,7 +55,7 @@ class HessianAccumulator:
         if self.h.dtype == torch.float32 and x.dtype == torch.float32:  # wide inputs: no n×n temporary
             self.h.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
         else:
-            self.h.mul_(self.n / total).add_((x.t() @ x).to(self.h.dtype), alpha=2.0 / total)
+            self.h.mul_(self.n / total).add_(gram(x).to(self.h.dtype), alpha=2.0 / total)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0).double())
         self.n = total
 
@@ -63,6 +63,28 @@ class HessianAccumulator:
         """H, handed over: the accumulator lets go of it so that a solver may overwrite and free it."""
         h, self.h = self.h, None
         return h
+
+
+GRAM_BLOCKS = 4  # column blocks of xᵀx: the upper (b+1)/2b of the products (62.5% at 4), the rest mirrored
+
+
+def gram(x: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
+    """xᵀx [K, K] of ``x`` [M, K] from its upper block triangle only, each product one BLAS call, mirrored.
+
+    xᵀx is symmetric but a GEMM computes both halves; the converter's Hessian accumulation spent ~1 s a
+    SmolLM2 layer in it on 2 cores (its inputs: 32k calibration rows). Exactly symmetric; each element is a
+    dot product of the same columns as the full GEMM's, summed in the BLAS's own order."""
+    k = x.shape[1]
+    if blocks <= 1 or k < 2 * blocks:
+        return x.t() @ x
+    out = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    edges = [k * i // blocks for i in range(blocks + 1)]
+    for i in range(blocks):
+        a0, a1 = edges[i], edges[i + 1]
+        xa = x[:, a0:a1]
+        out[a0:a1, a0:].copy_(xa.t() @ x[:, a0:])
+        out[a1:, a0:a1].copy_(out[a0:a1, a1:].t())
+    return out
 
 
 def hessian_weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -187,11 +209,18 @@ class GPTQSolver:
         return q_t.to(torch.int8), err_t
 
 
+ROW_PERMUTE_MIN = 4096  # Hessians at least this wide are permuted in place on the CPU (an n×n temporary is large)
+
+
 def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, by_rows: bool | None = None) -> None:
-    """``h ← h[perm][:, perm]`` in place, ``by_rows`` (the CPU's default) one row (then column) at a time along
-    the permutation's cycles, with no n×n temporary; else (a GPU's, where one small copy per row would cost a
-    kernel launch each and memory is not the limit) by two index_selects. Exact either way: a permutation."""
-    if not (h.device.type == "cpu" if by_rows is None else by_rows):
+    """``h ← h[perm][:, perm]`` in place, ``by_rows`` (the CPU's default for Hessians of ROW_PERMUTE_MIN inputs
+    or more) one row (then column) at a time along the permutation's cycles, with no n×n temporary; else (a
+    GPU's, where one small copy per row would cost a kernel launch each and memory is not the limit, and small
+    Hessians, where the Python loop over rows cost more than the copy: 5 s of a SmolLM2 conversion) by two
+    index_selects. Exact either way: a permutation."""
+    if by_rows is None:
+        by_rows = h.device.type == "cpu" and h.shape[0] >= ROW_PERMUTE_MIN
+    if not by_rows:
         h.copy_(h.index_select(0, perm).index_select(1, perm))
         return
     order = perm.tolist()
