@@ -227,22 +227,31 @@ def w8a8_linear_reference(
     bias: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
     rotation: int | None = None,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float32 output of a W8A8 linear layer computed the way the runtime does.
 
     The activations are divided by ``smooth``, then rotated by the block-Hadamard
-    of order ``rotation`` (``vllm_haq.quant.rotation``), then quantized per token;
-    int32-exact accumulation via float64, then scales, then bias. This is the
-    pure-PyTorch path the converter uses to run quantized layers and tests use
-    as the reference for the served model.
+    of order ``rotation`` (``vllm_haq.quant.rotation``), then quantized per token
+    (:func:`quantize_input`; ``quantized``: its result for this ``x``, computed once
+    for the linears that share an input); int32-exact accumulation via float64, then
+    scales, then bias. This is the pure-PyTorch path the converter uses to run
+    quantized layers and tests use as the reference for the served model.
     """
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if rotation is not None:
-        x2 = rotate(x2.float() if smooth is None else x2.float() / smooth, rotation)
-        smooth = None
-    x_q, x_s = quantize_per_token(x2, smooth)
+    x_q, x_s = quantize_input(x, smooth, rotation) if quantized is None else quantized
     y = int8_matmul_reference(x_q, x_s, w_q, w_scale, torch.float32)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], w_q.shape[0])
+
+
+def quantize_input(x: torch.Tensor, smooth: torch.Tensor | None = None, rotation: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A W8A8 linear's int8 input rows [-1, in] and per-token scales: ``x`` divided by ``smooth``, rotated by
+    the block-Hadamard of order ``rotation``, quantized per token (as :func:`w8a8_linear_reference` runs it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if rotation is not None:
+        x2 = rotate(x2.float() if smooth is None else x2.float() / smooth, rotation)
+        smooth = None
+    return quantize_per_token(x2, smooth)
