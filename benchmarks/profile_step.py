@@ -36,7 +36,8 @@ from offload_traces import TOPOLOGIES, prior_of, streams, synthetic_trace  # noq
 from vllm_haq.offload import OffloadConfig  # noqa: E402
 
 CONFIGS = {"resident": {}, "haq-25": {"policy": "haq", "expert_fraction": 0.25},
-           "lru-25": {"policy": "lru", "expert_fraction": 0.25}}
+           "lru-25": {"policy": "lru", "expert_fraction": 0.25},
+           "static-25": {"policy": "static", "expert_fraction": 0.25}}  # Fiddler's: misses on the CPU
 
 
 def _steps(engine, routes, first, count, x, weights, device) -> float:

@@ -35,8 +35,8 @@ OFFLOAD = {
     "dry": ["--device", "cpu", "--layers", "2", "--steps", "4", "--warmup", "1", "--repeats", "1", "--batches", "1",
             "--traces", "synthetic"],
 }
-# the decode step's host time per function and device busy time (benchmarks/profile_step.py): all-resident, HAQ and
-# LRU at 25%, Mixtral width, batch 1 (dry: shrunk to hidden 256)
+# the decode step's host time per function and device busy time (benchmarks/profile_step.py): all-resident, HAQ,
+# LRU and static (Fiddler's) at 25%, Mixtral width, batch 1 (dry: shrunk to hidden 256)
 PROFILE = {
     "gpu": ["--device", "cuda", "--steps", "16"],
     "dry": ["--device", "cpu", "--hidden", "256", "--steps", "4", "--warmup", "1", "--top", "20"],
