@@ -14,6 +14,9 @@ FORBIDDEN = {
     "vllm_haq/quant": {"vllm", "vllm_haq.format", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/errors.py": {"vllm", "vllm_haq.quant", "vllm_haq.format", "vllm_haq.kernels", "vllm_haq.offload",
                            "vllm_haq.vllm", "offline"},
+    # the C++ extensions' builder, below both the converter's numerics and the kernels: stdlib and torch only
+    "vllm_haq/native.py": {"vllm", "vllm_haq.errors", "vllm_haq.quant", "vllm_haq.format", "vllm_haq.kernels",
+                           "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/format": {"vllm", "vllm_haq.kernels", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/kernels": {"vllm_haq.format", "vllm_haq.offload", "vllm_haq.vllm", "offline"},
     "vllm_haq/offload": {"vllm", "vllm_haq.vllm", "offline"},

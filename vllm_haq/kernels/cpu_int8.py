@@ -7,29 +7,27 @@ weight once per call (``cpu/int8_gemm.cpp``: vpabsb/vpsignb + vpmaddubsw + vpmad
 [-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one
 in its workers). Hosts with AVX-512 VNNI get the same source built with vpdpbusd (see :func:`_variant`).
 
-Built with ``torch.utils.cpp_extension.load`` (g++, ninja; cached in torch's extensions directory, ~30 s the
-first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or ``HAQ_CPU_INT8_KERNEL=off``,
-:func:`available` is False, the reason is logged once and callers keep the BLAS path. The call is one
-opaque op, ``vllm_haq::cpu_int8_mm``, so torch.compile (vLLM's CPU build) does not trace into it.
+Built with ``torch.utils.cpp_extension.load`` by :mod:`vllm_haq.native` (g++, ninja; cached in torch's
+extensions directory, ~30 s the first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or
+``HAQ_CPU_INT8_KERNEL=off``, :func:`available` is False, the reason is logged once and callers keep the BLAS
+path. The call is one opaque op, ``vllm_haq::cpu_int8_mm``, so torch.compile (vLLM's CPU build) does not trace into it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
-import time
 
 import torch
+
+from vllm_haq import native
 
 log = logging.getLogger("vllm_haq.kernels")
 
 ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it; "avx2": the AVX2 build on VNNI hosts too
 ENV_THREADS = "HAQ_CPU_GEMM_THREADS"  # threads per call (default: the cores this process may run on)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "int8_gemm.cpp")
-_state: dict = {}
-_lock = threading.Lock()
 
 
 _VNNI_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")  # /proc/cpuinfo names of what the VNNI build uses
@@ -59,58 +57,24 @@ def _variant(switch: str) -> tuple[str, list[str], str]:
 
 
 def _build():
+    off = native.switched_off(ENV_SWITCH)
+    if off:
+        return None, off
     switch = os.environ.get(ENV_SWITCH, "").lower()
-    if switch in ("off", "0", "false", "no"):
-        return None, f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX2" not in capability and "AVX512" not in capability:
         return None, f"this CPU has no AVX2 (torch reports {capability})"
     name, flags, why = _variant(switch)
-    # One build directory per source text: checkouts of different versions (git worktrees, an upgrade beside a
-    # running server) would otherwise rebuild torch's one "haq_cpu_int8" directory under each other.
-    with open(_SOURCE, "rb") as f:
-        name = f"{name}_{hashlib.sha256(f.read()).hexdigest()[:12]}"
-    try:
-        module = _load(name, flags)
-    except Exception as exc:  # noqa: BLE001 - no compiler, failed build: keep the BLAS path
-        return None, f"building {_SOURCE} ({name}) failed: {type(exc).__name__}: {str(exc).strip()[-300:]}"
-    return module, why
+    return native.try_load(name, _SOURCE, ["-mavx2", "-mfma", *flags], why)
 
 
-STALE_LOCK_S = 600  # a build lock older than this was left by a process killed while holding it
-
-
-def _load(name: str, flags: list[str]):
-    """The extension ``name`` (its source hash is in the name): imported directly when already built, else built.
-
-    torch's ``load`` takes a lock file in the build directory on every call, even to find the build up to date,
-    and a process killed while holding it (a stopped server, a timed-out job) leaves it behind: every later load
-    then waits forever. A built module is therefore imported without the lock, and a build lock older than
-    ``STALE_LOCK_S`` is removed (with a warning) before building."""
-    from torch.utils import cpp_extension  # noqa: PLC0415 (needs a compiler only when used)
-
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if os.path.exists(os.path.join(build_dir, name + cpp_extension.LIB_EXT)):
-        return cpp_extension._import_module_from_library(name, build_dir, True)
-    lock = os.path.join(build_dir, "lock")
-    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
-        log.warning("vllm-haq: removing the stale build lock %s (left by a killed process)", lock)
-        os.remove(lock)
-    return cpp_extension.load(name=name, sources=[_SOURCE],
-                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off", *flags],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+_extension = native.Extension("CPU int8 kernel", _build, log)
+_state = _extension.state  # "module" and "why", once decided
 
 
 def _module():
     """The built extension or None (decided once per process, the reason logged)."""
-    if "module" not in _state:
-        with _lock:
-            if "module" not in _state:
-                module, why = _build()
-                _state["module"], _state["why"] = module, why
-                log.log(logging.INFO if module else logging.WARNING, "vllm-haq: CPU int8 kernel %s (%s)",
-                        "enabled" if module else "not used", why)
-    return _state["module"]
+    return _extension.module()
 
 
 def available() -> bool:
