@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 
+from vllm_haq.quant import gptq_cpu
 from vllm_haq.quant.int8 import INT8_MAX, weight_scale_from_amax
 
 
@@ -192,9 +193,15 @@ class GPTQSolver:
 
         The block is held transposed (``w_t`` [columns, rows]): a column is a contiguous row, and every step
         writes into preallocated buffers. The same float operations as the textbook column loop over
-        ``w[:, j]`` (tests/test_smoothing_gptq.py compares the bits), 2-4x faster on the CPU."""
+        ``w[:, j]`` (tests/test_smoothing_gptq.py compares the bits), 2-4x faster on the CPU. There, compiled
+        (:mod:`vllm_haq.quant.gptq_cpu`: one call instead of ~8 torch ops per column), unless it cannot be
+        built or ``HAQ_GPTQ_CPU_KERNEL=off``; the same bits (tests/test_gptq_native.py)."""
         n = w_t.shape[0]
         q_t, err_t, tmp = (b[:n] for b in buffers)
+        if gptq_cpu.usable(w_t, scale, hinv_blk):
+            q_t = torch.empty(w_t.shape, dtype=torch.int8)
+            gptq_cpu.columns(w_t, scale, hinv_blk, q_t, err_t)
+            return q_t, err_t
         for j in range(n):
             col, qcol, err = w_t[j], q_t[j], err_t[j]
             torch.div(col, scale, out=qcol)
