@@ -46,3 +46,28 @@ def test_unsupported_architectures_are_named():
         spec_for({"model_type": "llama", "rope_scaling": {"rope_type": "mrope"}, "num_hidden_layers": 1})
     with pytest.raises(UnsupportedModelError, match="post-LayerNorm"):
         spec_for({"model_type": "opt", "do_layer_norm_before": False, "hidden_size": 8})
+
+
+def test_a_shared_w8a8_input_is_quantized_once_and_again_when_it_changes():
+    """LayerTensors quantizes an input once for the linears that read it (q/k/v, gate/up), also under
+    torch.inference_mode (generation; inference tensors keep no version counter: the first GPU run of the cache
+    failed there), and again once the tensor is modified in place."""
+    from vllm_haq.quant import quantize_weight_per_channel, w8a8_linear_reference
+
+    gen = torch.Generator().manual_seed(0)
+    w = {n: quantize_weight_per_channel(torch.randn(8, 16, generator=gen)) for n in ("a", "b")}
+    lt = LayerTensors({f"{n}.{k}": v for n, (q, s) in w.items() for k, v in (("weight", q), ("weight_scale", s))})
+    x = torch.randn(3, 16, generator=gen)
+
+    def expect(n, x):
+        return w8a8_linear_reference(x, *w[n])
+
+    assert torch.equal(lt.linear("a", x), expect("a", x)) and torch.equal(lt.linear("b", x), expect("b", x))
+    cached = lt._last_input[4]
+    lt.linear("b", x)
+    assert lt._last_input[4] is cached
+    x.mul_(2)  # the same tensor, new values: quantized again
+    assert torch.equal(lt.linear("a", x), expect("a", x)) and lt._last_input[4] is not cached
+    with torch.inference_mode():
+        xi = torch.randn(3, 16)
+        assert torch.equal(lt.linear("a", xi), expect("a", xi)) and torch.equal(lt.linear("b", xi), expect("b", xi))

@@ -201,3 +201,14 @@ def test_the_moe_runtime_takes_one_rotation_per_expert_input():
     for rotation, explicit, pattern in cases.values():
         with pytest.raises(CheckpointError, match=pattern):
             _expert_rotation(HAQQuantConfig(input_rotation=rotation), prefix, 4, explicit)
+
+
+def test_rotating_in_blocks_of_rows_gives_each_rows_own_bits():
+    """rotate() takes large CPU inputs a block of rows at a time (through every butterfly stage while it is in
+    cache): each row's result must be the bits of that row rotated alone."""
+    from vllm_haq.quant import rotation as rot
+
+    x = torch.randn((rot._CHUNK_ELEMENTS // 256) * 2 + 3, 256, generator=torch.Generator().manual_seed(1))
+    got = rot.rotate(x, 128)
+    assert torch.equal(got[:5], torch.cat([rot.rotate(x[i : i + 1], 128) for i in range(5)]))
+    assert torch.equal(got[-3:], torch.cat([rot.rotate(x[i : i + 1], 128) for i in range(x.shape[0] - 3, x.shape[0])]))

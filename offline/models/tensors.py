@@ -49,11 +49,12 @@ class LayerTensors:
         """``quantize_input(x, smooth, rotation)``, reused while the same unchanged ``x`` feeds linears with the
         same smoothing and rotation (q/k/v, gate/up): rotating and quantizing it once per linear cost ~10 s of a
         SmolLM2 conversion."""
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last_input
-        if last is not None and last[0] is x and last[1] == x._version and last[2] is smooth and last[3] == rotation:
+        if last is not None and last[0] is x and last[1] == version and last[2] is smooth and last[3] == rotation:
             return last[4]
         quantized = quantize_input(x, smooth, rotation)
-        self._last_input = (x, x._version, smooth, rotation, quantized)
+        self._last_input = (x, version, smooth, rotation, quantized)
         return quantized
 
 
