@@ -34,6 +34,7 @@ from offline.haq import METHODS as METHOD_SPECS
 from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
 from offline.haq.progress import NO_PROGRESS, LayerProgress, calibrated_units
 from offline.card import write_card_files
+from offline.commit import CommitWriter, torch_save_atomic
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.device import resolve_device, to_device, to_host
 from offline.models import LayerTensors, ModelSpec, global_tensor_names
@@ -122,6 +123,7 @@ class _Conversion:
         except OSError as exc:
             raise ConvertError(f"{self.work}: cannot create the work directory ({exc.strerror or exc}); "
                                "check that the output's parent exists and is writable") from exc
+        self._writer = CommitWriter()
         try:
             hidden = self._start(done)
             self.events.layers(done, self.spec.num_layers)
@@ -133,9 +135,11 @@ class _Conversion:
                 reports.append(LayerReport(i, time.time() - t0, n_quantized, err))
                 if progress is not None:
                     progress(reports[-1], self.spec.num_layers)
+            self._writer.close()
             self._finish()
             return reports
         except OSError as exc:  # disk full, read-only file system, ...: the committed layers stay resumable
+            self._writer.close(quiet=True)
             if done == 0:
                 _discard_if_empty(self.work)
             kept = (f"the finished layers are kept in {self.work}; fix it and rerun with --resume"
@@ -143,6 +147,7 @@ class _Conversion:
             raise ConvertError(f"{getattr(exc, 'filename', None) or self.work}: write failed "
                                f"({exc.strerror or exc}); {kept}") from exc
         except BaseException:
+            self._writer.close(quiet=True)
             if done == 0:
                 _discard_if_empty(self.work)
             raise
@@ -207,15 +212,23 @@ class _Conversion:
         return LayerProgress(total, lambda done, n, what: self.events.unit_done(i, done, n, what))
 
     def _commit(self, i: int, hidden: torch.Tensor | None) -> None:
-        """Persist what resuming after layer ``i`` needs, then mark the layer done (each write atomic)."""
-        if hidden is not None:
-            _torch_save_atomic(hidden, self._path(HIDDEN))
+        """Persist what resuming after layer ``i`` needs, then mark the layer done (each write atomic), on the
+        commit thread (offline.commit) from snapshots: ``hidden`` is only read from here on, the routing counts
+        and the smoothing record are copied (the next layer adds to them)."""
+        state = None
         if self.stats is not None:
-            state = self.stats.state_dict()
+            state = {k: v.clone() for k, v in self.stats.state_dict().items()}
             state["_tokens"] = torch.tensor(self.stats.tokens)
-            _torch_save_atomic(state, self._path(ROUTING_PARTIAL))
-        write_json_atomic(self._path(PROGRESS), {"fingerprint": self.fingerprint, "done_layers": i + 1,
-                                           "smoothing": self.smoothing})
+        progress = {"fingerprint": self.fingerprint, "done_layers": i + 1,
+                    "smoothing": json.loads(json.dumps(self.smoothing))}
+        self._writer.submit(self._write_commit, hidden, state, progress)
+
+    def _write_commit(self, hidden: torch.Tensor | None, state: dict | None, progress: dict) -> None:
+        if hidden is not None:
+            torch_save_atomic(hidden, self._path(HIDDEN))
+        if state is not None:
+            torch_save_atomic(state, self._path(ROUTING_PARTIAL))
+        write_json_atomic(self._path(PROGRESS), progress)
 
     def _finish(self) -> None:
         from safetensors import safe_open
@@ -374,11 +387,6 @@ def _fingerprint(model_dir: str, opts: ConvertOptions) -> str:
     h.update(json.dumps(d, sort_keys=True).encode())
     h.update(__version__.encode())
     return h.hexdigest()
-
-
-def _torch_save_atomic(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
