@@ -320,10 +320,10 @@ def _reproduce_stock_vllm_w8a8(monkeypatch) -> str:
         x_q, x_s, _ = ops.onednn_scaled_int8_quant(x.float().contiguous(), None, None, True)
         return x_q, x_s
 
-    def matmul_like_onednn(x_q, x_scale, w_q, w_scale):
+    def matmul_like_onednn(x_q, x_scale, w_q, w_scale, out_dtype=torch.float64):
         acc = (x_q.double() @ w_q.double().t() if arithmetic == ONEDNN_EXACT
                else int8.int8_matmul_int16_saturating(x_q, w_q).double())
-        return acc * x_scale.double() * w_scale.double().t()
+        return (acc * x_scale.double() * w_scale.double().t()).to(out_dtype)
 
     monkeypatch.setattr(int8, "quantize_per_token", quantize_like_vllm)
     monkeypatch.setattr(int8, "int8_matmul_reference", matmul_like_onednn)
