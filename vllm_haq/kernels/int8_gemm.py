@@ -24,9 +24,11 @@ Backends (chosen in one place, :func:`select_backend`):
   Triton quantization fuses); the rest, and the MoE's cache-slot kernels, stay Triton.
 * ``torch``   — exact int32 products without vLLM: ``torch._int_mm`` on CUDA; on
   CPU this package's AVX2 kernel (:mod:`.cpu_int8`, near memory bandwidth at
-  decode), else (where ``_int_mm`` is a naive loop, ~100x slower than BLAS) the same
-  integers via float32 BLAS in K-chunks of 1024, each chunk exact because
-  1024 * 127**2 < 2**24. Weights stay int8 in memory either way.
+  decode), else the same integers via float32 BLAS in K-chunks of 1024, each chunk
+  exact because 1024 * 127**2 < 2**24 (the CPU's ``_int_mm`` is oneDNN, which
+  saturates int16 pair sums without VNNI/AMX; the converter takes it only where
+  :func:`vllm_haq.quant.int8.onednn_int8_is_exact` finds it exact). Weights stay
+  int8 in memory either way.
 """
 
 from __future__ import annotations
