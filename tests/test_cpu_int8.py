@@ -20,7 +20,7 @@ def _exact(x, w):
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
-@pytest.mark.parametrize("k", [1, 31, 32, 33, 4096 + 7])
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 96 + 5, 4096 + 7])
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_products_are_exact_at_every_shape(m, k, n):
     g = torch.Generator().manual_seed(m * 10007 + k * 31 + n)
@@ -103,6 +103,8 @@ def _stack(experts, hidden, inter, seed, smooth=False, rotation=None, full_range
         w13[:, 0, :] = -128  # llm-compressor's weights may hold -128
         w2[:, -1, :] = -128
     sm = torch.rand(experts, hidden, generator=g) + 0.5 if smooth else None
+    if smooth == "shared":  # one smoothing for every expert: the kernel quantizes each token once
+        sm = sm[:1].expand(experts, hidden).contiguous()
     return ExpertTensors(w13, torch.rand(experts, 2 * inter, 1, generator=g) * 1e-2 + 1e-3, w2,
                          torch.rand(experts, hidden, 1, generator=g) * 1e-2 + 1e-3, sm, down_rotation=rotation)
 
@@ -116,14 +118,14 @@ def _loop(x, weights, ids, stack):
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 5, 33])
-@pytest.mark.parametrize("case", ["plain", "smooth", "rotation", "odd-shapes", "full-range"])
+@pytest.mark.parametrize("case", ["plain", "smooth", "shared-smooth", "rotation", "odd-shapes", "full-range"])
 def test_one_call_gives_the_per_expert_loop_result(tokens, case):
     """Same int8 products, scales and quantization as the per-expert loop: the only float step computed
     differently is SiLU's exp, so the results agree to float rounding (most often bit for bit)."""
     from vllm_haq.kernels import cpu_moe_forward
 
     hidden, inter = (72, 44) if case == "odd-shapes" else (128, 96)  # K tails, short row tiles
-    stack = _stack(6, hidden, inter, seed=tokens, smooth=case == "smooth",
+    stack = _stack(6, hidden, inter, seed=tokens, smooth={"smooth": True, "shared-smooth": "shared"}.get(case, False),
                    rotation=32 if case == "rotation" else None, full_range=case == "full-range")
     g = torch.Generator().manual_seed(100 + tokens)
     x = torch.randn(tokens, hidden, generator=g) * 3
@@ -326,7 +328,8 @@ def test_the_build_follows_the_host_and_avx2_can_be_forced():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n,rotation,smooth,bias", [(1, 576, 96, None, False, False),
                                                        (37, 1536, 40, 512, True, True),
-                                                       (300, 2048, 9, 128, False, True), (5, 64, 7, 16, True, False)])
+                                                       (300, 2048, 9, 128, False, True), (5, 64, 7, 16, True, False),
+                                                       (3, 70, 5, None, True, False)])  # vector tails
 def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation, smooth, bias, dtype):
     """ScaledInt8Gemm on the kernel's two ops (quantize_rows, scaled_mm) gives the same bits as the torch steps
     (widening, smoothing, rotation, quantize_per_token, exact products, scaling, bias, the output dtype), over
@@ -354,6 +357,21 @@ def test_the_fused_cpu_linear_is_the_torch_linear_bit_for_bit(m, k, n, rotation,
     assert got.dtype == dtype and torch.equal(got, torch_scaled_int8_mm(t, w.t(), w_scale, b, dtype, None, True))
     zeros = cpu_int8.cpu_quantize_rows(torch.zeros(3, k), None, 0, 1)  # all-zero rows: scale 1e-8 / 127, q 0
     assert not zeros[0].any() and torch.equal(zeros[1], quantize_per_token(torch.zeros(3, k))[1])
+
+
+def test_a_changed_header_is_a_new_build(tmp_path):
+    """The build directory is named by the hash of the source and of the local headers it includes: a checkout
+    whose int8_tile.h changed must not import the build of the old one."""
+    from vllm_haq import native
+
+    (tmp_path / "tile.h").write_text("constexpr int A = 1;\n")
+    source = tmp_path / "op.cpp"
+    source.write_text('#include <vector>\n#include "tile.h"\nint f() { return A; }\n')
+    before = native._source_hash(str(source))
+    (tmp_path / "tile.h").write_text("constexpr int A = 2;\n")
+    assert native._source_hash(str(source)) != before
+    kernels = os.path.join(os.path.dirname(cpu_int8.__file__), "cpu")
+    assert native._source_hash(os.path.join(kernels, "int8_gemm.cpp")) in cpu_int8._module().__name__
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block_loading():

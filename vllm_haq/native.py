@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from typing import Callable
@@ -33,9 +34,22 @@ def switched_off(env: str) -> str | None:
     return f"{env}={value}" if value.lower() in OFF else None
 
 
+def _source_hash(source: str) -> str:
+    """The hash of ``source``'s text and of the local headers it includes (``#include "x.h"``, next to it): a
+    changed header must not reuse a build of the old one."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        text = f.read()
+    digest.update(text)
+    for header in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+        with open(os.path.join(os.path.dirname(source), header.decode()), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
 def load(name: str, source: str, cflags: list[str]):
-    """The extension ``name`` + the hash of ``source``'s text, built from ``source`` with :data:`CFLAGS` and
-    ``cflags`` (and OpenMP) unless already built; raises where it cannot be built.
+    """The extension ``name`` + the hash of ``source``'s text (and its local headers), built from ``source`` with
+    :data:`CFLAGS` and ``cflags`` (and OpenMP) unless already built; raises where it cannot be built.
 
     One build directory per source text: checkouts of different versions (git worktrees, an upgrade beside a
     running server) would otherwise rebuild torch's one directory of that name under each other. torch's
@@ -45,8 +59,7 @@ def load(name: str, source: str, cflags: list[str]):
     ``STALE_LOCK_S`` is removed (with a warning) before building."""
     from torch.utils import cpp_extension  # noqa: PLC0415 (needs a compiler only when used)
 
-    with open(source, "rb") as f:
-        name = f"{name}_{hashlib.sha256(f.read()).hexdigest()[:12]}"
+    name = f"{name}_{_source_hash(source)}"
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     if os.path.exists(os.path.join(build_dir, name + cpp_extension.LIB_EXT)):
         return cpp_extension._import_module_from_library(name, build_dir, True)

@@ -10,167 +10,95 @@
 //
 // Built twice from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2, and with HAQ_VNNI
 // defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where the tile drops the sign step: one
-// vpdpbusd of x + 128 (unsigned) and w per 32 products, the shift taken back with the weight rows' sums (see
-// tile), and 4 token rows per tile instead of 2. The integers are the same; every tail and epilogue is shared.
+// vpdpbusd of x + 128 (unsigned) and w per 32 (or 64) products, the shift taken back with the weight rows' sums,
+// and 4 token rows per tile instead of 2. The integers are the same; every tail and epilogue is shared. The
+// register tiles are in int8_tile.h.
 //
 // moe_routes: all of one layer-step's experts served from one stacked store (host experts or cache slots) in
 // one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
 // no Python per expert. Its float steps are those of vllm_haq.quant (true division, round half to even,
-// ((float)acc * x_scale) * w_scale, the rotation's butterfly order); SiLU uses expf, not torch's vector exp.
+// ((float)acc * x_scale) * w_scale, the rotation's butterfly order); SiLU's exp is Cephes' polynomial (exp8),
+// within 2 ulp of expf, not torch's vector exp.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
 
+#include "int8_tile.h"
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <initializer_list>
 #include <vector>
 
 namespace {
 
-constexpr int RB = 4;  // weight rows per tile
+using haq::RB;
+using haq::gemm_rows;
 
-// The horizontal sums of RB = 4 vectors at once, one per lane (two hadd levels and one 128-bit add instead of
-// four separate reductions: at Qwen3's K = 768 the epilogue was a third of a tile's instructions at M = 16).
-// Integer sums, so the order does not change a bit.
-static_assert(RB == 4, "hsum4 reduces four rows");
-inline __m128i hsum4(const __m256i* v) {
-  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-}
-
-// Vector accumulators of T token rows against the tile's RB weight rows over k in [k0, k1) (multiples of 32).
-// ``next``: the next tile's RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes:
-// the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's
-// K = 768 ran at 40% of read bandwidth without this, Mixtral's K = 14336 at 95%).
-//
-// VNNI: no sign step. x + 128 (x ^ 0x80, in 1..255 since x >= -127) is the unsigned operand of vpdpbusd and w
-// the signed one, so one instruction per (row, token) and 32 bytes, and x . w = sum((x + 128) w) - 128 sum(w).
-// The row sums (``sums``) come from one more vpdpbusd with ones per row, in the first token group only (SUMS).
-// vpdpbusd wraps and never saturates, so the difference, taken modulo 2**32, is the exact product whenever that
-// fits in int32 (|x . w| <= 127 * 128 * K).
-template <int T, bool SUMS>
-inline void tile_chunk(const int8_t* const* w, const int8_t* const* x, int64_t k0, int64_t k1, __m256i* acc,
-                       __m256i* sums, const int8_t* next) {
-  __m256i a[RB][T];
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) a[r][t] = acc[t * RB + r];
-#ifdef HAQ_VNNI
-  __m256i su[RB];
-  for (int r = 0; r < RB; ++r) su[r] = sums[r];
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(1);
-#endif
-  for (int64_t k = k0; k < k1; k += 32) {
-    if (next) {  // RB * K bytes over K / 32 steps: 128 bytes (two lines) a step
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * RB), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * RB + 64), _MM_HINT_T0);
-    }
-    __m256i xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
-#ifdef HAQ_VNNI
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_xor_si256(xv[t], flip);
-    for (int r = 0; r < RB; ++r) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
-      if (SUMS) su[r] = _mm256_dpbusd_epi32(su[r], ones, wv);
-      for (int t = 0; t < T; ++t) a[r][t] = _mm256_dpbusd_epi32(a[r][t], xv[t], wv);
-    }
-#else
-    for (int r = 0; r < RB; ++r) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
-      const __m256i aw = _mm256_abs_epi8(wv);
-      for (int t = 0; t < T; ++t)
-        a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)),
-                                                              _mm256_set1_epi16(1)));
-    }
-#endif
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) acc[t * RB + r] = a[r][t];
-#ifdef HAQ_VNNI
-  if (SUMS)
-    for (int r = 0; r < RB; ++r) sums[r] = su[r];
-#endif
-}
-
-// Token rows per register tile: 4 with VNNI (32 vector registers hold 16 accumulators, 4 row sums and 4 token
-// rows), 2 on AVX2 (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1
-// (with whole rows, Mixtral's w2 tile of 4 x 14336 bytes and its token rows spilled to L2 between token groups).
-#ifdef HAQ_VNNI
-constexpr int TT = 4;
-#else
-constexpr int TT = 2;
-#endif
-constexpr int64_t TB = 16, KC = 1024;
-
-// One token group of T rows (at ``t`` of the block) over one chunk; the block's first group sums the rows.
-template <int T>
-inline void group_chunk(const int8_t* const* rows, const int8_t* x, int64_t t, int64_t K, int64_t k0, int64_t k1,
-                        __m256i* acc, __m256i* sums, const int8_t* next) {
-  const int8_t* xs[T];
-  for (int i = 0; i < T; ++i) xs[i] = x + (t + i) * K;
-  if (t == 0)
-    tile_chunk<T, true>(rows, xs, k0, k1, acc + t * RB, sums, next);
-  else
-    tile_chunk<T, false>(rows, xs, k0, k1, acc + t * RB, sums, nullptr);
-}
-
-// Products of the tile ``rows`` (RB rows of w, nb of them real) with m <= TB token rows of x; epi(r, t, int32).
-template <class Epi>
-void tile_block(const int8_t* const* rows, int nb, const int8_t* x, int64_t m, int64_t K, const int8_t* next,
-                Epi&& epi) {
-  __m256i acc[TB * RB], sums[RB];
-  for (auto& v : acc) v = _mm256_setzero_si256();
-  for (auto& v : sums) v = _mm256_setzero_si256();
-  const int64_t kv = K / 32 * 32;
-  for (int64_t k0 = 0; k0 < kv; k0 += KC) {
-    const int64_t k1 = std::min(kv, k0 + KC);
-    int64_t t = 0;
-    for (; t + TT <= m; t += TT) group_chunk<TT>(rows, x, t, K, k0, k1, acc, sums, next);
-    if (TT > 2 && t + 2 <= m) {
-      group_chunk<2>(rows, x, t, K, k0, k1, acc, sums, next);
-      t += 2;
-    }
-    if (t < m) group_chunk<1>(rows, x, t, K, k0, k1, acc, sums, next);
-  }
-#ifdef HAQ_VNNI
-  const __m128i shift = _mm_slli_epi32(hsum4(sums), 7);  // 128 * each row's sum, modulo 2**32 as vpdpbusd's
-#else
-  const __m128i shift = _mm_setzero_si128();
-#endif
-  for (int64_t t = 0; t < m; ++t) {
-    alignas(16) int32_t s[RB];
-    _mm_store_si128(reinterpret_cast<__m128i*>(s), _mm_sub_epi32(hsum4(acc + t * RB), shift));
-    for (int r = 0; r < nb; ++r) {
-      for (int64_t k = kv; k < K; ++k) s[r] += int32_t(x[t * K + k]) * int32_t(rows[r][k]);
-      epi(r, t, s[r]);
-    }
-  }
-}
-
-// Rows [n0, n1) of w [N, K] against the M contiguous token rows of x [M, K]; epi(n, t, int32) per product.
-template <class Epi>
-void gemm_rows(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t n1, const int8_t* x, int64_t M, Epi&& epi) {
-  for (int64_t n = n0; n < n1; n += RB) {
-    const int nb = static_cast<int>(std::min<int64_t>(RB, n1 - n));
-    const int8_t* rows[RB];
-    for (int r = 0; r < RB; ++r) rows[r] = w + (n + std::min(r, nb - 1)) * K;  // a short tile repeats its last row
-    const int8_t* next = n + 2 * RB <= N ? w + (n + RB) * K : nullptr;
-    for (int64_t t0 = 0; t0 < M; t0 += TB)
-      tile_block(rows, nb, x + t0 * K, std::min(TB, M - t0), K, t0 == 0 ? next : nullptr,
-                 [&](int r, int64_t t, int32_t v) { epi(n + r, t0 + t, v); });
-  }
+// |x / smooth| (or |x|) of 8 floats at i: the same IEEE division as the scalar steps.
+inline __m256 load_smoothed(const float* x, const float* smooth, int64_t i) {
+  const __m256 v = _mm256_loadu_ps(x + i);
+  return smooth ? _mm256_div_ps(v, _mm256_loadu_ps(smooth + i)) : v;
 }
 
 // HAQ's per-token quantization of one row (vllm_haq.quant.quantize_per_token): x / smooth, scale =
-// max(amax, 1e-8) / 127, q = round-half-even(x / scale) clamped to +-127. Returns the scale.
+// max(amax, 1e-8) / 127, q = round-half-even(x / scale) clamped to +-127. Returns the scale. Eight lanes at a
+// time, bit for bit the scalar steps (true divisions, round to nearest even; max and the clamps keep their
+// operand order, so a NaN lane gives what std::max/std::min give): a Qwen3 expert's 16 routes spent 12% of
+// their time in these loops as scalar code.
 float quantize_row(const float* x, const float* smooth, int64_t n, int8_t* q) {
+  const int64_t nv = n / 8 * 8;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < nv; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(load_smoothed(x, smooth, i), abs_mask), vmax);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
   float amax = 0.f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(smooth ? x[i] / smooth[i] : x[i]));
+  for (float v : lanes) amax = std::max(amax, v);
+  for (int64_t i = nv; i < n; ++i) amax = std::max(amax, std::fabs(smooth ? x[i] / smooth[i] : x[i]));
   const float scale = std::max(amax, 1e-8f) / 127.f;
-  for (int64_t i = 0; i < n; ++i) {
+  const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  for (int64_t i = 0; i < nv; i += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(load_smoothed(x, smooth, i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w, w));
+  }
+  for (int64_t i = nv; i < n; ++i) {
     const float v = std::nearbyint((smooth ? x[i] / smooth[i] : x[i]) / scale);
     q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
   }
   return scale;
+}
+
+// exp of 8 floats: Cephes' expf (n = round(x log2 e), r = x - n ln 2 in two parts, a degree-5 polynomial, 2^n
+// from the exponent bits), within 1 ulp of expf over [-87, 88] (checked over 1.9M points). Inputs are clamped
+// to that range, where 2^n is a normal float: SiLU's g / (1 + exp(-g)) differs from expf's by < 1e-36 outside it.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  for (const float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f})
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// SwiGLU in place on one route's [gate | up] row of 2 * inter floats: g / (1 + exp(-g)) * u into the gate half.
+void swiglu_row(float* g, int64_t inter) {
+  const int64_t nv = inter / 8 * 8;
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (int64_t i = 0; i < nv; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(zero, v));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + inter + i)));
+  }
+  for (int64_t i = nv; i < inter; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[inter + i];
 }
 
 // vllm_haq.quant.rotation.rotate on one row: butterflies within each block, then one scaling.
@@ -186,6 +114,8 @@ void rotate_row(float* v, int64_t n, int64_t block) {
   const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
   for (int64_t i = 0; i < n; ++i) v[i] = v[i] * s;
 }
+
+int8_t* aligned64(int8_t* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64; }
 
 void check_int8_stack(const torch::Tensor& w, const char* name) {
   TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2),
@@ -355,7 +285,10 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
   std::vector<int64_t> job_of(R);
   for (int64_t j = 0; j < jobs; ++j) std::fill(job_of.begin() + offs[j], job_of.begin() + offs[j + 1], j);
 
-  std::vector<int8_t> xq(R * H), hq(R * I);
+  // int8 operands 64-byte aligned (the 64-byte tiles' loads would otherwise split cache lines)
+  auto xq_t = torch::empty({R * H + 64}, torch::kInt8), hq_t = torch::empty({R * I + 64}, torch::kInt8);
+  int8_t* const xq = aligned64(xq_t.data_ptr<int8_t>());
+  int8_t* const hq = aligned64(hq_t.data_ptr<int8_t>());
   std::vector<float> xs(R), hs(R), h(R * I2);
   const float* xp = x.data_ptr<float>();
   float* rp = routes.data_ptr<float>();
@@ -372,12 +305,39 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
     TORCH_CHECK(t >= 0 && t < T && sp[starts[j] + r - offs[j]] >= 0 && sp[starts[j] + r - offs[j]] < k, "moe_routes: route out of range");
   }
 
+  // Where every expert of the call sees the same input (no smoothing, or one smoothing vector for all: HAQ's
+  // shared MoE smoothing), each token is quantized once and copied to its routes (Qwen3 routes each token to 8
+  // experts); else once per route, with its expert's smoothing.
+  const float* sm0 = sm ? sm + index[0] * sm_stride : nullptr;
+  bool shared = true;
+  for (int64_t j = 1; sm && shared && j < jobs; ++j)
+    shared = std::memcmp(sm0, sm + index[j] * sm_stride, H * sizeof(float)) == 0;
+  std::vector<int64_t> uniq, upos(shared ? T : 0, -1);
+  for (int64_t r = 0; shared && r < R; ++r) {
+    const int64_t t = tp[starts[job_of[r]] + r - offs[job_of[r]]];
+    if (upos[t] < 0) upos[t] = static_cast<int64_t>(uniq.size()), uniq.push_back(t);
+  }
+  const int64_t U = static_cast<int64_t>(uniq.size());
+  std::vector<int8_t> uq(U * H);
+  std::vector<float> us(U);
+
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
   {
+    if (shared) {  // 1. inputs, per token, then per route
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {  // 1. inputs, per route
-      const int64_t j = job_of[r];
-      xs[r] = quantize_row(xp + tp[starts[j] + r - offs[j]] * H, sm ? sm + index[j] * sm_stride : nullptr, H, &xq[r * H]);
+      for (int64_t u = 0; u < U; ++u) us[u] = quantize_row(xp + uniq[u] * H, sm0, H, &uq[u * H]);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t u = upos[tp[starts[job_of[r]] + r - offs[job_of[r]]]];
+        std::memcpy(xq + r * H, &uq[u * H], H);
+        xs[r] = us[u];
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t j = job_of[r];
+        xs[r] = quantize_row(xp + tp[starts[j] + r - offs[j]] * H, sm + index[j] * sm_stride, H, xq + r * H);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < jobs * tiles1; ++i) {  // 2. gate/up
@@ -385,15 +345,15 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
       const float* ws = s13p + e * s13.stride(0);
       float* hj = h.data() + offs[j] * I2;
       const float* xsj = xs.data() + offs[j];
-      gemm_rows(w13p + e * w13.stride(0), I2, H, n0, std::min(I2, n0 + RB), xq.data() + offs[j] * H, counts[j],
+      gemm_rows(w13p + e * w13.stride(0), I2, H, n0, std::min(I2, n0 + RB), xq + offs[j] * H, counts[j],
                 [&](int64_t n, int64_t t, int32_t v) { hj[t * I2 + n] = (static_cast<float>(v) * xsj[t]) * ws[n]; });
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {  // 3. SwiGLU, rotation, quantization
       float* g = h.data() + r * I2;
-      for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+      swiglu_row(g, I);
       if (rotation > 0) rotate_row(g, I, rotation);
-      hs[r] = quantize_row(g, nullptr, I, &hq[r * I]);
+      hs[r] = quantize_row(g, nullptr, I, hq + r * I);
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < jobs * tiles2; ++i) {  // 4. down, weighted into each route's row
@@ -402,7 +362,7 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
       const float* hsj = hs.data() + offs[j];
       const int64_t* tj = tp + starts[j];
       const int64_t* sj = sp + starts[j];
-      gemm_rows(w2p + e * w2.stride(0), H, I, n0, std::min(H, n0 + RB), hq.data() + offs[j] * I, counts[j],
+      gemm_rows(w2p + e * w2.stride(0), H, I, n0, std::min(H, n0 + RB), hq + offs[j] * I, counts[j],
                 [&](int64_t n, int64_t t, int32_t v) {
                   const int64_t route = tj[t] * k + sj[t];
                   rp[route * H + n] = ((static_cast<float>(v) * hsj[t]) * ws[n]) * wp[route];

@@ -1,0 +1,208 @@
+// The register tiles of vllm-haq's exact int8 GEMM (included by int8_gemm.cpp; see its header for the arithmetic).
+//
+// A tile is RB = 4 weight rows, read in their checkpoint layout (row-major [N, K]) against up to TB token rows:
+// every group of TT token rows reuses a K-chunk of the tile while it is in L1, so DRAM sees each weight byte once
+// per call. Two register widths (the Vec policies below), chosen per token block by gemm_rows:
+//  - Ymm (32 bytes): every host. With VNNI one vpdpbusd per (row, token) and 32 bytes; on AVX2 the sign trick.
+//  - Zmm (64 bytes, VNNI builds only): half the instructions per byte, for blocks of ZMM_TOKENS tokens or more,
+//    where the products are compute-bound (Qwen3-30B-A3B's experts at 16 tokens: 0.49 -> 0.40 ms on a Zen 5
+//    core). Memory-bound blocks (decode) keep Ymm: at 1-4 tokens the 64-byte steps ran 5-25% slower there.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace haq {
+
+constexpr int RB = 4;  // weight rows per tile
+
+// Token rows per register group: 4 with VNNI (32 vector registers hold 16 accumulators, 4 row sums and 4 token
+// rows), 2 on AVX2 (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1.
+#ifdef HAQ_VNNI
+constexpr int TT = 4;
+#else
+constexpr int TT = 2;
+#endif
+constexpr int64_t TB = 16, KC = 1024;
+constexpr int64_t ZMM_TOKENS = 16;  // full token blocks take the 64-byte tiles (at 8 tokens Mixtral's ran 20% slower)
+
+struct Ymm {
+  using v = __m256i;
+  static constexpr int64_t W = 32;
+  static v zero() { return _mm256_setzero_si256(); }
+  static __m256i fold(v a) { return a; }
+};
+
+#ifdef HAQ_VNNI
+struct Zmm {
+  using v = __m512i;
+  static constexpr int64_t W = 64;
+  static v zero() { return _mm512_setzero_si512(); }
+  static __m256i fold(v a) { return _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); }
+};
+#endif
+
+// The horizontal sums of RB = 4 vectors at once, one per lane (two hadd levels and one 128-bit add instead of
+// four separate reductions: at Qwen3's K = 768 the epilogue was a third of a tile's instructions at M = 16).
+// Integer sums, so the order does not change a bit.
+static_assert(RB == 4, "hsum4 reduces four rows");
+template <class V>
+inline __m128i hsum4(const typename V::v* v) {
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(V::fold(v[0]), V::fold(v[1])),
+                                      _mm256_hadd_epi32(V::fold(v[2]), V::fold(v[3])));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+// One step of W bytes: a[r][t] += products of weight row r and token row t over [k, k + W).
+//
+// VNNI: no sign step. x + 128 (x ^ 0x80, in 1..255 since x >= -127) is the unsigned operand of vpdpbusd and w
+// the signed one, so one instruction per (row, token), and x . w = sum((x + 128) w) - 128 sum(w). The row sums
+// (``su``) come from one more vpdpbusd with ones per row, in the block's first token group only (SUMS).
+// vpdpbusd wraps and never saturates, so the difference, taken modulo 2**32, is the exact product whenever that
+// fits in int32 (|x . w| <= 127 * 128 * K).
+// AVX2: |w| as u8 times x * sign(w) as s8 with vpmaddubsw gives int16 pair sums of at most 2 * 128 * 127 = 32512,
+// so nothing saturates; vpmaddwd with ones widens them to int32.
+template <int T, bool SUMS, bool HALF>
+inline void tile_step(Ymm, const int8_t* const* w, const int8_t* const* x, int64_t k, __m256i (&a)[RB][T],
+                      __m256i* su) {
+  __m256i xv[T];
+  for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
+#ifdef HAQ_VNNI
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(1);
+  for (int t = 0; t < T; ++t) xv[t] = _mm256_xor_si256(xv[t], flip);
+  for (int r = 0; r < RB; ++r) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
+    if (SUMS) su[r] = _mm256_dpbusd_epi32(su[r], ones, wv);
+    for (int t = 0; t < T; ++t) a[r][t] = _mm256_dpbusd_epi32(a[r][t], xv[t], wv);
+  }
+#else
+  (void)su;
+  for (int r = 0; r < RB; ++r) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
+    const __m256i aw = _mm256_abs_epi8(wv);
+    for (int t = 0; t < T; ++t)
+      a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)),
+                                                            _mm256_set1_epi16(1)));
+  }
+#endif
+}
+
+#ifdef HAQ_VNNI
+// HALF: the last 32 bytes of a vector part whose length is an odd multiple of 32, loaded with the upper half
+// zeroed: a zero weight byte adds nothing to a product or a row sum.
+template <int T, bool SUMS, bool HALF>
+inline void tile_step(Zmm, const int8_t* const* w, const int8_t* const* x, int64_t k, __m512i (&a)[RB][T],
+                      __m512i* su) {
+  constexpr __mmask64 half = 0xFFFFFFFFull;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi8(1);
+  __m512i xv[T];
+  for (int t = 0; t < T; ++t)
+    xv[t] = _mm512_xor_si512(HALF ? _mm512_maskz_loadu_epi8(half, x[t] + k) : _mm512_loadu_si512(x[t] + k), flip);
+  for (int r = 0; r < RB; ++r) {
+    const __m512i wv = HALF ? _mm512_maskz_loadu_epi8(half, w[r] + k) : _mm512_loadu_si512(w[r] + k);
+    if (SUMS) su[r] = _mm512_dpbusd_epi32(su[r], ones, wv);
+    for (int t = 0; t < T; ++t) a[r][t] = _mm512_dpbusd_epi32(a[r][t], xv[t], wv);
+  }
+}
+#endif
+
+// T token rows against the tile over k in [k0, k1) (multiples of 32). ``next``/``pf``: this group's share of
+// the next tile's bytes, pf of them prefetched per step (see tile_block).
+template <class V, int T, bool SUMS>
+inline void tile_chunk(const int8_t* const* w, const int8_t* const* x, int64_t k0, int64_t k1, typename V::v* acc,
+                       typename V::v* sums, const int8_t* next, int64_t pf) {
+  typename V::v a[RB][T], su[RB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < T; ++t) a[r][t] = acc[t * RB + r];
+  for (int r = 0; r < RB; ++r) su[r] = sums[r];
+  int64_t k = k0;
+  for (; k + V::W <= k1; k += V::W, next += pf) {
+    for (int64_t p = 0; p < pf; p += 64) _mm_prefetch(reinterpret_cast<const char*>(next + p), _MM_HINT_T0);
+    tile_step<T, SUMS, false>(V{}, w, x, k, a, su);
+  }
+  if (V::W > 32 && k < k1) tile_step<T, SUMS, true>(V{}, w, x, k, a, su);
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < T; ++t) acc[t * RB + r] = a[r][t];
+  if (SUMS)
+    for (int r = 0; r < RB; ++r) sums[r] = su[r];
+}
+
+// One token group of T rows (at ``t`` of the block) over one chunk; the block's first group sums the rows.
+template <class V, int T>
+inline void group_chunk(const int8_t* const* rows, const int8_t* x, int64_t t, int64_t K, int64_t k0, int64_t k1,
+                        typename V::v* acc, typename V::v* sums, const int8_t* next, int64_t pf) {
+  const int8_t* xs[T];
+  for (int i = 0; i < T; ++i) xs[i] = x + (t + i) * K;
+  if (t == 0)
+    tile_chunk<V, T, true>(rows, xs, k0, k1, acc + t * RB, sums, next, pf);
+  else
+    tile_chunk<V, T, false>(rows, xs, k0, k1, acc + t * RB, sums, next, pf);
+}
+
+// Products of the tile ``rows`` (RB rows of w, nb of them real) with m <= TB token rows of x; epi(r, t, int32).
+//
+// ``next``: the next tile's RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes:
+// the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's
+// K = 768 ran at 40% of read bandwidth without it, Mixtral's K = 14336 at 95%). Each chunk's share is spread
+// evenly over all its token groups: issued by the first group alone, the burst of misses overflowed the core's
+// miss buffers at 16 tokens and the w13 products of Qwen3's experts ran 25% slower from DRAM than from cache.
+template <class V, class Epi>
+void tile_block(const int8_t* const* rows, int nb, const int8_t* x, int64_t m, int64_t K, const int8_t* next,
+                Epi&& epi) {
+  typename V::v acc[TB * RB], sums[RB];
+  for (auto& v : acc) v = V::zero();
+  for (auto& v : sums) v = V::zero();
+  const int64_t kv = K / 32 * 32, groups = m / TT + (TT > 2 && m % TT >= 2) + (m % 2);
+  for (int64_t k0 = 0; k0 < kv; k0 += KC) {
+    const int64_t k1 = std::min(kv, k0 + KC), steps = (k1 - k0 + V::W - 1) / V::W;
+    const int64_t share = ((k1 - k0) * RB + groups - 1) / groups;
+    const int64_t pf = next ? (share + steps * 64 - 1) / (steps * 64) * 64 : 0;
+    int64_t t = 0, g = 0;
+    auto pre = [&]() -> const int8_t* { return next ? next + k0 * RB + share * g++ : nullptr; };
+    for (; t + TT <= m; t += TT) group_chunk<V, TT>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
+    if (TT > 2 && t + 2 <= m) {
+      group_chunk<V, 2>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
+      t += 2;
+    }
+    if (t < m) group_chunk<V, 1>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
+  }
+#ifdef HAQ_VNNI
+  const __m128i shift = _mm_slli_epi32(hsum4<V>(sums), 7);  // 128 * each row's sum, modulo 2**32 as vpdpbusd's
+#else
+  const __m128i shift = _mm_setzero_si128();
+#endif
+  for (int64_t t = 0; t < m; ++t) {
+    alignas(16) int32_t s[RB];
+    _mm_store_si128(reinterpret_cast<__m128i*>(s), _mm_sub_epi32(hsum4<V>(acc + t * RB), shift));
+    for (int r = 0; r < nb; ++r) {
+      for (int64_t k = kv; k < K; ++k) s[r] += int32_t(x[t * K + k]) * int32_t(rows[r][k]);
+      epi(r, t, s[r]);
+    }
+  }
+}
+
+// Rows [n0, n1) of w [N, K] against the M contiguous token rows of x [M, K]; epi(n, t, int32) per product.
+template <class Epi>
+void gemm_rows(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t n1, const int8_t* x, int64_t M, Epi&& epi) {
+  for (int64_t n = n0; n < n1; n += RB) {
+    const int nb = static_cast<int>(std::min<int64_t>(RB, n1 - n));
+    const int8_t* rows[RB];
+    for (int r = 0; r < RB; ++r) rows[r] = w + (n + std::min(r, nb - 1)) * K;  // a short tile repeats its last row
+    const int8_t* next = n + 2 * RB <= N ? w + (n + RB) * K : nullptr;
+    for (int64_t t0 = 0; t0 < M; t0 += TB) {
+      const int64_t m = std::min(TB, M - t0);
+      auto at = [&](int r, int64_t t, int32_t v) { epi(n + r, t0 + t, v); };
+#ifdef HAQ_VNNI
+      if (m >= ZMM_TOKENS) {
+        tile_block<Zmm>(rows, nb, x + t0 * K, m, K, t0 == 0 ? next : nullptr, at);
+        continue;
+      }
+#endif
+      tile_block<Ymm>(rows, nb, x + t0 * K, m, K, t0 == 0 ? next : nullptr, at);
+    }
+  }
+}
+
+}  // namespace haq
