@@ -259,7 +259,10 @@ def test_the_kernel_lets_the_model_thread_run_while_it_computes():
     """On a GPU host a layer-step's CPU experts are one moe_routes call on a worker thread while the model thread
     issues the step's copies and device kernels. Holding the GIL, the call froze the model thread for its whole
     length (the first H200 run: HAQ's CPU experts and fetches summed instead of overlapping). Here the model
-    thread counts loop turns between the worker entering the call and leaving it: none when the GIL is held."""
+    thread counts loop turns between the worker entering the call and leaving it: none when the GIL is held.
+    The switch interval is raised to 1 s for the test, so that holding the GIL would keep the model thread out for
+    all 20 calls (~15 ms), and the calls are many enough that a loaded host's scheduling delay does not eat them
+    (3 calls, ~2 ms, on a host with one core busy elsewhere: 0 turns with the GIL released)."""
     import threading
 
     stack = _stack(2, 1024, 4096, seed=3)
@@ -268,20 +271,25 @@ def test_the_kernel_lets_the_model_thread_run_while_it_computes():
     inside, done = threading.Event(), threading.Event()
 
     def worker():
-        for _ in range(3):  # ~25 MB of weights a call: milliseconds at one thread
+        for _ in range(20):  # ~25 MB of weights a call: ~0.7 ms at one thread
             inside.set()
             cpu_int8.moe_routes(x, routes, weights, stack.w13, stack.w13_scale, stack.w2, stack.w2_scale, None,
                                 tok, slot, [0, 1], [0, 1], [1, 1], None, threads=1)
         done.set()
 
-    t = threading.Thread(target=worker)
-    t.start()
-    inside.wait()
-    turns = 0
-    while not done.is_set():
-        turns += 1
-    t.join()
-    assert turns > 1000, f"the model thread ran {turns} loop turns during three kernel calls: the GIL is held"
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        inside.wait()
+        turns = 0
+        while not done.is_set():
+            turns += 1
+        t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert turns > 1000, f"the model thread ran {turns} loop turns during 20 kernel calls: the GIL is held"
 
 
 def test_a_fresh_process_compiles_a_linear_through_the_kernel():
