@@ -47,7 +47,8 @@ def quantize_calibrated(spec: ModelSpec, i: int, t: WorkingTensors, targets: lis
 def collect_statistics(spec: ModelSpec, i: int, t: WorkingTensors, targets: list[str], hidden: torch.Tensor,
                        opts: LayerOptions, progress: LayerProgress = NO_PROGRESS) -> InputStats:
     """The float run of layer ``i`` on ``hidden`` (in chunks of ``opts.chunk`` samples, bounding attention's
-    memory), observed by an :class:`InputStats`.
+    memory), observed by an :class:`InputStats`. Its output is dropped, so the linears that only add into it
+    (the down projections) are observed but not computed.
 
     GPTQ's Hessians are accumulated during the run for the targets' inputs, except the routed experts': those
     are recomputed one expert at a time from the MoE input rows and the routing kept here (all of them at once
@@ -61,7 +62,7 @@ def collect_statistics(spec: ModelSpec, i: int, t: WorkingTensors, targets: list
     stats = InputStats(hessians=wants_hessian, keep_all=[f"{moe[0]}.gate"] if moe else [])
     routes: list[torch.Tensor] = []
     sink = (lambda _i, ids: routes.append(ids)) if moe else None
-    lt = LayerTensors(t, observer=stats)
+    lt = LayerTensors(t, observer=stats, inputs_only=lambda module: spec.adds_to_output(i, module))
     with torch.no_grad():
         for c in range(0, hidden.shape[0], opts.chunk):
             spec.layer_forward(i, lt, hidden[c : c + opts.chunk], sink)

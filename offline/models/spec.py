@@ -80,6 +80,16 @@ class ModelSpec:
             return None
         return self.facts.moe.block, self.facts.moe.linears
 
+    def adds_to_output(self, i: int, module: str) -> bool:
+        """Whether linear ``module``'s output is only added into layer ``i``'s output (the MLP's down projection,
+        every expert's and the shared expert's), so a pass that keeps only the linears' inputs need not compute it
+        (``LayerTensors.inputs_only``)."""
+        moe = self.moe_block(i)
+        if moe is None:
+            return module == self.facts.mlp_linears[-1]
+        block, (_gate, _up, down) = moe
+        return module.startswith(f"{block}.") and module.rpartition(".")[2] == down
+
     @property
     def num_experts(self) -> int:
         keys = self.facts.moe.experts_keys if self.facts.moe else ("num_local_experts", "num_experts")

@@ -21,9 +21,11 @@ class LayerTensors:
     """The tensors of one decoder layer, by name relative to the layer prefix."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], observer: Callable[[str, torch.Tensor], None] | None = None,
-                 rotations: dict[str, int] | None = None):
+                 rotations: dict[str, int] | None = None, inputs_only: Callable[[str], bool] | None = None):
         self.t = tensors
         self.observer = observer  # sees every linear's input (calibration statistics)
+        # linears whose output this pass does not need: observed, but their output is zeros (see :meth:`linear`)
+        self.inputs_only = inputs_only
         self.rotations = rotations or {}  # module -> block-Hadamard order of its input (quantization_config)
         self._last_input: tuple | None = None  # (x, its version, smooth, rotation, quantized x) of the last W8A8 call
 
@@ -37,6 +39,10 @@ class LayerTensors:
         """Apply linear ``module`` to float32 ``x``: W8A8 if its weight is int8, else float."""
         if self.observer is not None:
             self.observer(module, x)
+        if self.inputs_only is not None and self.inputs_only(module):
+            # The converter's float pass keeps only the linears' inputs and drops the layer's output: the down
+            # projections', which only add into it, were a quarter of its float products (~9 s of SmolLM2's).
+            return x.new_zeros(()).expand(*x.shape[:-1], self._out_features(module))
         w = self.t[f"{module}.weight"]
         bias = self.t.get(f"{module}.bias")
         if w.dtype == torch.int8:
@@ -44,6 +50,10 @@ class LayerTensors:
             return w8a8_linear_reference(x, w, self.t[f"{module}.weight_scale"], bias, smooth, rotation,
                                          self._quantized_input(x, smooth, rotation))
         return F.linear(x, w.float(), None if bias is None else bias.float())
+
+    def _out_features(self, module: str) -> int:
+        shape = getattr(self.t, "shape", None)  # the converter's WorkingTensors: without materializing the weight
+        return (shape(f"{module}.weight") if callable(shape) else self.t[f"{module}.weight"].shape)[0]
 
     def _quantized_input(self, x: torch.Tensor, smooth: torch.Tensor | None, rotation: int | None):
         """``quantize_input(x, smooth, rotation)``, reused while the same unchanged ``x`` feeds linears with the
