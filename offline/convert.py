@@ -37,7 +37,7 @@ from offline.card import write_card_files
 from offline.commit import CommitWriter, torch_save_atomic
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.device import resolve_device, to_device, to_host
-from offline.models import LayerTensors, ModelSpec, global_tensor_names
+from offline.models import LayerTensors, ModelSpec, global_tensor_names, native_quantize_input
 from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, haq_target,
                           layer_targets, plan_conversion)
 from offline.recipe import RECIPE_FILE, write_recipe
@@ -189,8 +189,8 @@ class _Conversion:
             self.smoothing[str(i)] = record
         hidden = None
         if x is not None:
-            hidden = _run_layer(self.spec, i, LayerTensors(qtensors, rotations=record.get("rotation")), x,
-                                self.stats, self.opts.chunk, progress).cpu()
+            lt = LayerTensors(qtensors, rotations=record.get("rotation"), quantize=native_quantize_input)
+            hidden = _run_layer(self.spec, i, lt, x, self.stats, self.opts.chunk, progress).cpu()
         del x
         qtensors = to_host(qtensors)
         _save_atomic({prefix + k: v for k, v in qtensors.items()}, self._path(self.shard_names[i + 1]))

@@ -62,3 +62,36 @@ def test_adds_to_output_names_the_down_projections_only(tiny_dir):
     assert {m.rpartition(".")[2] for m in mixtral.linear_modules(0) if mixtral.adds_to_output(0, m)} == {"w2"}
     downs = [m for m in qwen.linear_modules(0) if qwen.adds_to_output(0, m)]
     assert "mlp.shared_expert.down_proj" in downs and len(downs) == qwen.num_experts + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_native_input_quantization(family, tiny_dir, calib_file, tmp_path, monkeypatch):
+    """The quantized forward and the search quantize their inputs with the CPU kernel's quantize_rows where it is
+    built: the checkpoint is the one torch's quantize_input gives."""
+    import offline.convert
+    import offline.haq.search
+    from vllm_haq.quant import quantize_input
+
+    src = tiny_dir(family)
+    fast = _convert(src, str(tmp_path / "fast"), calib_file)
+    monkeypatch.setattr(offline.convert, "native_quantize_input", quantize_input)
+    monkeypatch.setattr(offline.haq.search, "native_quantize_input", quantize_input)
+    _assert_same(fast, _convert(src, str(tmp_path / "torch"), calib_file))
+
+
+def test_native_quantize_input_gives_quantize_inputs_bits():
+    from vllm_haq.kernels import cpu_int8
+    from vllm_haq.quant import quantize_input
+
+    from offline.models import native_quantize_input
+
+    g = torch.Generator().manual_seed(0)
+    for k, block in ((576, 64), (1536, 128), (96, None)):
+        x = torch.randn(3, 50, k, generator=g) * torch.rand(k, generator=g) * 8
+        x[1, 7, 5] = 500.0
+        for smooth in (None, torch.rand(k, generator=g) + 0.25):
+            for rows in (x, x.double()):  # float64 rows: quantize_input itself
+                got, want = native_quantize_input(rows, smooth, block), quantize_input(rows, smooth, block)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (k, block)
+    if not cpu_int8.available():
+        pytest.skip("the CPU int8 kernel is not built here: only the fallback was compared")

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from vllm_haq.quant import int8_products, quantize_per_token, quantize_weight_per_channel
+from vllm_haq.quant import int8_products, quantize_weight_per_channel
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver
 from vllm_haq.quant.rotation import rotate, rotate_hessian
 from vllm_haq.quant.smoothing import smooth_weight
@@ -22,7 +22,7 @@ from offline.haq.methods import ALPHA_GRID, GPTQ_SHORTLIST, ROTATION_ALPHAS
 from offline.haq.statistics import InputStats, input_key
 from offline.haq.transforms import group_factors
 from offline.haq.working import WorkingTensors
-from offline.models import SmoothGroup
+from offline.models import SmoothGroup, native_quantize_input
 
 QuantizedRows = tuple[torch.Tensor, torch.Tensor]  # int8 values and per-row (token or channel) scales
 
@@ -70,7 +70,8 @@ class _CandidateSet:
         act_absmax = stats.absmax[input_key(g.observed_module)]
         factors = {a: None if a is None else group_factors(act_absmax, w_absmax, g, a) for a, _ in choices}
         cs = cls(choices, factors, [])
-        cs.quantized_x = [quantize_per_token(cs.transformed(x, k, weight=False)) for k in range(len(choices))]
+        # quantize_per_token(cs.transformed(x, k, weight=False)): x / s, rotated, quantized, in one native pass
+        cs.quantized_x = [native_quantize_input(x, factors[a], block) for a, block in choices]
         return cs
 
     def transformed(self, v: torch.Tensor, k: int, weight: bool) -> torch.Tensor:
