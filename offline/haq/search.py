@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from vllm_haq.quant import int8_products, quantize_weight_per_channel
+from vllm_haq.quant import int8_products
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver
 from vllm_haq.quant.rotation import rotate, rotate_hessian
 from vllm_haq.quant.smoothing import smooth_weight
@@ -73,6 +73,13 @@ class _CandidateSet:
         # quantize_per_token(cs.transformed(x, k, weight=False)): x / s, rotated, quantized, in one native pass
         cs.quantized_x = [native_quantize_input(x, factors[a], block) for a, block in choices]
         return cs
+
+    def quantized_weight(self, w: torch.Tensor, k: int) -> QuantizedRows:
+        """``quantize_weight_per_channel(transformed(w, k, weight=True))``: a weight's rows quantize as tokens do
+        (one scale per row from its max |w|), so the rotation and rounding run in one native pass."""
+        a, block = self.choices[k]
+        s = self.factors[a]
+        return native_quantize_input(w if s is None else smooth_weight(w, s), None, block)
 
     def transformed(self, v: torch.Tensor, k: int, weight: bool) -> torch.Tensor:
         """Input rows (or a weight) as candidate k presents them to the quantizer."""
@@ -135,7 +142,7 @@ def _rtn_scores(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: 
             outputs[c] = y
         for k, xq in enumerate(cs.quantized_x):
             xq = xq if r is None else (xq[0][r], xq[1][r])  # per-token quantization: a row's values are its own
-            e = output_error(y, xq, quantize_weight_per_channel(cs.transformed(w, k, weight=True)))
+            e = output_error(y, xq, cs.quantized_weight(w, k))
             errors[k] += e
             if c not in gptq_rounded:
                 rtn_only[k] += e
@@ -170,7 +177,9 @@ def output_error(y: torch.Tensor, xq: QuantizedRows, wq: QuantizedRows) -> float
     integer products exact (:func:`int8_products`; on the CPU ~9x faster than float32 where oneDNN is exact)."""
     (xi, xsc), (wi, wsc) = xq, wq
     acc = int8_products(xi, wi.t()) if xi.device.type == "cpu" else xi.float() @ wi.float().t()
-    return float((acc.float() * xsc * wsc.t() - y).pow(2).sum())
+    d = acc.float()  # (acc · xsc · wscᵀ − y)², each step in place: the same operations as new tensors, one buffer
+    d.mul_(xsc).mul_(wsc.t()).sub_(y).pow_(2)
+    return float(d.sum())
 
 
 def gptq_output_error(t: WorkingTensors, consumers: list[str], h: torch.Tensor, s: torch.Tensor | None,

@@ -43,7 +43,15 @@ def _rowwise(w: torch.Tensor, dtype: torch.dtype, fn) -> torch.Tensor:
 
 
 def smooth_weight(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """W · s along the input dimension (the consumer's side of the smoothing)."""
+    """W · s along the input dimension (the consumer's side of the smoothing), rounded once from the float64
+    product.
+
+    For float32 W and s that is the float32 product itself: two 24-bit significands multiply exactly in float64's
+    53 bits (float32's exponents stay far inside float64's range), so rounding it to float32 is the one correct
+    rounding IEEE float32 multiplication gives (tests/test_smoothing_gptq.py compares the bits), without float64
+    copies of the rows (the converter reads every smoothed weight several times a layer)."""
+    if w.dtype == torch.float32 and s.dtype == torch.float32:
+        return w * s.unsqueeze(0)
     s = s.double().unsqueeze(0)
     return _rowwise(w, w.dtype if w.is_floating_point() else torch.float32, lambda rows, r0: rows * s)
 
