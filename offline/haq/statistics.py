@@ -68,7 +68,7 @@ class InputStats:
             self.absmax[module] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x2.device)
             self.rows[module] = []
             if self.wants_hessian(module):
-                self.hessians[module] = HessianAccumulator(x2.shape[-1], x2.device)
+                self.hessians[module] = HessianAccumulator(x2.shape[-1], x2.device, track_absmax=False)
         if module in self.hessians:
             self.hessians[module].add(x2)
         if x2.shape[0]:
