@@ -1,12 +1,10 @@
 """``haq convert``: layer-by-layer conversion of a Hugging Face checkpoint to HAQ int8.
 
-Memory stays bounded by one decoder layer plus the calibration activations:
-the calibration batch is embedded once, then each decoder layer is loaded
-from the safetensors, (for calibrated methods) run in float to collect input
-statistics, smoothed and quantized (offline.haq), run quantized — so the
-next layer calibrates on what the served model will really see — written as
-its own shard and freed. ``--device cuda`` computes each layer on the GPU (its weights and the calibration
-activations copied there for the layer, the results copied back before they are written; offline.device).
+Memory stays bounded by one decoder layer plus the calibration activations: the calibration batch is embedded once,
+then each decoder layer is loaded from the safetensors, (for calibrated methods) run in float to collect input
+statistics, smoothed and quantized (offline.haq), run quantized — so the next layer calibrates on what the served model
+will really see — written as its own shard and freed. ``--device cuda`` computes each layer on the GPU (its weights and
+the calibration activations copied there for the layer, the results copied back before being written; offline.device).
 
 Crash safety: all work happens in ``OUT_DIR.partial``; after every layer the
 shard, the calibration activations and the routing statistics are written
@@ -43,6 +41,7 @@ from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions,
 from offline.recipe import RECIPE_FILE, write_recipe
 from offline.routing import RoutingStats
 from offline.source import SourceError
+from offline.threads import quiet_openblas_waits
 
 log = logging.getLogger("haq.convert")
 
@@ -85,6 +84,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions, progress=None,
     ``out_dir`` appears. --format compressed-tensors converts into ``OUT_DIR.haq`` (``plan.haq_target``; resumable:
     with ``resume`` a finished one is reused, as after a crash during the export), exports it and removes it.
     """
+    quiet_openblas_waits()  # before transformers imports scipy (offline.threads)
     haq_dir, haq_opts = haq_target(model_dir, out_dir, opts)
     reports = []
     if opts.format == "haq" or not (opts.resume and os.path.isdir(haq_dir)):

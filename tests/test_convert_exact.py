@@ -95,3 +95,17 @@ def test_native_quantize_input_gives_quantize_inputs_bits():
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (k, block)
     if not cpu_int8.available():
         pytest.skip("the CPU int8 kernel is not built here: only the fallback was compared")
+
+
+def test_openblas_idle_wait_is_shortened_unless_set(monkeypatch):
+    """offline.threads: how OpenBLAS's idle workers wait (set before scipy loads it), never what it computes;
+    a user's own setting stays."""
+    from offline.threads import OPENBLAS_THREAD_TIMEOUT, quiet_openblas_waits
+
+    name, value = OPENBLAS_THREAD_TIMEOUT
+    monkeypatch.delenv(name, raising=False)
+    quiet_openblas_waits()
+    assert os.environ[name] == value
+    monkeypatch.setenv(name, "28")
+    quiet_openblas_waits()
+    assert os.environ[name] == "28"
