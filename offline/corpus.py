@@ -205,10 +205,10 @@ def _document(value, render_chat) -> str:
 def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     """One long 1-D token stream: documents joined by blank lines (GPTQ's protocol).
 
-    Where the tokenizer splits its input the way GPT-2's byte-level BPE does (:func:`offline.tokenize.
+    Where the tokenizer splits its input the way GPT-2's byte-level BPE does (:func:`offline.token_pieces.
     seam_pieces`), the joined text is encoded as pieces cut before the blank lines, in parallel: the same ids
-    (tests/test_tokenize.py), without one 12 MB string through the tokenizer (6 s of a SmolLM2 conversion)."""
-    from offline.tokenize import encode_pieces
+    (tests/test_token_pieces.py), without one 12 MB string through the tokenizer (6 s of a SmolLM2 conversion)."""
+    from offline.token_pieces import encode_pieces
 
     ids = encode_pieces(tokenizer, docs)
     if ids is None:

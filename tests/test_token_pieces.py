@@ -1,4 +1,4 @@
-"""Calibration text tokenized in pieces (offline.tokenize): the ids of tokenizing the joined text whole."""
+"""Calibration text tokenized in pieces (offline.token_pieces): the ids of tokenizing the joined text whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import CORPORA, shared_path
 from tiny_models import CORPUS, build_tokenizer
 
 from offline.corpus import tokenize_documents
-from offline.tokenize import byte_level_bpe, encode_pieces, seam_pieces
+from offline.token_pieces import byte_level_bpe, encode_pieces, seam_pieces
 
 SMOLLM2 = os.path.expanduser("~/.cache/vllm-haq/smollm2-135m-instruct-bf16")
 
