@@ -25,17 +25,17 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vllm_haq import __version__
+from vllm_haq.kernels.cpu_int8 import native_quantize_input
 from vllm_haq.format import ROUTING_FILE, ROUTING_METADATA_KEY, SAFETENSORS_INDEX, WEIGHT_SCALE, write_json_atomic
 from vllm_haq.quant import quantize_weight_per_channel, relative_weight_error
 
-from offline.haq import METHODS as METHOD_SPECS
-from offline.haq import MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
+from offline.haq import METHODS as METHOD_SPECS, MIN_EXPERT_TOKENS, LayerOptions, WorkingTensors, quantize_calibrated
 from offline.haq.progress import NO_PROGRESS, LayerProgress, calibrated_units
 from offline.card import write_card_files
 from offline.commit import CommitWriter, torch_save_atomic
 from offline.corpus import CalibrationError, calibration_batch, load_documents, tokenize_documents
 from offline.device import resolve_device, to_device, to_host
-from offline.models import LayerTensors, ModelSpec, global_tensor_names, native_quantize_input
+from offline.models import LayerTensors, ModelSpec, global_tensor_names
 from offline.plan import (METHODS, ConversionPlan, ConvertError, ConvertOptions, _read_json, haq_target,
                           layer_targets, plan_conversion)
 from offline.recipe import RECIPE_FILE, write_recipe

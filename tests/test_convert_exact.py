@@ -83,7 +83,7 @@ def test_native_quantize_input_gives_quantize_inputs_bits():
     from vllm_haq.kernels import cpu_int8
     from vllm_haq.quant import quantize_input
 
-    from offline.models import native_quantize_input
+    from vllm_haq.kernels.cpu_int8 import native_quantize_input
 
     g = torch.Generator().manual_seed(0)
     for k, block in ((576, 64), (1536, 128), (96, None)):

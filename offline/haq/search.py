@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from vllm_haq.kernels.cpu_int8 import native_quantize_input
 from vllm_haq.quant import int8_products
 from vllm_haq.quant.gptq import GPTQConfig, GPTQSolver
 from vllm_haq.quant.rotation import rotate, rotate_hessian
@@ -22,7 +23,7 @@ from offline.haq.methods import ALPHA_GRID, GPTQ_SHORTLIST, ROTATION_ALPHAS
 from offline.haq.statistics import InputStats, input_key
 from offline.haq.transforms import group_factors
 from offline.haq.working import WorkingTensors
-from offline.models import SmoothGroup, native_quantize_input
+from offline.models import SmoothGroup
 
 QuantizedRows = tuple[torch.Tensor, torch.Tensor]  # int8 values and per-row (token or channel) scales
 
@@ -70,24 +71,16 @@ class _CandidateSet:
         act_absmax = stats.absmax[input_key(g.observed_module)]
         factors = {a: None if a is None else group_factors(act_absmax, w_absmax, g, a) for a, _ in choices}
         cs = cls(choices, factors, [])
-        # quantize_per_token(cs.transformed(x, k, weight=False)): x / s, rotated, quantized, in one native pass
+        # quantize_per_token(rotate(x / s, block)): smoothed, rotated and quantized in one native pass
         cs.quantized_x = [native_quantize_input(x, factors[a], block) for a, block in choices]
         return cs
 
     def quantized_weight(self, w: torch.Tensor, k: int) -> QuantizedRows:
-        """``quantize_weight_per_channel(transformed(w, k, weight=True))``: a weight's rows quantize as tokens do
+        """``quantize_weight_per_channel(rotate(smooth_weight(w, s), block))``: a weight's rows quantize as tokens do
         (one scale per row from its max |w|), so the rotation and rounding run in one native pass."""
         a, block = self.choices[k]
         s = self.factors[a]
         return native_quantize_input(w if s is None else smooth_weight(w, s), None, block)
-
-    def transformed(self, v: torch.Tensor, k: int, weight: bool) -> torch.Tensor:
-        """Input rows (or a weight) as candidate k presents them to the quantizer."""
-        a, block = self.choices[k]
-        s = self.factors[a]
-        if s is not None:
-            v = smooth_weight(v, s) if weight else v / s
-        return v if block is None else rotate(v, block)
 
 
 def scored_candidates(t: WorkingTensors, g: SmoothGroup, consumers: list[str], stats: InputStats,

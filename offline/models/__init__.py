@@ -21,11 +21,11 @@ import torch
 from offline.models.families import FAMILIES, Family, MoEFacts
 from offline.models.rope import UnsupportedModelError, rope_type
 from offline.models.spec import ModelSpec, RoutingSink, SmoothGroup
-from offline.models.tensors import LayerTensors, layer_rotations, native_quantize_input
+from offline.models.tensors import LayerTensors, layer_rotations
 
 __all__ = ["FAMILIES", "Family", "LayerTensors", "ModelSpec", "MoEFacts", "RoutingSink", "SmoothGroup",
            "UnsupportedModelError", "global_tensor_names", "layer_rotations", "log_softmax_nll",
-           "native_quantize_input", "perplexity", "spec_for"]
+           "perplexity", "spec_for"]
 
 
 def spec_for(config: dict, source: str = "config.json") -> ModelSpec:

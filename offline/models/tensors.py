@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from vllm_haq.format import COMPRESSED_TENSORS, rotation_from_transform_config
-from vllm_haq.kernels import cpu_int8
 from vllm_haq.quant import quantize_input, w8a8_linear_reference
 
 
@@ -25,7 +24,7 @@ class LayerTensors:
                  rotations: dict[str, int] | None = None, inputs_only: Callable[[str], bool] | None = None,
                  quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] = quantize_input):
         self.t = tensors
-        self.quantize = quantize  # quantize_input, or the same bits faster (native_quantize_input: the converter)
+        self.quantize = quantize  # quantize_input, or the same bits faster (the converter: native_quantize_input)
         self.observer = observer  # sees every linear's input (calibration statistics)
         # linears whose output this pass does not need: observed, but their output is zeros (see :meth:`linear`)
         self.inputs_only = inputs_only
@@ -69,21 +68,6 @@ class LayerTensors:
         quantized = self.quantize(x, smooth, rotation)
         self._last_input = (x, version, smooth, rotation, quantized)
         return quantized
-
-
-def native_quantize_input(x: torch.Tensor, smooth: torch.Tensor | None = None, rotation: int | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`vllm_haq.quant.quantize_input` by the CPU int8 kernel's ``quantize_rows`` where it serves (float32
-    rows on the CPU, the kernel built and not ``HAQ_CPU_INT8_KERNEL=off``), else by quantize_input itself.
-
-    The same bits (the kernel's contract, tests/test_cpu_int8.py and tests/test_convert_exact.py) in one pass
-    per row instead of log2(block) butterfly passes and ~6 more over the whole matrix: 3-5x faster with a
-    rotation, where the converter's quantized forward and its search quantize every calibration row."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32
-            and (smooth is None or smooth.dtype == torch.float32) and cpu_int8.available()):
-        return torch.ops.vllm_haq.cpu_quantize_rows(x.reshape(-1, x.shape[-1]).contiguous(),
-                                                    None if smooth is None else smooth.contiguous(), rotation or 0, 0)
-    return quantize_input(x, smooth, rotation)
 
 
 def layer_rotations(config: dict, prefix: str) -> dict[str, int]:
