@@ -73,8 +73,16 @@ def _poisoned_allocations():
 
 
 def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init, down_rotation=None):
-    """float64 per-route loop of int8_moe_forward's arithmetic (float32 GEMM outputs), resident experts only."""
+    """float64 per-route loop of int8_moe_forward's arithmetic (float32 GEMM outputs), resident experts only.
+
+    Also returns, per token, how far the output may move when the kernel rounds a down projection's input the
+    other way: an element of the (rotated) SwiGLU output that lies within float32 noise of a rounding tie can
+    quantize to either neighbour, since the kernel's Hadamard and SiLU sum in another order (about 1 seed in
+    170 hit one). Each such element may shift the row by its step times its weight column; every other element
+    must agree, so the bound stays 0 and the comparison strict where no element is near a tie.
+    """
     ref = out_init.double().clone()
+    slack = torch.zeros(x.shape[0], dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
@@ -83,7 +91,19 @@ def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, 
             gate_up = w8a8_linear_reference(x[t : t + 1].float(), *experts13[e])
             h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             ref[t] += float(weights[t, j]) * w8a8_linear_reference(h, *experts2[e], rotation=down_rotation)[0].double()
-    return ref
+            slack[t] += float(weights[t, j]) * _tie_slack(h, *experts2[e], down_rotation)
+    return ref, slack
+
+
+def _tie_slack(h, w_q, w_scale, rotation):
+    """Largest output change if every element of quantize_input(h)'s input near a .5 tie rounds the other way."""
+    from vllm_haq.quant.rotation import rotate
+
+    v = (rotate(h, rotation) if rotation else h).double()[0]
+    step = v.abs().max() / 127
+    near_tie = ((v / step).abs().frac() - 0.5).abs() < 1e-3
+    w = w_q.double() * w_scale.double().reshape(-1, 1)
+    return float(step * w[:, near_tie].abs().sum(1).max()) if near_tie.any() else 0.0
 
 
 # ---------------------------------------------------------------- checks (run on "cuda" or in the interpreter)
@@ -215,9 +235,12 @@ def check_moe(device, m, top_k=2, holes=True, accumulate=True, x_dtype=torch.bfl
                                       host_routing=(ids, expert_to_slot.tolist()) if host_routing else None)
     if accumulate:
         assert got.data_ptr() == out.data_ptr(), "must accumulate into the given output"
-    ref = _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init, down_rotation)
+    ref, slack = _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, out_init,
+                                down_rotation)
     assert got.dtype == torch.float32 and torch.isfinite(got).all(), "unwritten (NaN) outputs"
-    assert _rel_err(got, ref) <= REL_TOL
+    err = (got.double().cpu() - ref).abs().amax(-1)
+    bound = REL_TOL * ref.abs().max() + slack
+    assert (err <= bound).all(), f"rows {(err > bound).nonzero().flatten().tolist()}: {_rel_err(got, ref):.2e}"
     if holes:  # skipped routes contribute nothing, bit for bit
         assert torch.equal(got[0].cpu(), out_init[0])
 
