@@ -19,8 +19,8 @@ def _exact(x, w):
     return (x.long() @ w.long().t()).int()
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 64])
-@pytest.mark.parametrize("k", [1, 31, 32, 33, 96 + 5, 4096 + 7])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 17, 64])
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 96 + 5, 128 + 64 + 5, 4096 + 7])
 @pytest.mark.parametrize("n", [1, 5, 64])
 def test_products_are_exact_at_every_shape(m, k, n):
     g = torch.Generator().manual_seed(m * 10007 + k * 31 + n)
@@ -322,10 +322,11 @@ def test_the_build_follows_the_host_and_avx2_can_be_forced():
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
             "from vllm_haq.kernels import cpu_int8\n"
             "g = torch.Generator().manual_seed(5)\n"
-            "x = torch.randint(-127, 128, (17, 4103), generator=g, dtype=torch.int8)\n"
-            "w = torch.randint(-128, 128, (37, 4103), generator=g, dtype=torch.int8)\n"
             "assert cpu_int8.isa() == 'avx2', cpu_int8.isa()\n"
-            "assert torch.equal(cpu_int8.cpu_int8_mm(x, w, 2), (x.long() @ w.long().t()).int())\n")
+            "for m, k in ((17, 4103), (1, 197), (2, 4103)):  # the tiles, and decode's row streams\n"
+            "    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)\n"
+            "    w = torch.randint(-128, 128, (37, k), generator=g, dtype=torch.int8)\n"
+            "    assert torch.equal(cpu_int8.cpu_int8_mm(x, w, 2), (x.long() @ w.long().t()).int()), (m, k)\n")
     env = dict(os.environ, HAQ_CPU_INT8_KERNEL="avx2")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,6 +7,7 @@
 // the sign step, and quantization never writes it.) Weights are read in their checkpoint layout (row-major
 // [N, K]) in tiles of 4 rows; every pair of token rows reuses a tile's |w| while it is in registers and every
 // token the tile while it is in L1/L2, so DRAM sees each weight byte once per call and decode is memory-bound.
+// Decode (one or two tokens) reads the rows one after another instead, as one stream (int8_tile.h).
 //
 // Built twice from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2, and with HAQ_VNNI
 // defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where the tile drops the sign step: one
