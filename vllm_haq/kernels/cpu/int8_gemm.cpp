@@ -116,6 +116,26 @@ void rotate_row(float* v, int64_t n, int64_t block) {
   for (int64_t i = 0; i < n; ++i) v[i] = v[i] * s;
 }
 
+// Four rows' float32 operands (lanes at or past nb read nothing) and results (lanes past nb not written).
+inline __m128 load4(const float* p, int nb) {
+  if (nb == RB) return _mm_loadu_ps(p);
+  alignas(16) float v[RB] = {};
+  std::memcpy(v, p, nb * sizeof(float));
+  return _mm_load_ps(v);
+}
+
+inline void store4(float* p, __m128 y, int nb) {
+  if (nb == RB) return _mm_storeu_ps(p, y);
+  alignas(16) float v[RB];
+  _mm_store_ps(v, y);
+  std::memcpy(p, v, nb * sizeof(float));
+}
+
+// ((float)v * x_scale) * w_scale[n + r] in lane r: the scalar steps, four rows of one token at once.
+inline __m128 scale4(__m128i v, float x_scale, const float* w_scale, int nb) {
+  return _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(v), _mm_set1_ps(x_scale)), load4(w_scale, nb));
+}
+
 int8_t* aligned64(int8_t* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64; }
 
 void check_int8_stack(const torch::Tensor& w, const char* name) {
@@ -133,8 +153,8 @@ void check_scale_stack(const torch::Tensor& s, const torch::Tensor& w, const cha
 // passes over them. Without it a prefill of thousands of tokens re-reads all of x from DRAM for each 4-row tile.
 int64_t token_block(int64_t K) { return std::max<int64_t>(2, (int64_t{128} << 10) / std::max<int64_t>(K, 1) / 2 * 2); }
 
-// epi(n, t, int32) for every product of x [M, K] (contiguous rows) and w [N, K], token block by token block,
-// each block's tiles spread over the team.
+// epi(n, t, v, nb) (gemm_rows' four-row form) for every product of x [M, K] (contiguous rows) and w [N, K],
+// token block by token block, each block's tiles spread over the team.
 template <class Epi>
 void dense_gemm(const int8_t* xp, const int8_t* wp, int64_t M, int64_t N, int64_t K, int64_t threads, Epi&& epi) {
   const int64_t tiles = (N + RB - 1) / RB, mb = token_block(K);
@@ -144,7 +164,7 @@ void dense_gemm(const int8_t* xp, const int8_t* wp, int64_t M, int64_t N, int64_
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < tiles; ++b)
       gemm_rows(wp, N, K, b * RB, std::min(N, (b + 1) * RB), xp + t0 * K, m,
-                [&](int64_t n, int64_t t, int32_t v) { epi(n, t0 + t, v); });
+                [&](int64_t n, int64_t t, __m128i v, int nb) { epi(n, t0 + t, v, nb); });
   }
 }
 
@@ -162,7 +182,11 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor w, int64_t threads) {
   auto out = torch::empty({M, N}, x.options().dtype(torch::kInt32));
   int32_t* op = out.data_ptr<int32_t>();
   dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
-             [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = v; });
+             [&](int64_t n, int64_t t, __m128i v, int nb) {
+               alignas(16) int32_t s[RB];
+               _mm_store_si128(reinterpret_cast<__m128i*>(s), v);
+               std::memcpy(op + t * N + n, s, nb * sizeof(int32_t));
+             });
   return out;
 }
 
@@ -183,18 +207,22 @@ torch::Tensor scaled_mm(torch::Tensor x, torch::Tensor x_s, torch::Tensor w, tor
   auto out = torch::empty({M, N}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   const float* xs = x_s.data_ptr<float>();
   const float* ws = w_s.data_ptr<float>();
-  auto scaled = [=](int64_t n, int64_t t, int32_t v) {
-    const float y = (static_cast<float>(v) * xs[t]) * ws[n];
-    return bp ? y + bp[n] : y;
+  auto scaled = [=](int64_t n, int64_t t, __m128i v, int nb) {
+    const __m128 y = scale4(v, xs[t], ws + n, nb);
+    return bp ? _mm_add_ps(y, load4(bp + n, nb)) : y;
   };
   if (bf16_out) {
     c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
     dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
-               [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = c10::BFloat16(scaled(n, t, v)); });
+               [&](int64_t n, int64_t t, __m128i v, int nb) {
+                 alignas(16) float y[RB];
+                 _mm_store_ps(y, scaled(n, t, v, nb));
+                 for (int r = 0; r < nb; ++r) op[t * N + n + r] = c10::BFloat16(y[r]);
+               });
   } else {
     float* op = out.data_ptr<float>();
     dense_gemm(x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), M, N, K, threads,
-               [&](int64_t n, int64_t t, int32_t v) { op[t * N + n] = scaled(n, t, v); });
+               [&](int64_t n, int64_t t, __m128i v, int nb) { store4(op + t * N + n, scaled(n, t, v, nb), nb); });
   }
   return out;
 }
@@ -347,7 +375,7 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
       float* hj = h.data() + offs[j] * I2;
       const float* xsj = xs.data() + offs[j];
       gemm_rows(w13p + e * w13.stride(0), I2, H, n0, std::min(I2, n0 + RB), xq + offs[j] * H, counts[j],
-                [&](int64_t n, int64_t t, int32_t v) { hj[t * I2 + n] = (static_cast<float>(v) * xsj[t]) * ws[n]; });
+                [&](int64_t n, int64_t t, __m128i v, int nb) { store4(hj + t * I2 + n, scale4(v, xsj[t], ws + n, nb), nb); });
     }
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {  // 3. SwiGLU, rotation, quantization
@@ -364,9 +392,9 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
       const int64_t* tj = tp + starts[j];
       const int64_t* sj = sp + starts[j];
       gemm_rows(w2p + e * w2.stride(0), H, I, n0, std::min(H, n0 + RB), hq + offs[j] * I, counts[j],
-                [&](int64_t n, int64_t t, int32_t v) {
+                [&](int64_t n, int64_t t, __m128i v, int nb) {
                   const int64_t route = tj[t] * k + sj[t];
-                  rp[route * H + n] = ((static_cast<float>(v) * hsj[t]) * ws[n]) * wp[route];
+                  store4(rp + route * H + n, _mm_mul_ps(scale4(v, hsj[t], ws + n, nb), _mm_set1_ps(wp[route])), nb);
                 });
     }
   }
