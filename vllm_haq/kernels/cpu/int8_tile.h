@@ -115,37 +115,76 @@ inline void tile_step(Zmm, const int8_t* const* w, const int8_t* const* x, int64
 }
 #endif
 
-// T token rows against the tile over k in [k0, k1) (multiples of 32). ``next``/``pf``: this group's share of
-// the next tile's bytes, pf of them prefetched per step (see tile_block).
+// T token rows against the tile over k in [k0, k1) (multiples of 32), accumulated into ``a``. ``next``/``pf``:
+// this group's share of the next tile's bytes, pf of them prefetched per step (see tile_block).
 template <class V, int T, bool SUMS>
-inline void tile_chunk(const int8_t* const* w, const int8_t* const* x, int64_t k0, int64_t k1, typename V::v* acc,
-                       typename V::v* sums, const int8_t* next, int64_t pf) {
-  typename V::v a[RB][T], su[RB];
+inline void tile_chunk(const int8_t* const* w, const int8_t* const* x, int64_t k0, int64_t k1,
+                       typename V::v (&a)[RB][T], typename V::v* sums, const int8_t* next, int64_t pf) {
+  typename V::v l[RB][T], su[RB];  // local copies: registers, whether or not the compiler inlines this
   for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) a[r][t] = acc[t * RB + r];
-  for (int r = 0; r < RB; ++r) su[r] = sums[r];
+    for (int t = 0; t < T; ++t) l[r][t] = a[r][t];
+  if (SUMS)
+    for (int r = 0; r < RB; ++r) su[r] = sums[r];
   int64_t k = k0;
   for (; k + V::W <= k1; k += V::W, next += pf) {
     for (int64_t p = 0; p < pf; p += 64) _mm_prefetch(reinterpret_cast<const char*>(next + p), _MM_HINT_T0);
-    tile_step<T, SUMS, false>(V{}, w, x, k, a, su);
+    tile_step<T, SUMS, false>(V{}, w, x, k, l, su);
   }
-  if (V::W > 32 && k < k1) tile_step<T, SUMS, true>(V{}, w, x, k, a, su);
+  if (V::W > 32 && k < k1) tile_step<T, SUMS, true>(V{}, w, x, k, l, su);
   for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < T; ++t) acc[t * RB + r] = a[r][t];
+    for (int t = 0; t < T; ++t) a[r][t] = l[r][t];
   if (SUMS)
     for (int r = 0; r < RB; ++r) sums[r] = su[r];
 }
 
-// One token group of T rows (at ``t`` of the block) over one chunk; the block's first group sums the rows.
-template <class V, int T>
-inline void group_chunk(const int8_t* const* rows, const int8_t* x, int64_t t, int64_t K, int64_t k0, int64_t k1,
-                        typename V::v* acc, typename V::v* sums, const int8_t* next, int64_t pf) {
+// v plus the products of the tile's rows and one token row ``xt`` over the K tail [kv, K) (under 32 bytes).
+inline __m128i add_tail(__m128i v, const int8_t* const* rows, int nb, const int8_t* xt, int64_t kv, int64_t K) {
+  if (kv == K) return v;
+  alignas(16) int32_t s[RB];
+  _mm_store_si128(reinterpret_cast<__m128i*>(s), v);
+  for (int r = 0; r < nb; ++r)
+    for (int64_t k = kv; k < K; ++k) s[r] += int32_t(xt[k]) * int32_t(rows[r][k]);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(s));
+}
+
+// The finished accumulators of T token rows (at ``t`` of the block): int32 products (VNNI: less 128 times the
+// rows' sums, complete since the block's first group has passed its last chunk), K tail added, to epi(t, v, nb).
+template <class V, int T, class Epi>
+inline void finish_group(typename V::v (&a)[RB][T], const typename V::v* sums, const int8_t* const* rows, int nb,
+                         const int8_t* x, int64_t t, int64_t K, int64_t kv, Epi& epi) {
+#ifdef HAQ_VNNI
+  const __m128i shift = _mm_slli_epi32(hsum4<V>(sums), 7);  // 128 * each row's sum, modulo 2**32 as vpdpbusd's
+#else
+  (void)sums;
+  const __m128i shift = _mm_setzero_si128();
+#endif
+  for (int i = 0; i < T; ++i) {
+    const typename V::v q[RB] = {a[0][i], a[1][i], a[2][i], a[3][i]};
+    epi(t + i, add_tail(_mm_sub_epi32(hsum4<V>(q), shift), rows, nb, x + (t + i) * K, kv, K), nb);
+  }
+}
+
+// One token group of T rows (at ``t`` of the block) over one chunk; the block's first group sums the rows. The
+// accumulators stay in registers within a chunk and go through ``acc`` only between chunks: a K of one chunk
+// (Qwen3-30B-A3B's 768 and 2048) never stores them, and its last chunk reduces them straight to the epilogue
+// (the loads, stores and zeroing of 64 accumulators per tile had cost Qwen3's K = 768 products ~1/3 of their
+// time at 16 tokens).
+template <class V, int T, class Epi>
+inline void group_chunk(const int8_t* const* rows, int nb, const int8_t* x, int64_t t, int64_t K, int64_t kv,
+                        int64_t k0, int64_t k1, typename V::v* acc, typename V::v* sums, const int8_t* next,
+                        int64_t pf, Epi& epi) {
   const int8_t* xs[T];
   for (int i = 0; i < T; ++i) xs[i] = x + (t + i) * K;
+  typename V::v a[RB][T];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < T; ++i) a[r][i] = k0 == 0 ? V::zero() : acc[(t + i) * RB + r];
   if (t == 0)
-    tile_chunk<V, T, true>(rows, xs, k0, k1, acc + t * RB, sums, next, pf);
+    tile_chunk<V, T, true>(rows, xs, k0, k1, a, sums, next, pf);
   else
-    tile_chunk<V, T, false>(rows, xs, k0, k1, acc + t * RB, sums, next, pf);
+    tile_chunk<V, T, false>(rows, xs, k0, k1, a, sums, next, pf);
+  if (k1 == kv) return finish_group<V, T>(a, sums, rows, nb, x, t, K, kv, epi);
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < T; ++i) acc[(t + i) * RB + r] = a[r][i];
 }
 
 // Products of the tile ``rows`` (RB rows of w, nb of them real) with m <= TB token rows of x; epi(t, v, nb) per
@@ -159,38 +198,25 @@ inline void group_chunk(const int8_t* const* rows, const int8_t* x, int64_t t, i
 template <class V, class Epi>
 void tile_block(const int8_t* const* rows, int nb, const int8_t* x, int64_t m, int64_t K, const int8_t* next,
                 Epi&& epi) {
-  typename V::v acc[TB * RB], sums[RB];
-  for (auto& v : acc) v = V::zero();
+  typename V::v acc[TB * RB], sums[RB];  // acc: between chunks only
   for (auto& v : sums) v = V::zero();
   const int64_t kv = K / 32 * 32, groups = m / TT + (TT > 2 && m % TT >= 2) + (m % 2);
+  if (kv == 0) {  // K < 32: the tail is all
+    for (int64_t t = 0; t < m; ++t) epi(t, add_tail(_mm_setzero_si128(), rows, nb, x + t * K, 0, K), nb);
+    return;
+  }
   for (int64_t k0 = 0; k0 < kv; k0 += KC) {
     const int64_t k1 = std::min(kv, k0 + KC), steps = (k1 - k0 + V::W - 1) / V::W;
     const int64_t share = ((k1 - k0) * RB + groups - 1) / groups;
     const int64_t pf = next ? (share + steps * 64 - 1) / (steps * 64) * 64 : 0;
     int64_t t = 0, g = 0;
     auto pre = [&]() -> const int8_t* { return next ? next + k0 * RB + share * g++ : nullptr; };
-    for (; t + TT <= m; t += TT) group_chunk<V, TT>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
+    for (; t + TT <= m; t += TT) group_chunk<V, TT>(rows, nb, x, t, K, kv, k0, k1, acc, sums, pre(), pf, epi);
     if (TT > 2 && t + 2 <= m) {
-      group_chunk<V, 2>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
+      group_chunk<V, 2>(rows, nb, x, t, K, kv, k0, k1, acc, sums, pre(), pf, epi);
       t += 2;
     }
-    if (t < m) group_chunk<V, 1>(rows, x, t, K, k0, k1, acc, sums, pre(), pf);
-  }
-#ifdef HAQ_VNNI
-  const __m128i shift = _mm_slli_epi32(hsum4<V>(sums), 7);  // 128 * each row's sum, modulo 2**32 as vpdpbusd's
-#else
-  const __m128i shift = _mm_setzero_si128();
-#endif
-  for (int64_t t = 0; t < m; ++t) {
-    __m128i v = _mm_sub_epi32(hsum4<V>(acc + t * RB), shift);
-    if (kv < K) {
-      alignas(16) int32_t s[RB];
-      _mm_store_si128(reinterpret_cast<__m128i*>(s), v);
-      for (int r = 0; r < nb; ++r)
-        for (int64_t k = kv; k < K; ++k) s[r] += int32_t(x[t * K + k]) * int32_t(rows[r][k]);
-      v = _mm_load_si128(reinterpret_cast<const __m128i*>(s));
-    }
-    epi(t, v, nb);
+    if (t < m) group_chunk<V, 1>(rows, nb, x, t, K, kv, k0, k1, acc, sums, pre(), pf, epi);
   }
 }
 
