@@ -326,7 +326,7 @@ def render(bw, rows, args):
                "cache (above 100%). Against the issue's targets (M=1 at >= 75% of bandwidth, M=16 at most 3x M=1): see "
                "the kernel rows.\n")
     for name, m, t, method, ms, gbs, pct, err in rows:
-        out.append(f"| {name} | {m} | {t} | {method} | {ms:.2f} | {gbs:.1f} | {pct:.0f}% | "
+        out.append(f"| {name} | {m} | {t} | {method} | {ms:.{2 if ms >= 1 else 3}f} | {gbs:.1f} | {pct:.0f}% | "
                    f"{'' if err is None else f'{err:.1e}'} |")
     out += _ratios(rows) + ["", NOT_RUN]
     return "\n".join(out) + "\n"
