@@ -37,6 +37,7 @@ from vllm_haq.quant import (
     quantize_weight_per_channel,
     w8a8_linear_reference,
 )
+from vllm_haq.quant.rotation import rotate
 
 ON_CUDA = torch.cuda.is_available()
 REL_TOL = 1e-3
@@ -97,8 +98,6 @@ def _moe_reference(x, weights, ids, expert_to_slot, experts13, experts2, inter, 
 
 def _tie_slack(h, w_q, w_scale, rotation):
     """Largest output change if every element of quantize_input(h)'s input near a .5 tie rounds the other way."""
-    from vllm_haq.quant.rotation import rotate
-
     v = (rotate(h, rotation) if rotation else h).double()[0]
     step = v.abs().max() / 127
     near_tie = ((v / step).abs().frac() - 0.5).abs() < 1e-3

@@ -19,7 +19,7 @@
 // one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
 // no Python per expert. Its float steps are those of vllm_haq.quant (true division, round half to even,
 // ((float)acc * x_scale) * w_scale, the rotation's butterfly order); SiLU's exp is Cephes' polynomial (exp8),
-// within 2 ulp of expf, not torch's vector exp.
+// within 1 ulp of expf, not torch's vector exp.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>

@@ -71,29 +71,55 @@ inline __m128i hsum4(const typename V::v* v) {
 // fits in int32 (|x . w| <= 127 * 128 * K).
 // AVX2: |w| as u8 times x * sign(w) as s8 with vpmaddubsw gives int16 pair sums of at most 2 * 128 * 127 = 32512,
 // so nothing saturates; vpmaddwd with ones widens them to int32.
+// The 32-byte step's parts, shared by the tiles and the decode stream: a token row's bytes as the step takes them
+// (VNNI: x ^ 0x80), a weight row's bytes as they multiply (AVX2: |w|), a row's sum into su (VNNI only), and
+// a + the 32 products.
+inline __m256i step_x(const int8_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+#ifdef HAQ_VNNI
+  return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+#else
+  return v;
+#endif
+}
+
+inline __m256i step_w(__m256i wv) {
+#ifdef HAQ_VNNI
+  return wv;
+#else
+  return _mm256_abs_epi8(wv);
+#endif
+}
+
+inline void step_sum(__m256i& su, __m256i wv) {
+#ifdef HAQ_VNNI
+  su = _mm256_dpbusd_epi32(su, _mm256_set1_epi8(1), wv);
+#else
+  (void)su, (void)wv;
+#endif
+}
+
+// aw: step_w(wv)
+inline __m256i step_dot(__m256i a, __m256i xv, __m256i wv, __m256i aw) {
+#ifdef HAQ_VNNI
+  (void)aw;
+  return _mm256_dpbusd_epi32(a, xv, wv);
+#else
+  return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)),
+                                               _mm256_set1_epi16(1)));
+#endif
+}
+
 template <int T, bool SUMS, bool HALF>
 inline void tile_step(Ymm, const int8_t* const* w, const int8_t* const* x, int64_t k, __m256i (&a)[RB][T],
                       __m256i* su) {
   __m256i xv[T];
-  for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
-#ifdef HAQ_VNNI
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(1);
-  for (int t = 0; t < T; ++t) xv[t] = _mm256_xor_si256(xv[t], flip);
+  for (int t = 0; t < T; ++t) xv[t] = step_x(x[t] + k);
   for (int r = 0; r < RB; ++r) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
-    if (SUMS) su[r] = _mm256_dpbusd_epi32(su[r], ones, wv);
-    for (int t = 0; t < T; ++t) a[r][t] = _mm256_dpbusd_epi32(a[r][t], xv[t], wv);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)), aw = step_w(wv);
+    if (SUMS) step_sum(su[r], wv);
+    for (int t = 0; t < T; ++t) a[r][t] = step_dot(a[r][t], xv[t], wv, aw);
   }
-#else
-  (void)su;
-  for (int r = 0; r < RB; ++r) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k));
-    const __m256i aw = _mm256_abs_epi8(wv);
-    for (int t = 0; t < T; ++t)
-      a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)),
-                                                            _mm256_set1_epi16(1)));
-  }
-#endif
 }
 
 #ifdef HAQ_VNNI
@@ -235,21 +261,9 @@ inline int32_t hsum(__m256i v) {
 // 32 bytes of one weight row against T token rows: tile_step's arithmetic for a single row.
 template <int T>
 inline void row_step(const int8_t* w, const int8_t* const* x, int64_t k, __m256i* a, __m256i& su) {
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-#ifdef HAQ_VNNI
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  su = _mm256_dpbusd_epi32(su, _mm256_set1_epi8(1), wv);
-  for (int t = 0; t < T; ++t)
-    a[t] = _mm256_dpbusd_epi32(a[t], _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k)),
-                                                      flip), wv);
-#else
-  (void)su;
-  const __m256i aw = _mm256_abs_epi8(wv);
-  for (int t = 0; t < T; ++t) {
-    const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k)), wv);
-    a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), _mm256_set1_epi16(1)));
-  }
-#endif
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)), aw = step_w(wv);
+  step_sum(su, wv);
+  for (int t = 0; t < T; ++t) a[t] = step_dot(a[t], step_x(x[t] + k), wv, aw);
 }
 
 // out[t] = w . x[t] over K bytes, exact. SEQ_U accumulators per token take consecutive 32-byte steps so their
