@@ -13,6 +13,8 @@ bandwidth moved by up to 2x within one run on the shared 2-core machines, so one
 kt-kernel and llama.cpp are not run (see the note the report carries: NOT_RUN).
 
     .venv/bin/python benchmarks/cpu_experts.py --out benchmarks/results/cpu_experts.md
+    # make gpu-check's reduced run: the engine's own paths and fbgemm, one thread and the engine's team
+    .venv/bin/python benchmarks/cpu_experts.py --m 1 16 --threads 1 engine --methods one-call kernel fbgemm
 """
 
 from __future__ import annotations
@@ -228,44 +230,68 @@ def _error(experts, x):
     return _rel_error(got, _reference(experts, x))
 
 
-def _methods(name, m, experts, stack, fp32, packs, x, threads):
-    """(method, callable, weight bytes read per call, experts per call, error) of one shape, M and thread count."""
+METHODS = ("one-call", "kernel", "blas", "fbgemm", "onednn", "fp32", "bf16")  # --methods keys, in row order
+
+
+def _methods(name, m, experts, stack, fp32, packs, x, threads, keys):
+    """(method, callable, weight bytes read per call, experts per call, error) of one shape, M and thread count,
+    for the methods named in ``keys``."""
     nbytes = experts[0][0].numel() + experts[0][2].numel()
     ref = _reference(experts, x)
     per_call = PER_STEP[name]
-    out = [(f"one call ({per_call} experts)", _layer_step(stack, x, threads, per_call), nbytes, per_call,
-            _layer_step_error(stack, x)),
-           ("kernel", _mlp("kernel", experts, x, threads), nbytes, 1, _error(experts, x))]
-    if not (name.startswith("mixtral") and m > 1):  # the old path: ~0.4-1 s a call at Mixtral, M=1 shows it
+    out = []
+    if "one-call" in keys:
+        out.append((f"one call ({per_call} experts)", _layer_step(stack, x, threads, per_call), nbytes, per_call,
+                    _layer_step_error(stack, x)))
+    if "kernel" in keys:
+        out.append(("kernel", _mlp("kernel", experts, x, threads), nbytes, 1, _error(experts, x)))
+    if "blas" in keys and not (name.startswith("mixtral") and m > 1):  # ~0.4-1 s a Mixtral call: M=1 shows it
         out.append(("blas", _mlp("blas", experts, x, threads), nbytes, 1, None))
-    fb = _fbgemm_mlp(packs, x, threads)
-    out.append(("fbgemm dynamic int8", fb, nbytes, 1, _rel_error(fb(), ref)))
-    onednn = _onednn_mlp(experts, x, threads)
+    if "fbgemm" in keys:
+        fb = _fbgemm_mlp(packs, x, threads)
+        out.append(("fbgemm dynamic int8", fb, nbytes, 1, _rel_error(fb(), ref)))
+    onednn = _onednn_mlp(experts, x, threads) if "onednn" in keys else None
     if onednn is not None:
         out.append(("oneDNN _int_mm", onednn, nbytes, 1, _rel_error(_onednn_mlp(experts[:1], x, threads)(), ref)))
-    out.append(("fp32", _mlp("fp32", fp32, x, threads), 4 * nbytes, 1, None))
-    if m == 1:  # without native bf16 (AVX2 hosts) ~2 s a Mixtral call at M = 1, 28 s at 16: M = 1 shows it
+    if "fp32" in keys:
+        out.append(("fp32", _mlp("fp32", fp32, x, threads), 4 * nbytes, 1, None))
+    if "bf16" in keys and m == 1:  # without native bf16 (AVX2 hosts) ~2 s a Mixtral call at M = 1, 28 s at 16
         bf16 = tuple(w.bfloat16() for w in fp32)
         out.append(("bf16", _mlp("fp32", bf16, x.bfloat16(), threads), 2 * nbytes, 1, None))
     return out
+
+
+def _thread_counts(requested):
+    """``--threads`` values: counts, ``all`` (every core of this process) or ``engine`` (the CPU expert team the
+    offload engine sizes beside a GPU, ``cpu_worker_plan``: the cores but two)."""
+    from vllm_haq.kernels.cpu_int8 import host_cores
+    from vllm_haq.offload.serving import cpu_worker_plan
+
+    named = {"all": host_cores(), "engine": cpu_worker_plan(True, None, host_cores())[1]}
+    return sorted({named[t] if t in named else int(t) for t in requested})
 
 
 def run(args):
     from vllm_haq.offload import ExpertTensors
 
     gen = torch.Generator().manual_seed(0)
-    thread_counts = sorted(set(args.threads or [1, len(os.sched_getaffinity(0))]))
+    keys = set(args.methods)
+    thread_counts = _thread_counts(args.threads)
     bw: dict[int, list[float]] = {t: [] for t in thread_counts}  # every row's adjacent measurement
     rows = []
-    for name, (hidden, inter, copies) in SHAPES.items():
+    for name in args.shapes:
+        hidden, inter, copies = SHAPES[name]
         experts = _experts(hidden, inter, _copies(hidden, inter, copies), gen)
         stack = ExpertTensors(*(torch.stack([e[i] for e in experts]) for i in range(4)))
-        packs = _fbgemm_packs(experts)
-        fp32 = (experts[0][0].float().t().contiguous() * experts[0][1].t(), experts[0][2].float().t().contiguous())
+        packs = _fbgemm_packs(experts) if "fbgemm" in keys else None
+        fp32 = None
+        if keys & {"fp32", "bf16"}:
+            fp32 = (experts[0][0].float().t().contiguous() * experts[0][1].t(), experts[0][2].float().t().contiguous())
         for m in args.m:
             x = torch.randn(m, hidden, generator=gen)
             for threads in thread_counts:
-                for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads):
+                for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads,
+                                                                keys):
                     bw[threads].append(_bandwidth(threads))
                     _warm(fn)
                     s = _time(fn, 3 if method == "blas" else args.reps) / per_call
@@ -291,12 +317,12 @@ def _kernel_isa():
 def _ratios(rows):
     """M=16 / M=1 time per (expert, threads, method): the issue's compute-bound target (at most 3x)."""
     t = {(r[0], r[2], r[3], r[1]): r[4] for r in rows}
-    out = ["", "M = 16 time over M = 1 time (same run):", "", "| expert | threads | method | M=16 / M=1 |",
-           "|---|---|---|---|"]
-    for (name, threads, method, m), ms in t.items():
-        if m == 16 and (name, threads, method, 1) in t:
-            out.append(f"| {name} | {threads} | {method} | {ms / t[(name, threads, method, 1)]:.1f}x |")
-    return out
+    lines = [f"| {name} | {threads} | {method} | {ms / t[(name, threads, method, 1)]:.1f}x |"
+             for (name, threads, method, m), ms in t.items() if m == 16 and (name, threads, method, 1) in t]
+    if not lines:
+        return []
+    return ["", "M = 16 time over M = 1 time (same run):", "", "| expert | threads | method | M=16 / M=1 |",
+            "|---|---|---|---|", *lines]
 
 
 def render(bw, rows, args):
@@ -332,12 +358,22 @@ def render(bw, rows, args):
     return "\n".join(out) + "\n"
 
 
+def _thread_arg(value: str) -> str:
+    if value in ("all", "engine") or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a positive count, 'all' or 'engine'")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/cpu_experts.md")
     p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and all cores)")
+    p.add_argument("--threads", nargs="+", type=_thread_arg, default=["1", "all"],
+                   help="thread counts; 'all': this process's cores, 'engine': the offload engine's CPU expert team "
+                        "(default: 1 all)")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = p.parse_args()
     bw, rows = run(args)
     with open(args.out, "w") as f:

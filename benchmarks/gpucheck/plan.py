@@ -16,7 +16,8 @@ STAGES = {
     "offload": (80, 90, "offload engine, every policy and budget, equal to all-resident; sabotaged run caught"),
     "syncs": (40, 60, "blocking device->host syncs per MoE layer-step (torch.cuda.set_sync_debug_mode)"),
     "e2e": (60, 120, "tiny MoE converted, generated offloaded vs all-resident: same greedy tokens"),
-    "benches": (200, 200, "reduced benchmarks/kernels.py and benchmarks/offload.py tables; the decode-step profile"),
+    "benches": (300, 260, "reduced benchmarks/kernels.py and benchmarks/offload.py tables; the decode-step profile; "
+                          "CPU experts on the host's cores"),
     # last: on a GPU the Mixtral-width conversion is the longest single step, and a slow one must not starve the
     # others of the total budget (expected ~100 s: two tiny conversions and evals, one 2.9 GB layer converted)
     "convert": (200, 120, "haq convert --device cuda vs cpu on a tiny MoE: same perplexity; a Mixtral-width layer "
@@ -89,7 +90,7 @@ def checks(stage: str, backends: tuple[str, ...] = GPU_BACKENDS) -> list[str]:
     if stage == "e2e":
         return ["e2e/convert", "e2e/resident"] + [f"e2e/{r}" for r in E2E_RUNS]
     if stage == "benches":
-        return ["benches/kernels", "benches/offload", "benches/profile_step"]
+        return ["benches/kernels", "benches/offload", "benches/profile_step", "benches/cpu_experts"]
     if stage == "convert":
         return [f"convert/tiny-{d}" for d in CONVERT_DEVICES] + ["convert/agree", "convert/mixtral-width"]
     raise ValueError(stage)
