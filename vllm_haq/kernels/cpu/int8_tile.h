@@ -216,9 +216,11 @@ inline void group_chunk(const int8_t* const* rows, int nb, const int8_t* x, int6
 // Products of the tile ``rows`` (RB rows of w, nb of them real) with m <= TB token rows of x; epi(t, v, nb) per
 // token, v's lanes the tile's rows (see gemm_rows).
 //
-// ``next``: the next tile's RB * K contiguous bytes (or nullptr), prefetched linearly while this one computes:
-// the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long rows (Qwen3's
-// K = 768 ran at 40% of read bandwidth without it, Mixtral's K = 14336 at 95%). Each chunk's share is spread
+// ``next``: the RB * K contiguous bytes of the tile after the next one (or nullptr), prefetched linearly while
+// this one computes: the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long
+// rows (Qwen3's K = 768 ran at 40% of read bandwidth without it, Mixtral's K = 14336 at 95%). Two tiles ahead,
+// not one: the last of a tile's prefetches had not arrived when the next tile began, and Qwen3's short tiles at
+// 3-8 tokens took 7-15% longer on a Zen 5 core (Mixtral's long ones within 2% either way). Each chunk's share is spread
 // evenly over all its token groups: issued by the first group alone, the burst of misses overflowed the core's
 // miss buffers at 16 tokens and the w13 products of Qwen3's experts ran 25% slower from DRAM than from cache.
 template <class V, class Epi>
@@ -331,7 +333,7 @@ void gemm_rows(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t n1, co
     const int nb = static_cast<int>(std::min<int64_t>(RB, n1 - n));
     const int8_t* rows[RB];
     for (int r = 0; r < RB; ++r) rows[r] = w + (n + std::min(r, nb - 1)) * K;  // a short tile repeats its last row
-    const int8_t* next = n + 2 * RB <= N ? w + (n + RB) * K : nullptr;
+    const int8_t* next = n + 3 * RB <= N ? w + (n + 2 * RB) * K : nullptr;  // two tiles ahead (tile_block)
     for (int64_t t0 = 0; t0 < M; t0 += TB) {
       const int64_t m = std::min(TB, M - t0);
       auto at = [&](int64_t t, __m128i v, int nb_) { epi(n, t0 + t, v, nb_); };
