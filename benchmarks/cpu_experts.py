@@ -191,9 +191,10 @@ def _rel_error(got, ref):
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
-def _layer_step(stack, x, threads, per_call):
+def _layer_step(stack, x, threads, per_call, build=None):
     """One ``moe_routes`` call per layer-step: every token routed to ``per_call`` experts (rotating through
-    the stack so that they come from DRAM), as the engine hands a step's CPU experts over."""
+    the stack so that they come from DRAM), as the engine hands a step's CPU experts over (``build``: another
+    build of the kernel than this host's, from ``cpu_int8.load_build``)."""
     from vllm_haq.kernels import RouteGroups, cpu_expert_routes
 
     m = x.shape[0]
@@ -205,16 +206,19 @@ def _layer_step(stack, x, threads, per_call):
         first = next(it) * per_call
         ids = torch.tensor([[(first + j) % stack.count for j in range(per_call)]] * m)
         groups = RouteGroups(ids, stack.count)
-        cpu_expert_routes(x, weights, groups, stack, list(groups.routed), routes, threads=threads)
+        cpu_expert_routes(x, weights, groups, stack, list(groups.routed), routes, threads=threads, build=build)
     return run
 
 
-def _layer_step_error(stack, x):
+def _layer_step_error(stack, x, build=None):
     """max |one-call result - exact W8A8 chain| / max |ref| for expert 0 (all tokens, weight 1)."""
-    from vllm_haq.kernels import cpu_moe_forward
+    from vllm_haq.kernels import RouteGroups, cpu_expert_routes
     from vllm_haq.quant import w8a8_linear_reference
 
-    got = cpu_moe_forward(x, torch.ones(x.shape[0], 1), torch.zeros(x.shape[0], 1, dtype=torch.int64), stack)
+    groups = RouteGroups(torch.zeros(x.shape[0], 1, dtype=torch.int64), stack.count)
+    routes = torch.zeros(x.shape[0], 1, x.shape[1])
+    cpu_expert_routes(x, torch.ones(x.shape[0], 1), groups, stack, [0], routes, build=build)
+    got = routes[:, 0]
     gu = w8a8_linear_reference(x, stack.w13[0], stack.w13_scale[0])
     inter = gu.shape[1] // 2
     ref = w8a8_linear_reference(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], stack.w2[0], stack.w2_scale[0])
@@ -233,9 +237,9 @@ def _error(experts, x):
 METHODS = ("one-call", "kernel", "blas", "fbgemm", "onednn", "fp32", "bf16")  # --methods keys, in row order
 
 
-def _methods(name, m, experts, stack, fp32, packs, x, threads, keys):
+def _methods(name, m, experts, stack, fp32, packs, x, threads, keys, builds):
     """(method, callable, weight bytes read per call, experts per call, error) of one shape, M and thread count,
-    for the methods named in ``keys``."""
+    for the methods named in ``keys`` (``builds``: name -> module, the one-call path on other kernel builds)."""
     nbytes = experts[0][0].numel() + experts[0][2].numel()
     ref = _reference(experts, x)
     per_call = PER_STEP[name]
@@ -243,6 +247,9 @@ def _methods(name, m, experts, stack, fp32, packs, x, threads, keys):
     if "one-call" in keys:
         out.append((f"one call ({per_call} experts)", _layer_step(stack, x, threads, per_call), nbytes, per_call,
                     _layer_step_error(stack, x)))
+    for name_, build in builds.items():
+        out.append((f"one call ({per_call} experts), {name_} build", _layer_step(stack, x, threads, per_call, build),
+                    nbytes, per_call, _layer_step_error(stack, x, build)))
     if "kernel" in keys:
         out.append(("kernel", _mlp("kernel", experts, x, threads), nbytes, 1, _error(experts, x)))
     if "blas" in keys and not (name.startswith("mixtral") and m > 1):  # ~0.4-1 s a Mixtral call: M=1 shows it
@@ -275,7 +282,10 @@ def run(args):
     from vllm_haq.offload import ExpertTensors
 
     gen = torch.Generator().manual_seed(0)
+    from vllm_haq.kernels import cpu_int8
+
     keys = set(args.methods)
+    builds = {b: cpu_int8.load_build(b) for b in args.builds}
     thread_counts = _thread_counts(args.threads)
     bw: dict[int, list[float]] = {t: [] for t in thread_counts}  # every row's adjacent measurement
     rows = []
@@ -291,7 +301,7 @@ def run(args):
             x = torch.randn(m, hidden, generator=gen)
             for threads in thread_counts:
                 for method, fn, read, per_call, err in _methods(name, m, experts, stack, fp32, packs, x, threads,
-                                                                keys):
+                                                                keys, builds):
                     bw[threads].append(_bandwidth(threads))
                     _warm(fn)
                     s = _time(fn, 3 if method == "blas" else args.reps) / per_call
@@ -374,6 +384,10 @@ def main():
                         "(default: 1 all)")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    from vllm_haq.kernels.cpu_int8 import BUILDS
+
+    p.add_argument("--builds", nargs="+", default=[], choices=list(BUILDS),
+                   help="also time the one-call path on these builds of the CPU kernel (beside this host's own)")
     args = p.parse_args()
     bw, rows = run(args)
     with open(args.out, "w") as f:

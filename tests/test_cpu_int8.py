@@ -161,6 +161,29 @@ def test_threads_and_stack_rows_do_not_change_the_result():
     assert torch.equal(routes, outs[0])
 
 
+@pytest.mark.parametrize("build", ["avx2", "avx_vnni", "avx512_vnni"])
+def test_every_build_gives_the_same_bits(build):
+    """The builds differ in their integer steps only (exact in each) and share every float step: a layer-step
+    on another build the CPU runs (``load_build``, what ``cpu_experts.py --builds`` times) gives this host's
+    bits, at decode's row streams and the tiles (1, 4, 17 and 33 tokens, rotation, K tails)."""
+    from vllm_haq.kernels import RouteGroups, cpu_expert_routes, new_route_buffer
+
+    if not all(flag in cpu_int8._cpu_flags() for flag in cpu_int8.BUILDS[build].cpu_flags):
+        with pytest.raises(ValueError, match=f"the {build} build needs"):
+            cpu_int8.load_build(build)
+        return
+    module = cpu_int8.load_build(build)
+    for tokens, (hidden, inter) in ((1, (200, 72)), (4, (128, 96)), (17, (72, 44)), (33, (136, 64))):
+        stack = _stack(5, hidden, inter, seed=tokens, smooth=True, rotation=4)
+        g = torch.Generator().manual_seed(tokens)
+        x, weights = torch.randn(tokens, hidden, generator=g) * 3, torch.rand(tokens, 2, generator=g)
+        groups = RouteGroups(torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(tokens)]), 5)
+        want, got = new_route_buffer(x, 2), new_route_buffer(x, 2)
+        cpu_expert_routes(x, weights, groups, stack, list(groups.routed), want)
+        cpu_expert_routes(x, weights, groups, stack, list(groups.routed), got, build=module)
+        assert torch.equal(got, want), (build, tokens)
+
+
 def test_experts_left_out_leave_their_rows_alone():
     """The engine fills one route buffer from several calls (cache slots, CPU jobs): each writes its rows only."""
     from vllm_haq.kernels import RouteGroups, cpu_expert_routes, new_route_buffer
@@ -314,24 +337,49 @@ print("ok")
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-def test_the_build_follows_the_host_and_avx2_can_be_forced():
-    """VNNI hosts get the vpdpbusd build (its products are checked by every test above there); the switch's
-    "avx2" forces the AVX2 build, which must give the same integers; the choice is logged with its reason."""
-    vnni = all(flag in cpu_int8._cpu_flags() for flag in cpu_int8._VNNI_FLAGS)
-    assert cpu_int8.isa() == ("avx512_vnni" if vnni else "avx2")
+def _host_build() -> str:
+    flags = cpu_int8._cpu_flags()
+    if all(flag in flags for flag in ("avx512_vnni", "avx512vl", "avx512bw")):
+        return "avx512_vnni"
+    return "avx_vnni" if "avx_vnni" in flags else "avx2"
+
+
+@pytest.mark.parametrize("forced", ["avx2", "avx_vnni"])
+def test_the_build_follows_the_host_and_a_build_can_be_forced(forced):
+    """Each host gets its best build (every test above checks its products there); the switch forces another
+    the CPU can run, which must give the same integers at the tiles' and decode's shapes; the choice is logged
+    with its reason. AVX-VNNI can be forced only where the CPU has it (Zen 5, Intel since Alder Lake)."""
+    assert cpu_int8.isa() == _host_build()
+    if forced not in cpu_int8._cpu_flags() and forced != "avx2":
+        pytest.skip(f"this CPU has no {forced}")
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
             "from vllm_haq.kernels import cpu_int8\n"
             "g = torch.Generator().manual_seed(5)\n"
-            "assert cpu_int8.isa() == 'avx2', cpu_int8.isa()\n"
-            "for m, k in ((17, 4103), (1, 197), (2, 4103)):  # the tiles, and decode's row streams\n"
+            f"assert cpu_int8.isa() == {forced!r}, cpu_int8.isa()\n"
+            "for m, k in ((17, 4103), (16, 800), (4, 96), (1, 197), (2, 4103)):  # tiles, decode's row streams\n"
             "    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)\n"
             "    w = torch.randint(-128, 128, (37, k), generator=g, dtype=torch.int8)\n"
             "    assert torch.equal(cpu_int8.cpu_int8_mm(x, w, 2), (x.long() @ w.long().t()).int()), (m, k)\n")
-    env = dict(os.environ, HAQ_CPU_INT8_KERNEL="avx2")
+    env = dict(os.environ, HAQ_CPU_INT8_KERNEL=forced)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "CPU int8 kernel enabled (AVX2 exact int8 GEMM" in proc.stderr
-    assert "HAQ_CPU_INT8_KERNEL=avx2" in proc.stderr
+    assert f"CPU int8 kernel enabled ({cpu_int8.BUILDS[forced].isa} exact int8 GEMM" in proc.stderr
+    assert f"HAQ_CPU_INT8_KERNEL={forced}" in proc.stderr
+
+
+def test_the_build_switch_rejects_unknown_values_and_unrunnable_builds(monkeypatch):
+    """A misspelt switch is an error naming it; a build the CPU cannot run (it would die of an illegal
+    instruction) gives way to the host's, saying why; a failed VNNI build falls back to the AVX2 one."""
+    with pytest.raises(ValueError, match="HAQ_CPU_INT8_KERNEL='avx512'.*avx512_vnni, avx_vnni, avx2"):
+        cpu_int8._candidates("avx512")
+    monkeypatch.setattr(cpu_int8, "_cpu_flags", lambda: {"avx2", "fma"})
+    (build, why), = cpu_int8._candidates("avx_vnni")
+    assert build.isa == "AVX2" and "asks for a build this CPU cannot run (no avx_vnni)" in why
+    (build, why), = cpu_int8._candidates("")
+    assert build.isa == "AVX2" and "no AVX-512 VNNI on this CPU; no AVX-VNNI on this CPU" == why
+    monkeypatch.setattr(cpu_int8, "_cpu_flags", lambda: {"avx2", "fma", "avx_vnni"})
+    assert [(b.isa, w) for b, w in cpu_int8._candidates("on")] == [
+        ("AVX-VNNI", "no AVX-512 VNNI on this CPU"), ("AVX2", "the AVX-VNNI build failed")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

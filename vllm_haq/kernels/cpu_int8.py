@@ -1,11 +1,11 @@
-"""Exact int8 GEMM on the CPU at memory bandwidth: a small AVX2 / AVX-512 VNNI C++ extension, built on first use.
+"""Exact int8 GEMM on the CPU at memory bandwidth: a small AVX2 / VNNI C++ extension, built on first use.
 
 Why: the exact fallback (:func:`vllm_haq.kernels.int8_gemm.exact_int8_mm` through fp32 BLAS in K-chunks)
 converts the whole int8 weight into fresh fp32 temporaries on every call (a Mixtral-8x7B expert: 0.7 GB of
 float32, page faults each time): 2% of the host's read bandwidth at decode. This kernel reads the int8
 weight once per call (``cpu/int8_gemm.cpp``: vpabsb/vpsignb + vpmaddubsw + vpmaddwd, exact for activations in
 [-127, 127] and any int8 weight) with its own OpenMP threads, however many torch was told to use (vLLM sets one
-in its workers). Hosts with AVX-512 VNNI get the same source built with vpdpbusd (see :func:`_variant`).
+in its workers). Hosts with AVX-512 VNNI or AVX-VNNI get the same source built with vpdpbusd (:data:`BUILDS`).
 
 Built with ``torch.utils.cpp_extension.load`` by :mod:`vllm_haq.native` (g++, ninja; cached in torch's
 extensions directory, ~30 s the first time). Where the CPU lacks AVX2, no compiler is found, the build fails, or
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -26,12 +27,36 @@ from vllm_haq.quant import quantize_input
 
 log = logging.getLogger("vllm_haq.kernels")
 
-ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it; "avx2": the AVX2 build on VNNI hosts too
+ENV_SWITCH = "HAQ_CPU_INT8_KERNEL"  # "off": never build or use it; a build's name (BUILDS): that build
 ENV_THREADS = "HAQ_CPU_GEMM_THREADS"  # threads per call (default: the cores this process may run on)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu", "int8_gemm.cpp")
 
 
-_VNNI_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")  # /proc/cpuinfo names of what the VNNI build uses
+class Build(NamedTuple):
+    extension: str  # the extension's name (one build directory each)
+    cflags: tuple[str, ...]  # beyond -mavx2 -mfma
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo names of what the build's instructions need
+    isa: str
+    step: str  # the instructions of one step
+
+    def what(self) -> str:
+        return f"{self.isa} exact int8 GEMM ({self.step})"
+
+
+# The builds of cpu/int8_gemm.cpp, the host's first match chosen. AVX-512 VNNI: one vpdpbusd per 32 or 64
+# products (the AVX2 step is three instructions), 32 registers for 4-token groups and 64-byte tiles at 16 tokens.
+# AVX-VNNI (Intel client cores since Alder Lake, Sierra Forest: no AVX-512): the same vpdpbusd, VEX-encoded at 32
+# bytes, in the AVX2 register budget; on a Zen 5 core it took 4 and 16 tokens an expert 1.35-1.8x faster than the
+# AVX2 build. Decode (1-2 tokens) is memory-bound in every build.
+BUILDS = {
+    "avx512_vnni": Build("haq_cpu_int8_vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DHAQ_VNNI"),
+                         ("avx512_vnni", "avx512vl", "avx512bw"), "AVX-512 VNNI", "vpdpbusd"),
+    "avx_vnni": Build("haq_cpu_int8_avxvnni", ("-mavxvnni", "-DHAQ_AVX_VNNI"), ("avx_vnni",), "AVX-VNNI",
+                      "256-bit VEX vpdpbusd"),
+    "avx2": Build("haq_cpu_int8", (), (), "AVX2", "vpmaddubsw + vpmaddwd"),
+}
+_DEFAULT = ("", "on", "auto", "1", "true", "yes")  # values of the switch that leave the choice to the host
+_VNNI_FLAGS = BUILDS["avx512_vnni"].cpu_flags
 
 
 def _cpu_flags() -> set[str]:
@@ -46,27 +71,43 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _variant(switch: str) -> tuple[str, list[str], str]:
-    """(extension name, extra compiler flags, reason) of the build for this host: the VNNI build where the CPU
-    has AVX-512 VNNI (one vpdpbusd per 32 products instead of three AVX2 instructions: compute-bound calls with
-    many tokens per weight run faster; decode is memory-bound either way), unless ``HAQ_CPU_INT8_KERNEL=avx2``."""
-    if switch != "avx2" and all(flag in _cpu_flags() for flag in _VNNI_FLAGS):
-        return ("haq_cpu_int8_vnni", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DHAQ_VNNI"],
-                "AVX-512 VNNI exact int8 GEMM (vpdpbusd)")
-    why = f"{ENV_SWITCH}=avx2" if switch == "avx2" else "no AVX-512 VNNI on this CPU"
-    return "haq_cpu_int8", [], f"AVX2 exact int8 GEMM (vpmaddubsw + vpmaddwd; {why})"
+def _candidates(switch: str) -> list[tuple[Build, str]]:
+    """(build, reason) to try in turn: the first of :data:`BUILDS` whose instructions the CPU has, or the one
+    ``$HAQ_CPU_INT8_KERNEL`` names (where the CPU can run it: a build it cannot would die of an illegal
+    instruction, so the host's choice serves instead, and the reason says so); then the CPU's other builds after
+    it (a compiler without -mavxvnni still gets the AVX2 build). Any other value of the switch is an error."""
+    if switch not in BUILDS and switch not in _DEFAULT:
+        raise ValueError(f"{ENV_SWITCH}={switch!r}: expected off, on, or one of {', '.join(BUILDS)}")
+    flags = _cpu_flags()
+    runs = [name for name, b in BUILDS.items() if all(f in flags for f in b.cpu_flags)]
+    if switch in runs:
+        first, why = switch, f"{ENV_SWITCH}={switch}"
+    elif switch in BUILDS:
+        first = runs[0]
+        why = f"{ENV_SWITCH}={switch} asks for a build this CPU cannot run (no {', '.join(BUILDS[switch].cpu_flags)})"
+    else:
+        first = runs[0]
+        why = "; ".join(f"no {b.isa} on this CPU" for n, b in BUILDS.items() if n not in runs) or "this CPU's best"
+    later = runs[runs.index(first) + 1:]
+    return [(BUILDS[first], why)] + [(BUILDS[n], f"the {BUILDS[first].isa} build failed") for n in later]
 
 
 def _build():
     off = native.switched_off(ENV_SWITCH)
     if off:
         return None, off
-    switch = os.environ.get(ENV_SWITCH, "").lower()
+    switch = os.environ.get(ENV_SWITCH, "").strip().lower()
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX2" not in capability and "AVX512" not in capability:
         return None, f"this CPU has no AVX2 (torch reports {capability})"
-    name, flags, why = _variant(switch)
-    return native.try_load(name, _SOURCE, ["-mavx2", "-mfma", *flags], why)
+    failed = []
+    for build, why in _candidates(switch):
+        module, msg = native.try_load(build.extension, _SOURCE, ["-mavx2", "-mfma", *build.cflags],
+                                      f"{build.what()}; {why}")
+        if module is not None:
+            return module, "; ".join([msg, *failed])
+        failed.append(msg)
+    return None, "; ".join(failed)
 
 
 _extension = native.Extension("CPU int8 kernel", _build, log)
@@ -83,7 +124,8 @@ def available() -> bool:
 
 
 def isa() -> str | None:
-    """Which build serves this process: "avx2", "avx512_vnni", or None (the BLAS path)."""
+    """Which build serves this process: "avx512_vnni", "avx_vnni", "avx2" (:data:`BUILDS`), or None (the BLAS
+    path)."""
     module = _module()
     return None if module is None else module.isa
 
@@ -180,6 +222,16 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     return torch.ops.vllm_haq.cpu_scaled_int8_mm(x_q, x_s, w_q, w_scale, bias, out_dtype, 0)
 
 
+def load_build(name: str):
+    """The extension of ``BUILDS[name]``, built on first use, beside the one this process serves with (so that
+    ``benchmarks/cpu_experts.py --builds`` compares builds in one run). Raises where this CPU cannot run it."""
+    build = BUILDS[name]
+    missing = [flag for flag in build.cpu_flags if flag not in _cpu_flags()]
+    if missing:
+        raise ValueError(f"the {name} build needs {', '.join(missing)}, which this CPU lacks")
+    return native.load(build.extension, _SOURCE, ["-mavx2", "-mfma", *build.cflags])
+
+
 def _loaded():
     module = _module()
     if module is None:
@@ -190,7 +242,7 @@ def _loaded():
 def moe_routes(x: torch.Tensor, routes: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, smooth: torch.Tensor | None,
                tok: torch.Tensor, slot: torch.Tensor, index: list[int], starts: list[int], counts: list[int],
-               rotation: int | None, threads: int = 0) -> None:
+               rotation: int | None, threads: int = 0, build=None) -> None:
     """Every route of the experts at ``index`` of the stacks (expert ids, or cache slots) in one call:
     ``routes[t, j] = topk_weights[t, j] * w2(SwiGLU(w13(x[t])))``, HAQ's W8A8 arithmetic (per-token int8
     inputs after the expert's ``smooth``, exact int32 products, scales; the down projection's input rotated
@@ -199,6 +251,7 @@ def moe_routes(x: torch.Tensor, routes: torch.Tensor, topk_weights: torch.Tensor
     float32. One OpenMP team of ``threads`` (0: :func:`default_threads`) runs all experts' tiles together.
 
     Not a torch.library op: it writes into ``routes`` and is called from eager MoE code only (vLLM runs the
-    MoE layer as its own opaque op), where a custom op's Python dispatch would cost more than a small expert."""
-    _loaded().moe_routes(x, routes, topk_weights, w13, w13_scale, w2, w2_scale, smooth, tok, slot, index, starts,
-                      counts, rotation or 0, threads or default_threads())
+    MoE layer as its own opaque op), where a custom op's Python dispatch would cost more than a small expert.
+    ``build``: a module from :func:`load_build` instead of this process's (benchmarks compare builds)."""
+    (build or _loaded()).moe_routes(x, routes, topk_weights, w13, w13_scale, w2, w2_scale, smooth, tok, slot, index,
+                                    starts, counts, rotation or 0, threads or default_threads())

@@ -235,17 +235,18 @@ def cpu_fused_ok(w13: torch.Tensor) -> bool:
 
 def cpu_expert_routes(x: torch.Tensor, topk_weights: torch.Tensor, groups: RouteGroups, stack: ExpertStack,
                       experts: Sequence[int], routes: torch.Tensor, index: Sequence[int] | None = None,
-                      threads: int = 0) -> None:
+                      threads: int = 0, build=None) -> None:
     """Write every route of ``experts`` into ``routes`` [M, k, H] (float32, host) in one call of the CPU
-    kernel (:func:`vllm_haq.kernels.cpu_int8.moe_routes`). ``index``: each expert's row in ``stack`` (its
-    cache slot), by default the expert id itself. ``x`` and ``topk_weights`` are host tensors."""
+    kernel (:func:`vllm_haq.kernels.cpu_int8.moe_routes`; ``build``: another of its builds, for benchmarks).
+    ``index``: each expert's row in ``stack`` (its cache slot), by default the expert id itself. ``x`` and
+    ``topk_weights`` are host tensors."""
     if not experts:
         return
     tok, slot = groups.host_routes()
     cpu_int8.moe_routes(x.float().contiguous(), routes, topk_weights.float().contiguous(), stack.w13,
                         stack.w13_scale, stack.w2, stack.w2_scale, stack.smooth, tok, slot,
                         list(experts) if index is None else list(index), [groups.starts[e] for e in experts],
-                        [groups.counts[e] for e in experts], stack.down_rotation, threads)
+                        [groups.counts[e] for e in experts], stack.down_rotation, threads, build)
 
 
 def cpu_moe_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -9,11 +9,12 @@
 // token the tile while it is in L1/L2, so DRAM sees each weight byte once per call and decode is memory-bound.
 // Decode (one or two tokens) reads the rows one after another instead, as one stream (int8_tile.h).
 //
-// Built twice from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2, and with HAQ_VNNI
+// Built three ways from this file (vllm_haq/kernels/cpu_int8.py picks one per host): plain AVX2; with HAQ_VNNI
 // defined (-mavx512vnni -mavx512vl) for hosts with AVX-512 VNNI, where the tile drops the sign step: one
 // vpdpbusd of x + 128 (unsigned) and w per 32 (or 64) products, the shift taken back with the weight rows' sums,
-// and 4 token rows per tile instead of 2. The integers are the same; every tail and epilogue is shared. The
-// register tiles are in int8_tile.h.
+// and 4 token rows per tile instead of 2; and with HAQ_AVX_VNNI (-mavxvnni) for CPUs with the 256-bit VEX
+// vpdpbusd but no AVX-512 (the VNNI step in the AVX2 register budget). The integers are the same; every tail
+// and epilogue is shared. The register tiles are in int8_tile.h.
 //
 // moe_routes: all of one layer-step's experts served from one stacked store (host experts or cache slots) in
 // one call, one OpenMP team and four phases (quantize inputs, gate/up, SwiGLU + rotation + quantize, down):
@@ -401,8 +402,10 @@ void moe_routes(torch::Tensor x, torch::Tensor routes, torch::Tensor topk_w, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-#ifdef HAQ_VNNI
+#if defined(HAQ_VNNI)
   m.attr("isa") = "avx512_vnni";
+#elif defined(HAQ_AVX_VNNI)
+  m.attr("isa") = "avx_vnni";
 #else
   m.attr("isa") = "avx2";
 #endif

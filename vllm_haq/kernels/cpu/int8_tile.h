@@ -21,10 +21,29 @@
 
 namespace haq {
 
+// HAQ_VNNI: AVX-512 VNNI builds (EVEX vpdpbusd, 32 vector registers, 64-byte tiles). HAQ_AVX_VNNI: AVX-VNNI
+// builds (the VEX-encoded 256-bit vpdpbusd of CPUs without AVX-512: Intel's Alder Lake and later client
+// cores, Sierra Forest): the same one-instruction step at 32 bytes, the AVX2 register budget (16 ymm). HAQ_DP:
+// either, the steps that take x + 128 and the rows' sums.
+#if defined(HAQ_VNNI) || defined(HAQ_AVX_VNNI)
+#define HAQ_DP 1
+#endif
+
+#ifdef HAQ_DP
+// a + the 32-bit sums of four u8 (u) times s8 (s) products per lane, wrapping, never saturating
+inline __m256i dp32(__m256i a, __m256i u, __m256i s) {
+#ifdef HAQ_VNNI
+  return _mm256_dpbusd_epi32(a, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(a, u, s);
+#endif
+}
+#endif
+
 constexpr int RB = 4;  // weight rows per tile
 
-// Token rows per register group: 4 with VNNI (32 vector registers hold 16 accumulators, 4 row sums and 4 token
-// rows), 2 on AVX2 (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1.
+// Token rows per register group: 4 with AVX-512 VNNI (32 vector registers hold 16 accumulators, 4 row sums and
+// 4 token rows), 2 on AVX2 and AVX-VNNI (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1.
 // KC = 2048 rather than 1024: every chunk reloads and stores a group's accumulators, and Mixtral-8x7B's
 // experts at 16 tokens took 7% less time on a Zen 5 core with the longer chunks (2048-8192 alike; AVX2 unchanged).
 #ifdef HAQ_VNNI
@@ -76,7 +95,7 @@ inline __m128i hsum4(const typename V::v* v) {
 // a + the 32 products.
 inline __m256i step_x(const int8_t* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-#ifdef HAQ_VNNI
+#ifdef HAQ_DP
   return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
 #else
   return v;
@@ -84,7 +103,7 @@ inline __m256i step_x(const int8_t* p) {
 }
 
 inline __m256i step_w(__m256i wv) {
-#ifdef HAQ_VNNI
+#ifdef HAQ_DP
   return wv;
 #else
   return _mm256_abs_epi8(wv);
@@ -92,8 +111,8 @@ inline __m256i step_w(__m256i wv) {
 }
 
 inline void step_sum(__m256i& su, __m256i wv) {
-#ifdef HAQ_VNNI
-  su = _mm256_dpbusd_epi32(su, _mm256_set1_epi8(1), wv);
+#ifdef HAQ_DP
+  su = dp32(su, _mm256_set1_epi8(1), wv);
 #else
   (void)su, (void)wv;
 #endif
@@ -101,9 +120,9 @@ inline void step_sum(__m256i& su, __m256i wv) {
 
 // aw: step_w(wv)
 inline __m256i step_dot(__m256i a, __m256i xv, __m256i wv, __m256i aw) {
-#ifdef HAQ_VNNI
+#ifdef HAQ_DP
   (void)aw;
-  return _mm256_dpbusd_epi32(a, xv, wv);
+  return dp32(a, xv, wv);
 #else
   return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)),
                                                _mm256_set1_epi16(1)));
@@ -178,7 +197,7 @@ inline __m128i add_tail(__m128i v, const int8_t* const* rows, int nb, const int8
 template <class V, int T, class Epi>
 inline void finish_group(typename V::v (&a)[RB][T], const typename V::v* sums, const int8_t* const* rows, int nb,
                          const int8_t* x, int64_t t, int64_t K, int64_t kv, Epi& epi) {
-#ifdef HAQ_VNNI
+#ifdef HAQ_DP
   const __m128i shift = _mm_slli_epi32(hsum4<V>(sums), 7);  // 128 * each row's sum, modulo 2**32 as vpdpbusd's
 #else
   (void)sums;
@@ -291,7 +310,7 @@ inline void row_dot(const int8_t* w, const int8_t* const* x, int64_t K, int32_t*
     su[0] = _mm256_add_epi32(su[0], su[u]);
     for (int t = 0; t < T; ++t) a[0][t] = _mm256_add_epi32(a[0][t], a[u][t]);
   }
-#ifdef HAQ_VNNI
+#ifdef HAQ_DP
   const uint32_t shift = static_cast<uint32_t>(hsum(su[0])) << 7;  // as tile_block's, modulo 2**32
 #else
   const uint32_t shift = 0;
