@@ -26,6 +26,7 @@
 #include <omp.h>
 
 #include "int8_tile.h"
+#include "int8_rows.h"
 
 #include <algorithm>
 #include <cmath>
