@@ -243,13 +243,9 @@ def _methods(name, m, experts, stack, fp32, packs, x, threads, keys, builds):
     nbytes = experts[0][0].numel() + experts[0][2].numel()
     ref = _reference(experts, x)
     per_call = PER_STEP[name]
-    out = []
-    if "one-call" in keys:
-        out.append((f"one call ({per_call} experts)", _layer_step(stack, x, threads, per_call), nbytes, per_call,
-                    _layer_step_error(stack, x)))
-    for name_, build in builds.items():
-        out.append((f"one call ({per_call} experts), {name_} build", _layer_step(stack, x, threads, per_call, build),
-                    nbytes, per_call, _layer_step_error(stack, x, build)))
+    one_call = ({"": None} if "one-call" in keys else {}) | {f", {b} build": module for b, module in builds.items()}
+    out = [(f"one call ({per_call} experts){label}", _layer_step(stack, x, threads, per_call, module), nbytes,
+            per_call, _layer_step_error(stack, x, module)) for label, module in one_call.items()]
     if "kernel" in keys:
         out.append(("kernel", _mlp("kernel", experts, x, threads), nbytes, 1, _error(experts, x)))
     if "blas" in keys and not (name.startswith("mixtral") and m > 1):  # ~0.4-1 s a Mixtral call: M=1 shows it
@@ -279,11 +275,10 @@ def _thread_counts(requested):
 
 
 def run(args):
+    from vllm_haq.kernels import cpu_int8
     from vllm_haq.offload import ExpertTensors
 
     gen = torch.Generator().manual_seed(0)
-    from vllm_haq.kernels import cpu_int8
-
     keys = set(args.methods)
     builds = {b: cpu_int8.load_build(b) for b in args.builds}
     thread_counts = _thread_counts(args.threads)

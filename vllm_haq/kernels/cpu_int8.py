@@ -42,6 +42,14 @@ class Build(NamedTuple):
     def what(self) -> str:
         return f"{self.isa} exact int8 GEMM ({self.step})"
 
+    def compiler_flags(self) -> list[str]:
+        return ["-mavx2", "-mfma", *self.cflags]
+
+    def missing(self, cpu_flags: set[str]) -> list[str]:
+        """What the build's instructions need that a CPU with ``cpu_flags`` lacks (it would die of an illegal
+        instruction)."""
+        return [flag for flag in self.cpu_flags if flag not in cpu_flags]
+
 
 # The builds of cpu/int8_gemm.cpp, the host's first match chosen. AVX-512 VNNI: one vpdpbusd per 32 or 64
 # products (the AVX2 step is three instructions), 32 registers for 4-token groups and 64-byte tiles at 16 tokens.
@@ -56,7 +64,6 @@ BUILDS = {
     "avx2": Build("haq_cpu_int8", (), (), "AVX2", "vpmaddubsw + vpmaddwd"),
 }
 _DEFAULT = ("", "on", "auto", "1", "true", "yes")  # values of the switch that leave the choice to the host
-_VNNI_FLAGS = BUILDS["avx512_vnni"].cpu_flags
 
 
 def _cpu_flags() -> set[str]:
@@ -79,12 +86,13 @@ def _candidates(switch: str) -> list[tuple[Build, str]]:
     if switch not in BUILDS and switch not in _DEFAULT:
         raise ValueError(f"{ENV_SWITCH}={switch!r}: expected off, on, or one of {', '.join(BUILDS)}")
     flags = _cpu_flags()
-    runs = [name for name, b in BUILDS.items() if all(f in flags for f in b.cpu_flags)]
+    runs = [name for name, b in BUILDS.items() if not b.missing(flags)]
     if switch in runs:
         first, why = switch, f"{ENV_SWITCH}={switch}"
     elif switch in BUILDS:
         first = runs[0]
-        why = f"{ENV_SWITCH}={switch} asks for a build this CPU cannot run (no {', '.join(BUILDS[switch].cpu_flags)})"
+        lacks = ", ".join(BUILDS[switch].missing(flags))
+        why = f"{ENV_SWITCH}={switch} asks for a build this CPU cannot run (no {lacks})"
     else:
         first = runs[0]
         why = "; ".join(f"no {b.isa} on this CPU" for n, b in BUILDS.items() if n not in runs) or "this CPU's best"
@@ -102,8 +110,7 @@ def _build():
         return None, f"this CPU has no AVX2 (torch reports {capability})"
     failed = []
     for build, why in _candidates(switch):
-        module, msg = native.try_load(build.extension, _SOURCE, ["-mavx2", "-mfma", *build.cflags],
-                                      f"{build.what()}; {why}")
+        module, msg = native.try_load(build.extension, _SOURCE, build.compiler_flags(), f"{build.what()}; {why}")
         if module is not None:
             return module, "; ".join([msg, *failed])
         failed.append(msg)
@@ -226,10 +233,10 @@ def load_build(name: str):
     """The extension of ``BUILDS[name]``, built on first use, beside the one this process serves with (so that
     ``benchmarks/cpu_experts.py --builds`` compares builds in one run). Raises where this CPU cannot run it."""
     build = BUILDS[name]
-    missing = [flag for flag in build.cpu_flags if flag not in _cpu_flags()]
+    missing = build.missing(_cpu_flags())
     if missing:
         raise ValueError(f"the {name} build needs {', '.join(missing)}, which this CPU lacks")
-    return native.load(build.extension, _SOURCE, ["-mavx2", "-mfma", *build.cflags])
+    return native.load(build.extension, _SOURCE, build.compiler_flags())
 
 
 def _loaded():

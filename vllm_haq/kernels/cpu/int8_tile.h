@@ -39,7 +39,8 @@ inline __m256i dp32(__m256i a, __m256i u, __m256i s) {
 constexpr int RB = 4;  // weight rows per tile
 
 // Token rows per register group: 4 with AVX-512 VNNI (32 vector registers hold 16 accumulators, 4 row sums and
-// 4 token rows), 2 on AVX2 and AVX-VNNI (16 registers). TB tokens share each KC-byte chunk of the weight tile while it is in L1.
+// 4 token rows), 2 on AVX2 and AVX-VNNI (16 registers). TB tokens share each KC-byte chunk of the weight tile
+// while it is in L1.
 // KC = 2048 rather than 1024: every chunk reloads and stores a group's accumulators, and Mixtral-8x7B's
 // experts at 16 tokens took 7% less time on a Zen 5 core with the longer chunks (2048-8192 alike; AVX2 unchanged).
 #ifdef HAQ_VNNI
@@ -236,9 +237,9 @@ inline void group_chunk(const int8_t* const* rows, int nb, const int8_t* x, int6
 // this one computes: the tile reads RB streams K bytes apart, which the hardware prefetcher only learns on long
 // rows (Qwen3's K = 768 ran at 40% of read bandwidth without it, Mixtral's K = 14336 at 95%). Two tiles ahead,
 // not one: the last of a tile's prefetches had not arrived when the next tile began, and Qwen3's short tiles at
-// 3-8 tokens took 7-15% longer on a Zen 5 core (Mixtral's long ones within 2% either way). Each chunk's share is spread
-// evenly over all its token groups: issued by the first group alone, the burst of misses overflowed the core's
-// miss buffers at 16 tokens and the w13 products of Qwen3's experts ran 25% slower from DRAM than from cache.
+// 3-8 tokens took 7-15% longer on a Zen 5 core (Mixtral's long ones within 2% either way). Each chunk's share is
+// spread evenly over all its token groups: issued by the first group alone, the burst of misses overflowed the
+// core's miss buffers at 16 tokens and the w13 products of Qwen3's experts ran 25% slower from DRAM than from cache.
 template <class V, class Epi>
 void tile_block(const int8_t* const* rows, int nb, const int8_t* x, int64_t m, int64_t K, const int8_t* next,
                 Epi&& epi) {
